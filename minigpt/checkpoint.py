@@ -1,0 +1,93 @@
+"""Save and load a MiniGPT checkpoint folder: config.json + model.pt + tokenizer.json.
+
+    dist/base_model/
+      config.json      GPTConfig fields and a format version: enough to rebuild the model
+      model.pt         the state_dict (tensors only; loaded with weights_only=True, so no pickled code runs)
+      tokenizer.json   the tokenizer that produced the token ids the model was trained on
+
+Saving is atomic (see minigpt/atomic.py): an interrupted save leaves the previous folder intact.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from minigpt.atomic import atomic_directory
+from minigpt.config import GPTConfig
+from minigpt.model import MiniGPT
+
+FORMAT_VERSION = 1
+CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
+
+
+def save_model(model: MiniGPT, tokenizer, out_dir) -> Path:
+    """Write model and tokenizer to `out_dir` atomically; returns the folder's path."""
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"model has {model.config.vocab_size} token rows but the tokenizer has "
+                         f"{tokenizer.vocab_size} tokens; they must match to be saved together")
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        config = {"format_version": FORMAT_VERSION, **dataclasses.asdict(model.config)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        torch.save(state, tmp / "model.pt")
+        tokenizer.save(tmp / "tokenizer.json")
+    return out_dir
+
+
+def load_config(model_dir) -> GPTConfig:
+    """Read and validate `config.json` of a checkpoint folder."""
+    path = Path(model_dir) / "config.json"
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt, re-run train.py") from None
+    version = fields.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version!r}; this code reads version {FORMAT_VERSION}")
+    known = {field.name for field in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{path} has unknown fields {unknown}; expected only {sorted(known)}")
+    return GPTConfig(**fields)
+
+
+def check_model_dir(model_dir) -> Path:
+    """Raise a clear error unless `model_dir` is a folder holding every checkpoint file."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist; create one with `python train.py --out {model_dir}`")
+    missing = [name for name in CHECKPOINT_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir} is not a MiniGPT checkpoint: missing {', '.join(missing)} "
+                                f"(a checkpoint folder holds {', '.join(CHECKPOINT_FILES)})")
+    return model_dir
+
+
+def load_model(model_dir, device="cpu"):
+    """Rebuild (model, tokenizer) from a checkpoint folder written by save_model.
+
+    Example:
+        >>> model, tokenizer = load_model("dist/base_model")   # doctest: +SKIP
+    """
+    from tokenizer import load_tokenizer
+
+    model_dir = check_model_dir(model_dir)
+    config = load_config(model_dir)
+    try:
+        state = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which one and what to do
+        raise ValueError(f"{model_dir / 'model.pt'} could not be read ({type(error).__name__}: {error}); "
+                         f"the checkpoint is corrupt, re-run train.py") from None
+    model = MiniGPT(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{model_dir / 'model.pt'} does not fit the model described by config.json: {error}") from None
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"{model_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json says "
+                         f"vocab_size={config.vocab_size}; the folder mixes files from different models")
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,44 @@
+"""GPTConfig: every number that decides MiniGPT's shape, in one frozen dataclass.
+
+The config is saved next to the weights (`config.json`), so a checkpoint always knows how to rebuild
+its own model. Frozen, because a model's shape must not change behind its back: to grow the vocabulary
+(fine-tuning on new words) make a new config with `dataclasses.replace(config, vocab_size=...)`.
+
+    >>> config = GPTConfig(vocab_size=200)
+    >>> config.embed_dim, config.n_heads, config.head_dim
+    (64, 4, 16)
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int  # rows of tok_emb and lm_head: one per token the tokenizer knows
+    context_length: int = 32  # the longest sequence the model sees; sizes pos_emb (sentences here are short)
+    embed_dim: int = 64  # C, the width of every token vector; small enough to train on a laptop CPU
+    n_layers: int = 2  # transformer blocks; two already learn the course's fact patterns
+    n_heads: int = 4  # attention heads per block; embed_dim must divide by it (head size hs = C / nh)
+    mlp_ratio: int = 4  # hidden width of the MLP is mlp_ratio * embed_dim, as in GPT-2
+    dropout: float = 0.0  # off by default: the corpus is small and we want to memorise its facts
+    bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+    use_sdpa: bool = True  # fast path: F.scaled_dot_product_attention; False runs the hand-written attention
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
+
+    def __post_init__(self):
+        positive = {name: getattr(self, name) for name in
+                    ("vocab_size", "context_length", "embed_dim", "n_layers", "n_heads", "mlp_ratio")}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.embed_dim % self.n_heads != 0:
+            raise ValueError(
+                f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads}); "
+                f"try n_heads in {[h for h in range(1, self.embed_dim + 1) if self.embed_dim % h == 0]}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """hs, the width of one attention head."""
+        return self.embed_dim // self.n_heads

@@ -1,0 +1,167 @@
+"""The one training loop, shared by train.py (pretraining) and finetune.py (every fine-tuning method).
+
+Fine-tuning methods differ only in which parameters have requires_grad=True; this loop trains exactly
+those. It is the loop people expect from nanoGPT and the Hugging Face Trainer:
+
+    for step in 1..steps:
+        x, y   = next random batch               (B, T) windows of the token stream
+        loss   = model(x, y)                      under bf16 autocast on GPUs that support it
+        loss.backward(); clip_grad_norm(1.0)      gradient clipping keeps early steps stable
+        AdamW step, lr from warmup + cosine       weight decay on 2-D weights only
+        every eval_interval steps: validation loss over the whole held-out stream (+ early stopping)
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in total
+    batch_size: int = 32  # windows per step
+    lr: float = 3e-3  # peak learning rate, reached after warmup (small models tolerate a high one)
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup from 0: Adam's early steps are noisy
+    weight_decay: float = 0.1  # AdamW decay, applied to 2-D weights only (never to biases or LayerNorms)
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    eval_interval: int = 100  # steps between validation passes (and at the last step)
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    seed: int = 0  # seeds the batch sampler; the same seed repeats a CPU run exactly
+    device: str = "cpu"  # where the batches go; the model must already be there
+    progress: bool = True  # show a tqdm progress bar
+    desc: str = "train"  # the progress bar's label
+
+
+@dataclass
+class TrainResult:
+    history: list = field(default_factory=list)  # dicts: step, lr, train_loss and (at evaluations) val_loss
+    final_val_loss: float = float("nan")
+    best_val_loss: float = float("inf")
+    steps_done: int = 0
+    stopped_early: bool = False
+    wall_time_s: float = 0.0
+    tokens_per_second: float = 0.0
+
+    @property
+    def val_curve(self) -> list[tuple[int, float]]:
+        return [(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h]
+
+    @property
+    def train_curve(self) -> list[tuple[int, float]]:
+        return [(h["step"], h["train_loss"]) for h in self.history]
+
+
+def pick_device(name: str = "auto") -> str:
+    """'auto' picks cuda, then mps, then cpu; any other name is checked and returned."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
+    return name
+
+
+def autocast_context(device: str):
+    """bf16 autocast on CUDA GPUs that support it (Ampere and later), full fp32 elsewhere."""
+    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only; 2-D weights decay, 1-D ones (biases, norms) do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (every requires_grad is False)")
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio (Loshchilov & Hutter, 2017)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, stream, batch_size: int = 64, device: str = "cpu") -> float:
+    """Mean next-token loss over one full sweep of `stream` (a minigpt.data.TokenStream)."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for x, y in stream.iter_windows(batch_size, device=device):
+        with autocast_context(device):
+            _, loss = model(x, y)
+        total_loss += float(loss) * y.numel()
+        total_tokens += y.numel()
+    model.train(was_training)
+    return total_loss / total_tokens
+
+
+def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainConfig,
+                optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+    """Train the parameters of `model` that require grad; returns losses, timings and the best val loss.
+
+    Args:
+        model: a model whose forward(x, y) returns (logits, loss); already on config.device.
+        train_stream, val_stream: TokenStreams (get_batch / iter_windows); val_stream may be None.
+        config: the TrainConfig.
+        optimizer: optional, e.g. built from LoRA+ parameter groups; default make_optimizer(model, ...).
+    """
+    if config.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {config.steps}")
+    optimizer = optimizer or make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    generator = torch.Generator().manual_seed(config.seed)
+    result = TrainResult()
+    evals_without_improvement = 0
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc=config.desc, disable=not config.progress, leave=False)
+    for step in bar:
+        x, y = train_stream.get_batch(config.batch_size, generator, device=config.device)  # (B, T), (B, T)
+        with autocast_context(config.device):
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "train_loss": float(loss)}
+        last_step = step + 1 == config.steps
+        if val_stream is not None and ((step + 1) % config.eval_interval == 0 or last_step):
+            record["val_loss"] = evaluate(model, val_stream, device=config.device)
+            result.final_val_loss = record["val_loss"]
+            if record["val_loss"] < result.best_val_loss - 1e-4:
+                result.best_val_loss, evals_without_improvement = record["val_loss"], 0
+            else:
+                evals_without_improvement += 1
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}")
+        result.history.append(record)
+        result.steps_done = step + 1
+        patience = config.early_stopping_patience
+        if patience is not None and evals_without_improvement >= patience:
+            result.stopped_early = True
+            break
+    bar.close()
+    model.eval()
+    result.wall_time_s = time.perf_counter() - start
+    tokens = result.steps_done * config.batch_size * x.size(1)
+    result.tokens_per_second = tokens / max(result.wall_time_s, 1e-9)
+    return result
