@@ -143,7 +143,7 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         scheduler.step()
-        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "train_loss": float(loss)}
+        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "train_loss": loss.item()}
         last_step = step + 1 == config.steps
         if val_stream is not None and ((step + 1) % config.eval_interval == 0 or last_step):
             record["val_loss"] = evaluate(model, val_stream, device=config.device)
