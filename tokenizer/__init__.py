@@ -27,8 +27,16 @@ Example:
     'the cat sits on the mat.'
     >>> tok.add_tokens(["zorblax"])   # a new word for fine-tuning: one new id at the end
     [12]
+    >>> tok.save("dist/tokenizer.json")   # doctest: +SKIP
+    >>> tok = load_tokenizer("dist/tokenizer.json")   # doctest: +SKIP
+
+    >>> from tokenizer import BPETokenizer
+    >>> bpe = BPETokenizer.train("the cat sits on the table. the dog sits on the mat.", vocab_size=300)
+    >>> bpe.decode(bpe.encode("the 🐈 sits on the table."))   # any UTF-8 text, no <unk>
+    'the 🐈 sits on the table.'
 """
 from tokenizer.base import SPECIAL_TOKENS, Tokenizer, load_tokenizer
+from tokenizer.bpe import BPETokenizer
 from tokenizer.word import WordTokenizer
 
-__all__ = ["SPECIAL_TOKENS", "Tokenizer", "WordTokenizer", "load_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "Tokenizer", "WordTokenizer", "BPETokenizer", "load_tokenizer"]
