@@ -140,6 +140,14 @@ def test_add_tokens_reuses_existing_tokens():
     assert tok.decode(tok.encode("x<eos>"), skip_special=False) == "x<eos>"
 
 
+def test_added_tokens_match_inside_words_like_hugging_face():
+    tok = BPETokenizer()
+    (cat,) = tok.add_tokens(["cat"])
+    ids = tok.encode("concatenate")
+    assert ids == [byte_id("c"), byte_id("o"), byte_id("n"), cat] + [byte_id(ch) for ch in "enate"]
+    assert tok.decode(ids) == "concatenate"
+
+
 def test_longest_added_token_wins():
     tok = BPETokenizer()
     zorb, zorblax = tok.add_tokens(["zorb", "zorblax"])

@@ -3,6 +3,8 @@ import doctest
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokenizer
 import tokenizer.word
@@ -61,6 +63,21 @@ def test_min_freq_drops_rare_words():
 def test_decode_inverts_encode_for_known_lowercase_text(tok, text):
     tok.add_tokens([",", ";", ":", "?"])
     assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("abcXYZ ()'.,!?;:-_\n\té😺"))) | st.text())
+def test_decode_then_tokenize_gives_the_same_words(text):
+    # decode only normalises spacing and case, never which words there are
+    tok = WordTokenizer.from_corpus([text])
+    assert tok.unknown_words(text) == []
+    assert WordTokenizer.tokenize(tok.decode(tok.encode(text))) == WordTokenizer.tokenize(text)
+
+
+def test_token_to_id_matches_how_encode_sees_words(tok):
+    assert tok.token_to_id("Table") == tok.token_to_id("table") == tok.encode("table")[0]
+    assert tok.token_to_id("<eos>") == 3
+    assert tok.token_to_id("zebra") is None
 
 
 def test_encode_unknown_words_and_bos_eos(tok):

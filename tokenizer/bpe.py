@@ -193,15 +193,15 @@ class BPETokenizer(Tokenizer):
         if not isinstance(vocab_size, int) or vocab_size < FIRST_MERGE_ID:
             raise ValueError(f"vocab_size must be an integer >= {FIRST_MERGE_ID} "
                              f"({len(SPECIAL_TOKENS)} special + 256 byte tokens), got {vocab_size!r}")
-        tokenizer = cls()
+        untrained = cls()
         # subtle: BPE only looks inside chunks, so count each distinct chunk once and weight it by
         # its frequency; this makes training cost depend on the number of distinct words, not the text size
-        chunk_counts = Counter(tokenizer._split_regex.findall(text))
+        chunk_counts = Counter(untrained._split_regex.findall(text))
         token_lists = [[BYTE_OFFSET + byte for byte in chunk.encode("utf-8")] for chunk in chunk_counts]
         list_counts = list(chunk_counts.values())
 
         merges = []
-        token_bytes = list(tokenizer._token_bytes)  # only for printing merges when verbose
+        token_bytes = list(untrained._token_bytes)  # only for printing merges when verbose
         for new_id in range(FIRST_MERGE_ID, vocab_size):
             pair_counts = count_pairs(token_lists, list_counts)
             if not pair_counts:
@@ -215,7 +215,7 @@ class BPETokenizer(Tokenizer):
             if verbose:
                 print(f"merge {new_id - FIRST_MERGE_ID + 1}/{vocab_size - FIRST_MERGE_ID}: {pair} -> {new_id} "
                       f"{render_token(token_bytes[new_id])!r} ({pair_counts[pair]} occurrences)")
-        return cls(merges, tokenizer.split_pattern)
+        return cls(merges, untrained.split_pattern)
 
     # ---- encoding -------------------------------------------------------------------------------
 
@@ -312,6 +312,10 @@ class BPETokenizer(Tokenizer):
 
         A string that is already one token (a special token, a byte or a merge) keeps its id; a new
         string gets the next id. Existing ids never change; adding a string twice is a no-op.
+        Text that contains no added token encodes exactly as before.
+
+        Note: like Hugging Face added tokens, they match anywhere in the text, even inside longer
+        words: after add_tokens(["cat"]), "concatenate" encodes as "con" + <cat> + "enate".
 
         Args:
             words: the strings to add, e.g. ["zorblax"] (any non-empty text, spaces allowed).
@@ -343,7 +347,7 @@ class BPETokenizer(Tokenizer):
                     self._id_by_text.setdefault(word, token_id)
                 self.added_tokens[word] = token_id
                 # longest first, so "zorblaxes" wins over "zorblax" where both match
-                alternatives = sorted(self.added_tokens, key=lambda token: (-len(token), token))
+                alternatives = sorted(self.added_tokens, key=len, reverse=True)
                 self._added_regex = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
             ids.append(self.added_tokens[word])
         return ids

@@ -155,8 +155,18 @@ class WordTokenizer(Tokenizer):
         return len(self._id_to_token)
 
     def token_to_id(self, token: str) -> int | None:
-        """The id of `token` exactly as stored (lower-case), or None if it is not in the vocabulary."""
-        return self._token_to_id.get(token)
+        """The id of `token`, or None if it is not in the vocabulary.
+
+        Words are looked up as `encode` would see them, so "Table" finds the id of "table".
+
+        Example:
+            >>> tok = WordTokenizer.from_corpus(["the table"])
+            >>> tok.token_to_id("Table"), tok.token_to_id("<eos>"), tok.token_to_id("chair")
+            (4, 3, None)
+        """
+        if token in self._token_to_id:  # exact first: special tokens such as "<eos>" are case-sensitive
+            return self._token_to_id[token]
+        return self._token_to_id.get(token.lower())
 
     def id_to_token(self, token_id: int) -> str:
         return self._id_to_token[self._check_id(token_id)]
