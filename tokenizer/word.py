@@ -26,7 +26,7 @@ from typing import Iterable
 
 from tokenizer.base import SPECIAL_TOKENS, Tokenizer
 
-# A word is a run of letters/digits, optionally with inner apostrophes ("don't", "cat's");
+# A word is a run of letters, digits or "_" (\w), optionally with inner apostrophes ("don't", "cat's");
 # anything else that is not whitespace is a one-character punctuation token.
 WORD_PATTERN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
 
