@@ -1,0 +1,57 @@
+"""quant: pure-PyTorch NF4 quantization with double quantization, and the 4-bit base layer of QLoRA.
+
+Follows QLoRA (Dettmers et al., 2023) and matches bitsandbytes 0.50 byte for byte (REFERENCE.md),
+without needing bitsandbytes at run time. Read the files in this order:
+
+    nf4_code.py    the 16 NF4 values and the 8-bit dynamic map, rebuilt from their definitions
+    nf4.py         quantize_nf4 / NF4Weight.dequantize: blocks, absmax, packing, double quantization
+    linear4bit.py  Linear4bit: a frozen NF4 weight dequantized on the fly in forward
+    model.py       quantize_model (swap Linear -> Linear4bit) and memory_report
+
+Usage:
+
+    >>> import torch, torch.nn as nn
+    >>> from quant import quantize_nf4, quantize_model, memory_report
+    >>> weight = torch.randn(256, 256)
+    >>> nf4 = quantize_nf4(weight)                  # block_size=64, double_quant=True
+    >>> nf4.bits_per_parameter                      # 4 bits + 8 bits / 64 + 32 bits / (64 * 256) + offset
+    4.12744140625
+    >>> nf4.dequantize().shape
+    torch.Size([256, 256])
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    >>> print(quantize_model(model))                # every nn.Linear -> Linear4bit, in place
+    quantized 2 Linear layers to NF4: 33,280 -> 4,752 bytes (7.00x smaller)
+    >>> print(memory_report([(4096, 4096)]))        # QLoRA's memory table for one 4096x4096 weight
+    16,777,216 quantizable weights (0 other parameters not counted)
+    format                         bytes  bits/param
+    fp32                      67,108,864      32.000
+    bf16                      33,554,432      16.000
+    NF4                        9,437,184       4.500
+    NF4 + double quant         8,654,852       4.127
+
+QLoRA = quantize_model(model) then lora.apply_lora(model, config): the LoRA branch trains in the
+compute dtype on top of the frozen 4-bit base.
+"""
+
+from quant.linear4bit import Linear4bit, LinearNF4Function
+from quant.model import MemoryReport, QuantizationReport, memory_report, nf4_storage_bytes, quantize_model
+from quant.nf4 import (
+    VALID_BLOCK_SIZES,
+    NF4Weight,
+    byte_to_pair_table,
+    dequantize_absmax,
+    dequantize_nf4,
+    pack_nibbles,
+    quantize_absmax,
+    quantize_nf4,
+    unpack_nibbles,
+)
+from quant.nf4_code import DYNAMIC_MAP_SIGNED, NF4_CODE, code_midpoints, create_dynamic_map_signed, derive_nf4_code
+
+__all__ = [
+    "NF4_CODE", "DYNAMIC_MAP_SIGNED", "derive_nf4_code", "create_dynamic_map_signed", "code_midpoints",
+    "NF4Weight", "quantize_nf4", "dequantize_nf4", "quantize_absmax", "dequantize_absmax",
+    "pack_nibbles", "unpack_nibbles", "byte_to_pair_table", "VALID_BLOCK_SIZES",
+    "Linear4bit", "LinearNF4Function",
+    "quantize_model", "QuantizationReport", "memory_report", "MemoryReport", "nf4_storage_bytes",
+]

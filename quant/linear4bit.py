@@ -1,0 +1,186 @@
+"""Linear4bit: an nn.Linear whose frozen weight is stored in NF4 and dequantized on the fly.
+
+This is the base layer of QLoRA (Dettmers et al., 2023, eq. 5):
+
+    Y = X · doubleDequant(c1, c2, W_NF4)ᵀ + b  (+ the LoRA branch, added by lora/)
+
+    x (…, in) ──► dequantize W [out, in] in the compute dtype ──► x @ Wᵀ + b ──► y (…, out)
+                      ▲ buffers: packed, absmax (or absmax_q, absmax_scale, absmax_offset)
+
+The weight is a *constant* here: it has no `.weight` parameter and receives no gradient. The packed
+codes and block scales live in buffers, so `state_dict()` saves the 4-bit form (about 4.127 bits per
+weight) and `load_state_dict()` restores it bit for bit; `.to(device)` moves it; `.half()` or
+`.to(torch.bfloat16)` leave its float32 block scales untouched (see `_apply`).
+
+The matmul goes through a small autograd Function, `LinearNF4Function`, so that backward dequantizes
+the weight again instead of keeping the dequantized [out, in] matrix alive between forward and
+backward: the whole point of QLoRA is that a full-precision copy of W never has to stay in memory.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from quant.nf4 import DEFAULT_BLOCK_SIZE, DEFAULT_DQ_BLOCK_SIZE, NF4Weight, dequantize_absmax, dequantize_nf4, quantize_nf4
+
+_QUANT_BUFFERS = ("packed", "absmax", "absmax_q", "absmax_scale", "absmax_offset")
+_FLOAT_QUANT_BUFFERS = ("absmax", "absmax_scale", "absmax_offset")  # float32, must survive .half()
+
+
+class LinearNF4Function(torch.autograd.Function):
+    """y = x @ dequantize(W)ᵀ with gradient to x only; W is rebuilt in backward rather than saved.
+
+    Forward:  y  = x · Wᵀ                (x: (…, in), W: [out, in], y: (…, out))
+    Backward: dx = dy · W                (dy: (…, out) -> dx: (…, in)); no gradient for W.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, shape, block_size, compute_dtype):
+        weight = dequantize_nf4(packed, absmax, shape, block_size, compute_dtype)  # [out, in]
+        ctx.save_for_backward(packed, absmax)  # the 4-bit form only, ~8x smaller than W in fp32
+        ctx.shape, ctx.block_size, ctx.compute_dtype = shape, block_size, compute_dtype
+        return x @ weight.t()  # (…, in) @ [in, out] -> (…, out)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        packed, absmax = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_nf4(packed, absmax, ctx.shape, ctx.block_size, ctx.compute_dtype)  # [out, in]
+            grad_input = grad_output @ weight  # (…, out) @ [out, in] -> (…, in)
+        return grad_input, None, None, None, None, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer with an NF4 weight: `y = x · dequantize(W)ᵀ + b`.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: keep a (frozen, full-precision) bias.
+        block_size: weights per absmax block (32 ... 4096).
+        double_quant: quantize the block scales to 8 bits too (QLoRA's double quantization).
+        compute_dtype: dtype of the matmul; None uses the input's dtype.
+        weight_dtype: dtype the weight had before quantization; `dequantize_weight()` returns it.
+
+    The constructor allocates empty buffers of the right shapes (to `load_state_dict` into); to
+    quantize an existing layer use `Linear4bit.from_linear(linear)`.
+
+    Example:
+        >>> linear = nn.Linear(64, 32)
+        >>> layer = Linear4bit.from_linear(linear)
+        >>> layer(torch.randn(2, 64)).shape
+        torch.Size([2, 32])
+        >>> layer.dequantize_weight().shape, layer.bias.requires_grad   # W rebuilt from 4 bits; b frozen
+        (torch.Size([32, 64]), False)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
+                 compute_dtype: Optional[torch.dtype] = None, weight_dtype: torch.dtype = torch.float32,
+                 device=None, dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        self.double_quant = double_quant
+        self.compute_dtype = compute_dtype
+        self.weight_dtype = weight_dtype
+        self.dq_block_size = dq_block_size
+        # Placeholder buffers with the exact shapes quantize_nf4 produces, so that a state_dict saved
+        # from one Linear4bit loads into a freshly constructed one.
+        placeholder = quantize_nf4(torch.zeros(out_features, in_features, device=device), block_size,
+                                   double_quant, dq_block_size)
+        self._store(placeholder)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _store(self, nf4: NF4Weight) -> None:
+        """Keep an NF4Weight's tensors as buffers (None for the ones this mode does not use)."""
+        for name in _QUANT_BUFFERS:
+            tensor = getattr(nf4, name)
+            self.register_buffer(name, None if tensor is None else tensor.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
+                    compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """Quantize an nn.Linear (its weight to NF4; its bias is copied in full precision and frozen).
+
+        Args:
+            linear: the layer to quantize; it is not modified.
+            block_size, double_quant: see `quantize_nf4`.
+            compute_dtype: dtype of the forward matmul; None uses the input's dtype.
+
+        Returns:
+            Linear4bit on the same device as `linear`.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"Linear4bit.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()  # [out, in]
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.block_size, layer.double_quant = block_size, double_quant
+        layer.compute_dtype, layer.weight_dtype = compute_dtype, weight.dtype
+        layer.dq_block_size = DEFAULT_DQ_BLOCK_SIZE
+        layer._store(quantize_nf4(weight, block_size, double_quant, layer.dq_block_size))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        else:
+            layer.register_parameter("bias", None)
+        return layer
+
+    @property
+    def quantized_weight(self) -> NF4Weight:
+        """The weight as an NF4Weight (a view of the buffers, nothing copied)."""
+        return NF4Weight(packed=self.packed, shape=torch.Size((self.out_features, self.in_features)),
+                         dtype=self.weight_dtype, block_size=self.block_size, absmax=self.absmax,
+                         absmax_q=self.absmax_q, absmax_scale=self.absmax_scale,
+                         absmax_offset=self.absmax_offset, dq_block_size=self.dq_block_size)
+
+    def _absmax(self) -> torch.Tensor:
+        """float32 block scales [num_blocks], undoing double quantization (cheap: 1/64 of the weights)."""
+        if self.absmax is not None:
+            return self.absmax
+        return dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_offset, self.dq_block_size)
+
+    def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight rebuilt from NF4, [out, in], in `dtype` (default: the dtype it was quantized from)."""
+        shape = torch.Size((self.out_features, self.in_features))
+        return dequantize_nf4(self.packed, self._absmax(), shape, self.block_size, dtype or self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (…, in) -> (…, out), computed in `compute_dtype` (or x's dtype), returned in x's dtype."""
+        compute_dtype = self.compute_dtype or x.dtype
+        shape = torch.Size((self.out_features, self.in_features))
+        y = LinearNF4Function.apply(x.to(compute_dtype), self.packed, self._absmax(), shape, self.block_size,
+                                    compute_dtype)  # (…, out)
+        if self.bias is not None:
+            y = y + self.bias.to(compute_dtype)
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # subtle: nn.Module.half() / .to(torch.bfloat16) cast every floating-point buffer, which would
+        # round the float32 block scales and break bit-exactness. Dtype casts leave integer tensors
+        # alone, so we hand those buffers to `fn` as raw bytes (uint8 views) and view them back after:
+        # device moves still apply, dtype casts do not.
+        shapes = {}
+        for name in _FLOAT_QUANT_BUFFERS:
+            tensor = self._buffers.get(name)
+            if tensor is not None:
+                shapes[name] = tensor.shape
+                self._buffers[name] = tensor.reshape(-1).view(torch.uint8)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, shape in shapes.items():
+                self._buffers[name] = self._buffers[name].view(torch.float32).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, block_size={self.block_size}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")

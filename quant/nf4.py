@@ -1,0 +1,462 @@
+"""NF4 blockwise quantization with double quantization, byte-identical to bitsandbytes.
+
+QLoRA (Dettmers et al., 2023) stores a frozen weight in 4 bits: the weight is cut into blocks of 64
+values, each block is divided by its largest magnitude ("absmax", QLoRA eq. 1) so it lies in [-1, 1],
+and each value is replaced by the index of the nearest of the 16 NF4 values (`quant/nf4_code.py`).
+Double quantization (QLoRA section 3) then quantizes the float32 absmax values themselves to 8 bits,
+in blocks of 256, which cuts their cost from 0.5 to 0.127 bits per weight.
+
+    weight [out, in] ── flatten ── blocks of 64 ──┬── absmax per block (float32) ── double quantization
+                                                  │                                   │
+                                                  └── x / absmax ── nearest NF4 code  │
+                                                                     (4 bits)         │
+    NF4Weight: packed (uint8, 2 codes per byte) + absmax_q (uint8) + absmax_scale + absmax_offset
+    dequantize: NF4_CODE[code] * absmax[block]          (QLoRA eq. 6, the doubleDequant)
+
+The rules (REFERENCE.md, NF4 steps 2-9) follow bitsandbytes 0.50 exactly, down to which blocks divide
+and which multiply by a reciprocal, so `packed` and `dequantize()` equal bitsandbytes' `quantize_4bit`
+/ `dequantize_4bit(quant_type="nf4")` bit for bit (tests/test_nf4_vs_bitsandbytes.py).
+
+Speed (benchmarks/nf4.py): the big tensors are processed in chunks of about a million elements, so
+the temporaries stay small (and in cache) whatever the weight's size, and dequantization turns each
+byte into its two code values with one 256-entry lookup table instead of unpacking nibbles one by one.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from quant.nf4_code import DYNAMIC_MAP_SIGNED, NF4_CODE, code_midpoints
+
+VALID_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the sizes bitsandbytes accepts
+DEFAULT_BLOCK_SIZE = 64  # QLoRA's choice: 0.5 bit of absmax per weight before double quantization
+DEFAULT_DQ_BLOCK_SIZE = 256  # QLoRA's block size for the absmax values themselves
+ZERO_CODE = 7  # NF4_CODE[7] == 0.0; pads an odd element count
+ABSMAX_FLOOR = 1e-38  # bitsandbytes clamps absmax to this before dividing (an all-zero block stays 0)
+CHUNK_ELEMENTS = 1 << 20  # weights processed per step on CPU: 4 MB of float32, cache-sized temporaries
+
+_TABLE_CACHE = {}  # (name, device) -> small constant tensors, so we copy them to a GPU only once
+
+
+def _cached_table(name: str, device: torch.device) -> torch.Tensor:
+    """The constant lookup tables on `device`: NF4 midpoints, dynamic-map midpoints, byte-to-pair."""
+    key = (name, str(device))
+    if key not in _TABLE_CACHE:
+        if name == "nf4_midpoints":
+            table = code_midpoints(NF4_CODE)  # [15]
+        elif name == "dynamic_midpoints":
+            table = code_midpoints(DYNAMIC_MAP_SIGNED)  # [255]
+        elif name == "dynamic_map":
+            table = DYNAMIC_MAP_SIGNED  # [256]
+        elif name == "byte_to_pair":
+            table = byte_to_pair_table()  # [256, 2]
+        else:
+            raise KeyError(name)
+        _TABLE_CACHE[key] = table.to(device)
+    return _TABLE_CACHE[key]
+
+
+def _chunk_elements(device: torch.device) -> int:
+    """How many weights to process per step. A GPU prefers one big launch; a CPU prefers its cache."""
+    return CHUNK_ELEMENTS if device.type == "cpu" else 1 << 62
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing: two 4-bit codes per byte
+# ----------------------------------------------------------------------------------------------------
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes two per byte, the first element in the high nibble (REFERENCE.md step 6).
+
+    Args:
+        codes: integer tensor [n] with values 0..15.
+
+    Returns:
+        uint8 tensor [ceil(n / 2)]; an odd count is padded with code 7 (the value 0.0).
+
+    Example:
+        >>> pack_nibbles(torch.tensor([1, 2, 15])).tolist()   # 0x12, 0xF7
+        [18, 247]
+    """
+    codes = codes.reshape(-1).to(torch.uint8)
+    if codes.numel() % 2 == 1:
+        padding = torch.full((1,), ZERO_CODE, dtype=torch.uint8, device=codes.device)
+        codes = torch.cat([codes, padding])
+    pairs = codes.view(-1, 2)  # [n/2, 2]: (first, second) element of each byte
+    return (pairs[:, 0] << 4) | pairs[:, 1]  # [n/2]
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: Optional[int] = None) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: uint8 [m] -> uint8 codes [2m], or the first `numel` of them.
+
+    Example:
+        >>> unpack_nibbles(torch.tensor([18, 247], dtype=torch.uint8), numel=3).tolist()
+        [1, 2, 15]
+    """
+    high = packed >> 4  # [m]: the first element of each pair
+    low = packed & 0x0F  # [m]: the second element
+    codes = torch.stack([high, low], dim=1).reshape(-1)  # [2m], interleaved back into order
+    return codes if numel is None else codes[:numel]
+
+
+def byte_to_pair_table(code: torch.Tensor = NF4_CODE) -> torch.Tensor:
+    """The 256-entry table byte -> (value of its high nibble, value of its low nibble).
+
+    `table[packed]` decodes two weights per lookup, with no shifting, masking or interleaving.
+
+    Returns:
+        float32 tensor [256, 2].
+
+    Example:
+        >>> table = byte_to_pair_table()
+        >>> table[0x7F].tolist()   # codes 7 and 15: 0.0 and 1.0
+        [0.0, 1.0]
+    """
+    high_values = code.repeat_interleave(16)  # [256]: byte b -> code[b >> 4]
+    low_values = code.repeat(16)  # [256]: byte b -> code[b & 15]
+    return torch.stack([high_values, low_values], dim=1)  # [256, 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dataclass
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """A weight stored in NF4: everything needed to rebuild it, and nothing else.
+
+    Exactly one of `absmax` (plain) or the three `absmax_q`/`absmax_scale`/`absmax_offset` (double
+    quantization) is set. Make one with `quantize_nf4`; get the weight back with `dequantize()`.
+
+    Example:
+        >>> weight = torch.randn(128, 64)
+        >>> nf4 = quantize_nf4(weight)                      # double quantization is on by default
+        >>> nf4.packed.shape, nf4.absmax_q.shape, nf4.absmax_scale.shape
+        (torch.Size([4096]), torch.Size([128]), torch.Size([1]))
+        >>> nf4.dequantize().shape
+        torch.Size([128, 64])
+    """
+
+    packed: torch.Tensor  # uint8 [ceil(n / 2)]: two 4-bit codes per byte, first element in the high nibble
+    shape: torch.Size  # the original shape, restored by dequantize()
+    dtype: torch.dtype  # the original dtype, what dequantize() returns by default
+    block_size: int  # consecutive weights (row-major, crossing rows) sharing one absmax
+    absmax: Optional[torch.Tensor] = None  # float32 [num_blocks]; None with double quantization
+    absmax_q: Optional[torch.Tensor] = None  # uint8 [num_blocks]: dynamic-map codes of absmax - offset
+    absmax_scale: Optional[torch.Tensor] = None  # float32 [ceil(num_blocks / 256)]: scale of each absmax block
+    absmax_offset: Optional[torch.Tensor] = None  # float32 scalar: mean absmax, subtracted before quantizing
+    dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE  # absmax values sharing one absmax_scale
+
+    def __post_init__(self):
+        has_plain = self.absmax is not None
+        has_double = self.absmax_q is not None and self.absmax_scale is not None and self.absmax_offset is not None
+        if has_plain == has_double:
+            raise ValueError("NF4Weight needs either `absmax` (plain) or all of `absmax_q`, `absmax_scale`, "
+                             "`absmax_offset` (double quantization), not both and not neither")
+
+    @property
+    def double_quant(self) -> bool:
+        """True when the block scales are themselves quantized to 8 bits."""
+        return self.absmax is None
+
+    @property
+    def numel(self) -> int:
+        """Number of weights stored."""
+        return self.shape.numel()
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of absmax blocks, the last one possibly partial."""
+        return -(-self.numel // self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: codes, block scales and, with double quantization, their scales and offset."""
+        tensors = [self.packed, self.absmax, self.absmax_q, self.absmax_scale, self.absmax_offset]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Stored bits per weight: 4.127 with double quantization, 4.5 without (block size 64)."""
+        return 8 * self.nbytes / self.numel
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def to(self, device) -> "NF4Weight":
+        """A copy on another device (the codes and scales move; nothing is recomputed)."""
+        def move(tensor):
+            return None if tensor is None else tensor.to(device)
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax), absmax_q=move(self.absmax_q),
+                       absmax_scale=move(self.absmax_scale), absmax_offset=move(self.absmax_offset))
+
+    def dequantize_absmax(self) -> torch.Tensor:
+        """The float32 per-block scales [num_blocks], undoing double quantization if it was used."""
+        if not self.double_quant:
+            return self.absmax
+        return dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_offset, self.dq_block_size)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Rebuild the weight: `NF4_CODE[code] * absmax[block]` in float32, then cast once to `dtype`.
+
+        Args:
+            dtype: output dtype; defaults to the dtype the weight had before quantization.
+
+        Returns:
+            tensor of `self.shape`.
+        """
+        return dequantize_nf4(self.packed, self.dequantize_absmax(), self.shape, self.block_size,
+                              dtype or self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantize
+# ----------------------------------------------------------------------------------------------------
+
+def _check_weight(weight: torch.Tensor, block_size: int) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"quantize_nf4 expects a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"quantize_nf4 expects a float32, float16 or bfloat16 tensor, got {weight.dtype}; "
+                         f"convert it first, e.g. weight.float()")
+    if isinstance(block_size, bool) or block_size not in VALID_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {VALID_BLOCK_SIZES} (as in bitsandbytes), got {block_size!r}")
+    if weight.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(weight.shape)})")
+
+
+def _raise_on_non_finite(flat: torch.Tensor, absmax: torch.Tensor, block_size: int, shape) -> None:
+    """absmax is NaN or inf exactly where its block holds a NaN or inf: name the first such block."""
+    bad_blocks = torch.nonzero(~torch.isfinite(absmax)).flatten()
+    if bad_blocks.numel() == 0:
+        return
+    block = int(bad_blocks[0])
+    start = block * block_size
+    values = flat[start:start + block_size].float()
+    bad_element = start + int(torch.nonzero(~torch.isfinite(values)).flatten()[0])
+    raise ValueError(
+        f"cannot quantize a weight containing NaN or inf: block {block} (flattened elements {start} to "
+        f"{min(start + block_size, flat.numel()) - 1}) holds {flat[bad_element].item()} at flattened index "
+        f"{bad_element} of the weight of shape {tuple(shape)}; {bad_blocks.numel()} of {absmax.numel()} "
+        f"blocks are affected. Fix the weight (e.g. torch.nan_to_num) before quantizing.")
+
+
+def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """max |x| per row of a [num_blocks, block_size] tensor, float32 (NaN and inf propagate)."""
+    return torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1, dtype=torch.float32)
+
+
+def _nearest_codes(scaled: torch.Tensor, midpoints: torch.Tensor, out: Optional[torch.Tensor] = None):
+    """Index of the nearest code value; a value exactly on a midpoint goes to the lower code (step 5)."""
+    # subtle: bucketize with right=False counts the midpoints strictly below each value, which is the
+    # nearest code with ties going down, exactly bitsandbytes' rule.
+    return torch.bucketize(scaled, midpoints, out_int32=True, out=out)
+
+
+def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
+                 dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE) -> NF4Weight:
+    """Quantize a weight to NF4, optionally with double quantization (QLoRA section 3).
+
+    Args:
+        weight: float32, float16 or bfloat16 tensor of any shape and element count, on any device.
+        block_size: weights per absmax block, one of 32, 64, ..., 4096.
+        double_quant: also quantize the absmax values to 8 bits (4.127 instead of 4.5 bits per weight).
+        dq_block_size: absmax values per second-level block (256 in QLoRA and bitsandbytes).
+
+    Returns:
+        NF4Weight on the weight's device.
+
+    Raises:
+        ValueError: a non-float tensor, an invalid block size, or NaN/inf in the weight (naming the block).
+
+    Example:
+        >>> weight = torch.tensor([[0.6, -1.0, 0.0, 0.25]])
+        >>> nf4 = quantize_nf4(weight, block_size=32, double_quant=False)
+        >>> nf4.absmax.tolist(), unpack_nibbles(nf4.packed).tolist()    # 0.6 -> code 13, the value 0.5626
+        ([1.0], [13, 0, 7, 10])
+        >>> nf4.dequantize()
+        tensor([[ 0.5626, -1.0000,  0.0000,  0.2461]])
+    """
+    _check_weight(weight, block_size)
+    device = weight.device
+    flat = weight.detach().reshape(-1)  # [n], row-major; blocks may cross row boundaries (step 2)
+    numel = flat.numel()
+    num_full_blocks = numel // block_size
+    num_blocks = -(-numel // block_size)
+    midpoints = _cached_table("nf4_midpoints", device)  # [15]
+
+    packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=device)  # [ceil(n/2)]
+    absmax = torch.empty(num_blocks, dtype=torch.float32, device=device)  # [num_blocks]
+
+    # Full blocks, a chunk at a time so that every temporary stays small.
+    blocks_per_chunk = max(1, _chunk_elements(device) // block_size)
+    full_blocks = flat[:num_full_blocks * block_size].view(num_full_blocks, block_size)  # [blocks, bs]
+    packed_full = packed[:num_full_blocks * block_size // 2].view(num_full_blocks, block_size // 2)
+    codes_buffer = None
+    for start in range(0, num_full_blocks, blocks_per_chunk):
+        end = min(start + blocks_per_chunk, num_full_blocks)
+        blocks = full_blocks[start:end].float()  # [b, bs]; no copy for float32
+        block_absmax = _block_absmax(blocks)  # [b], QLoRA eq. 1: absmax(X)
+        absmax[start:end] = block_absmax
+        # subtle: bitsandbytes multiplies full blocks by a float32 reciprocal (not a division); the
+        # last bit of the scaled value, and so a code on a midpoint, depends on it.
+        reciprocal = 1.0 / block_absmax.clamp(min=ABSMAX_FLOOR)  # [b]
+        scaled = (blocks * reciprocal[:, None]).clamp_(-1.0, 1.0)  # [b, bs], in [-1, 1]
+        if codes_buffer is None or codes_buffer.shape[0] < end - start:
+            codes_buffer = torch.empty((end - start, block_size), dtype=torch.int32, device=device)
+        codes = _nearest_codes(scaled, midpoints, out=codes_buffer[:end - start])  # [b, bs], 0..15
+        # Pack two codes per byte, first element high (step 6): [b, bs] -> [b, bs/2].
+        torch.bitwise_or(codes[:, 0::2] << 4, codes[:, 1::2], out=codes[:, 0::2])
+        packed_full[start:end] = codes[:, 0::2]  # int32 -> uint8, values 0..255
+
+    # The partial last block, if any: bitsandbytes divides it by its (clamped, stored) absmax.
+    if num_blocks > num_full_blocks:
+        tail = flat[num_full_blocks * block_size:].float()  # [r], 0 < r < block_size
+        tail_absmax = _block_absmax(tail[None, :])[0].clamp(min=ABSMAX_FLOOR)  # []
+        absmax[num_full_blocks] = tail_absmax
+        scaled = (tail / tail_absmax).clamp_(-1.0, 1.0)  # [r]
+        packed[num_full_blocks * block_size // 2:] = pack_nibbles(_nearest_codes(scaled, midpoints))
+
+    _raise_on_non_finite(flat, absmax, block_size, weight.shape)
+    if not double_quant:
+        return NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, block_size=block_size,
+                         absmax=absmax)
+    absmax_q, absmax_scale, absmax_offset = quantize_absmax(absmax, dq_block_size)
+    return NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, block_size=block_size,
+                     absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset,
+                     dq_block_size=dq_block_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Double quantization of the block scales (QLoRA section 3, REFERENCE.md step 8)
+# ----------------------------------------------------------------------------------------------------
+
+def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE):
+    """Quantize float32 block scales to 8 bits with the signed dynamic map, in blocks of `dq_block_size`.
+
+    absmax values are all positive, so they are centred on their mean first; the signed map then uses
+    both halves of its range.
+
+    Args:
+        absmax: float32 [num_blocks].
+        dq_block_size: values per second-level block.
+
+    Returns:
+        (absmax_q uint8 [num_blocks], absmax_scale float32 [ceil(num_blocks / dq_block_size)],
+         absmax_offset float32 scalar)
+
+    Example:
+        >>> q, scale, offset = quantize_absmax(torch.tensor([1.0, 2.0, 3.0]))
+        >>> q.tolist(), scale.tolist(), offset.item()     # -1, 0, +1 times scale 1.0, plus 2.0
+        ([0, 127, 255], [1.0], 2.0)
+    """
+    absmax_offset = absmax.mean()  # [] float32, the same reduction as bitsandbytes
+    centered = absmax - absmax_offset  # [num_blocks]
+    midpoints = _cached_table("dynamic_midpoints", absmax.device)  # [255]
+    num_values = centered.numel()
+    num_full = num_values // dq_block_size
+    num_second_level = -(-num_values // dq_block_size)
+    absmax_scale = torch.empty(num_second_level, dtype=torch.float32, device=absmax.device)
+    scaled_parts = []
+    if num_full > 0:
+        blocks = centered[:num_full * dq_block_size].view(num_full, dq_block_size)  # [nb2, 256]
+        block_scale = _block_absmax(blocks)  # [nb2]
+        absmax_scale[:num_full] = block_scale
+        reciprocal = 1.0 / block_scale.clamp(min=ABSMAX_FLOOR)
+        scaled_parts.append((blocks * reciprocal[:, None]).reshape(-1))
+    if num_second_level > num_full:
+        tail = centered[num_full * dq_block_size:]  # [r]
+        tail_scale = _block_absmax(tail[None, :])[0]
+        absmax_scale[num_full] = tail_scale
+        scaled_parts.append(tail / tail_scale.clamp(min=ABSMAX_FLOOR))
+    scaled = torch.cat(scaled_parts).clamp_(-1.0, 1.0)  # [num_blocks], in [-1, 1]
+    absmax_q = _nearest_codes(scaled, midpoints).to(torch.uint8)  # [num_blocks], 0..255
+    return absmax_q, absmax_scale, absmax_offset
+
+
+def dequantize_absmax(absmax_q: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor,
+                      dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE) -> torch.Tensor:
+    """Inverse of `quantize_absmax`: `float32(map[q] * absmax_scale[i // 256]) + offset`, float32 [num_blocks].
+
+    Example:
+        >>> dequantize_absmax(torch.tensor([0, 127, 255], dtype=torch.uint8), torch.tensor([1.0]), torch.tensor(2.0))
+        tensor([1.0070, 2.0000, 3.0000])
+    """
+    dynamic_map = _cached_table("dynamic_map", absmax_q.device)  # [256]
+    values = dynamic_map[absmax_q.long()]  # [num_blocks]
+    return _scale_blocks(values, absmax_scale, dq_block_size) + absmax_offset  # QLoRA eq. 6, inner part
+
+
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
+    """values[i] * scales[i // block_size] for a flat [n] tensor whose last block may be partial."""
+    numel = values.numel()
+    num_full = numel // block_size
+    out = torch.empty_like(values)
+    full = num_full * block_size
+    out[:full].view(num_full, block_size).copy_(values[:full].view(num_full, block_size) * scales[:num_full, None])
+    if full < numel:
+        out[full:] = values[full:] * scales[num_full]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dequantize
+# ----------------------------------------------------------------------------------------------------
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rebuild a weight from packed NF4 codes and float32 block scales (REFERENCE.md step 7).
+
+    `out[j] = dtype(float32(NF4_CODE[code[j]] * absmax[j // block_size]))`: the product is taken in
+    float32 and rounded once to `dtype`, as bitsandbytes does.
+
+    Args:
+        packed: uint8 [ceil(n / 2)], from `quantize_nf4`.
+        absmax: float32 [ceil(n / block_size)], already undone from double quantization.
+        shape: the output shape (n elements).
+        block_size: weights per absmax block.
+        dtype: output dtype.
+
+    Returns:
+        tensor of `shape` and `dtype` on packed's device.
+
+    Example:
+        >>> packed = torch.tensor([0xF0, 0x7F], dtype=torch.uint8)      # codes 15, 0, 7, 15
+        >>> dequantize_nf4(packed, torch.tensor([2.0]), (4,), block_size=64)
+        tensor([ 2., -2.,  0.,  2.])
+    """
+    shape = torch.Size(shape)
+    numel = shape.numel()
+    device = packed.device
+    pair_table = _cached_table("byte_to_pair", device)  # [256, 2]: byte -> its two code values
+    out = torch.empty(numel, dtype=dtype, device=device)  # [n]
+    num_full_blocks = numel // block_size
+    full_out = out[:num_full_blocks * block_size].view(num_full_blocks, block_size)  # [blocks, bs]
+    full_packed = packed[:num_full_blocks * block_size // 2]  # [blocks * bs / 2]
+
+    blocks_per_chunk = max(1, _chunk_elements(device) // block_size)
+    chunk_blocks = min(blocks_per_chunk, num_full_blocks)
+    index_buffer = torch.empty(chunk_blocks * block_size // 2, dtype=torch.int32, device=device)
+    pair_buffer = torch.empty((chunk_blocks * block_size // 2, 2), dtype=torch.float32, device=device)
+    for start in range(0, num_full_blocks, blocks_per_chunk):
+        end = min(start + blocks_per_chunk, num_full_blocks)
+        num_bytes = (end - start) * block_size // 2
+        # subtle: index_select wants int32/int64 indices, and writing into preallocated buffers avoids
+        # fresh page-faulting allocations on every chunk.
+        indices = index_buffer[:num_bytes]
+        indices.copy_(full_packed[start * block_size // 2:end * block_size // 2])  # uint8 -> int32
+        pairs = torch.index_select(pair_table, 0, indices, out=pair_buffer[:num_bytes])  # [bytes, 2]
+        code_values = pairs.view(end - start, block_size)  # [b, bs], in element order
+        scales = absmax[start:end, None]  # [b, 1], broadcast over the block
+        if dtype == torch.float32:
+            torch.mul(code_values, scales, out=full_out[start:end])
+        else:
+            full_out[start:end] = code_values * scales  # float32 product, one rounding to dtype
+
+    if num_full_blocks * block_size < numel:  # the partial last block
+        tail_packed = packed[num_full_blocks * block_size // 2:]
+        tail_values = pair_table[tail_packed.long()].reshape(-1)[:numel - num_full_blocks * block_size]
+        out[num_full_blocks * block_size:] = tail_values * absmax[num_full_blocks]
+    return out.view(shape)
