@@ -1,0 +1,319 @@
+"""quantize_nf4 / NF4Weight: exact oracles first (REFERENCE.md NF4 steps 2-9), then error bounds.
+
+The oracle `reference_quantize` below follows REFERENCE.md literally, one block at a time, one element
+at a time, with no chunking, lookup tables or packing tricks; the fast code must agree with it exactly.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quant import (
+    DYNAMIC_MAP_SIGNED,
+    NF4_CODE,
+    VALID_BLOCK_SIZES,
+    NF4Weight,
+    byte_to_pair_table,
+    dequantize_absmax,
+    nf4_storage_bytes,
+    pack_nibbles,
+    quantize_absmax,
+    quantize_nf4,
+    unpack_nibbles,
+)
+
+MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) * 0.5  # [15], float32
+
+
+def reference_quantize(weight: torch.Tensor, block_size: int):
+    """REFERENCE.md steps 2-5, slowly: returns (codes [n] int64, absmax [num_blocks] float32)."""
+    flat = weight.reshape(-1).float()
+    codes, absmaxes = [], []
+    for start in range(0, flat.numel(), block_size):
+        block = flat[start:start + block_size]
+        absmax = block.abs().max()
+        clamped = torch.clamp(absmax, min=1e-38)
+        if block.numel() == block_size:
+            scaled = block * (1.0 / clamped)  # full block: multiply by the float32 reciprocal
+            absmaxes.append(absmax)
+        else:
+            scaled = block / clamped  # partial last block: a true division, clamped value stored
+            absmaxes.append(clamped)
+        scaled = scaled.clamp(-1.0, 1.0)
+        for value in scaled:
+            codes.append(int((MIDPOINTS < value).sum()))  # number of midpoints strictly below
+    return torch.tensor(codes), torch.stack(absmaxes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------------
+
+def test_pack_puts_first_element_in_high_nibble():
+    assert pack_nibbles(torch.tensor([0x1, 0x2, 0xA, 0xB])).tolist() == [0x12, 0xAB]
+
+
+def test_pack_pads_odd_count_with_zero_code():
+    assert pack_nibbles(torch.tensor([3])).tolist() == [0x37]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 16, 17, 255])
+def test_pack_unpack_round_trip(count):
+    codes = torch.randint(0, 16, (count,), generator=torch.Generator().manual_seed(count))
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == (count + 1) // 2
+    assert torch.equal(unpack_nibbles(packed, count).long(), codes)
+
+
+def test_byte_to_pair_table_decodes_every_byte():
+    table = byte_to_pair_table()
+    for byte in range(256):
+        assert table[byte, 0] == NF4_CODE[byte >> 4] and table[byte, 1] == NF4_CODE[byte & 15]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact oracles
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, block_size", [
+    ((8, 8), 32), ((8, 16), 64), ((3, 7), 32), ((5, 13), 64), ((7,), 32), ((2, 3, 50), 128), ((1, 1), 64),
+])
+def test_codes_and_absmax_equal_the_literal_reference(shape, block_size):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    nf4 = quantize_nf4(weight, block_size=block_size, double_quant=False)
+    codes, absmax = reference_quantize(weight, block_size)
+    assert torch.equal(unpack_nibbles(nf4.packed, weight.numel()).long(), codes)
+    assert torch.equal(nf4.absmax, absmax)
+
+
+@pytest.mark.parametrize("shape, block_size", [((8, 16), 32), ((5, 13), 64), ((3, 7), 32)])
+def test_dequantize_equals_code_times_absmax_in_float32(shape, block_size):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    nf4 = quantize_nf4(weight, block_size=block_size, double_quant=False)
+    codes = unpack_nibbles(nf4.packed, weight.numel()).long()
+    block_of = torch.arange(weight.numel()) // block_size
+    expected = (NF4_CODE[codes] * nf4.absmax[block_of]).reshape(shape)  # REFERENCE.md step 7
+    assert torch.equal(nf4.dequantize(), expected)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(nf4.dequantize(dtype), expected.to(dtype))
+
+
+def test_values_exactly_on_midpoints_go_to_the_lower_code():
+    # absmax 1.0 (the last element), so the scaled values are the inputs themselves, bit for bit
+    block = torch.cat([MIDPOINTS, torch.tensor([1.0])])  # [16]
+    weight = torch.cat([block, block, block, block])  # [64], one block
+    codes = unpack_nibbles(quantize_nf4(weight, double_quant=False).packed, 64).long()
+    assert codes[:15].tolist() == list(range(15))  # midpoint i sits between codes i and i+1 -> i
+    # one float32 step above a midpoint goes up
+    above = torch.nextafter(MIDPOINTS, torch.tensor(2.0))
+    codes_above = unpack_nibbles(quantize_nf4(torch.cat([above, torch.tensor([1.0])] * 4),
+                                              double_quant=False).packed, 64).long()
+    assert codes_above[:15].tolist() == list(range(1, 16))
+
+
+def test_zero_blocks():
+    weight = torch.zeros(2, 64)  # two full blocks of zeros
+    nf4 = quantize_nf4(weight, double_quant=False)
+    assert nf4.absmax.tolist() == [0.0, 0.0]  # a full zero block stores 0
+    assert torch.all(unpack_nibbles(nf4.packed) == 7)  # code 7 is 0.0
+    assert torch.equal(nf4.dequantize(), weight)
+    partial = quantize_nf4(torch.zeros(70), double_quant=False)  # 64 + a partial block of 6
+    assert partial.absmax[1].item() == torch.tensor(1e-38).item()  # partial block stores the clamp
+    assert torch.equal(partial.dequantize(), torch.zeros(70))
+    assert torch.equal(quantize_nf4(torch.zeros(3, 100)).dequantize(), torch.zeros(3, 100))
+
+
+def test_single_huge_outlier_only_affects_its_own_block():
+    weight = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    spiked = weight.clone()
+    spiked[1, 5] = 1e6
+    plain = quantize_nf4(weight, double_quant=False).dequantize()
+    outlier = quantize_nf4(spiked, double_quant=False).dequantize()
+    assert outlier[1, 5] == 1e6  # the absmax itself is stored exactly (code 15 is 1.0)
+    others = torch.ones(4, dtype=torch.bool)
+    others[1] = False
+    assert torch.equal(outlier[others], plain[others])  # other blocks untouched
+    # inside its block everything else is crushed to the nearest code to 0 (|x| / 1e6 < 0.04)
+    assert torch.all(outlier[1, torch.arange(64) != 5] == 0)
+
+
+@pytest.mark.parametrize("numel", [1, 2, 31, 33, 63, 65, 127, 129, 1001])
+def test_partial_last_block_and_odd_counts(numel):
+    weight = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    nf4 = quantize_nf4(weight, block_size=32, double_quant=False)
+    assert nf4.packed.numel() == (numel + 1) // 2
+    assert nf4.absmax.numel() == math.ceil(numel / 32)
+    codes, absmax = reference_quantize(weight, 32)
+    assert torch.equal(unpack_nibbles(nf4.packed, numel).long(), codes)
+    assert torch.equal(nf4.absmax, absmax)
+    if numel % 2:
+        assert nf4.packed[-1] & 0x0F == 7  # padding nibble is the zero code
+    assert nf4.dequantize().shape == (numel,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    weight = torch.randn(6, 50, generator=torch.Generator().manual_seed(2)).to(dtype)
+    nf4 = quantize_nf4(weight, block_size=64)
+    reference = quantize_nf4(weight.float(), block_size=64)  # the cast to float32 is exact
+    assert torch.equal(nf4.packed, reference.packed) and torch.equal(nf4.absmax_q, reference.absmax_q)
+    assert nf4.dtype == dtype and nf4.dequantize().dtype == dtype
+    assert torch.equal(nf4.dequantize(), reference.dequantize(torch.float32).to(dtype))
+
+
+def test_any_shape_round_trips_its_shape():
+    for shape in [(5,), (3, 4), (2, 3, 4), (2, 1, 3, 5)]:
+        weight = torch.randn(shape)
+        assert quantize_nf4(weight, block_size=32).dequantize().shape == shape
+
+
+# ----------------------------------------------------------------------------------------------------
+# Error bounds
+# ----------------------------------------------------------------------------------------------------
+
+def half_gap_around(code_table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Half the larger gap to the neighbours of each chosen code: the most a nearest-rounding can miss."""
+    gaps = code_table[1:] - code_table[:-1]
+    left = torch.cat([gaps[:1], gaps])[codes]  # gap below code k (code 0: use the gap above)
+    right = torch.cat([gaps, gaps[-1:]])[codes]  # gap above code k
+    return 0.5 * torch.maximum(left, right)
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 256])
+def test_error_within_half_a_code_step_times_absmax(block_size):
+    weight = torch.randn(40, 96, generator=torch.Generator().manual_seed(block_size)) * 0.02
+    nf4 = quantize_nf4(weight, block_size=block_size, double_quant=False)
+    codes = unpack_nibbles(nf4.packed, weight.numel()).long()
+    absmax = nf4.absmax[torch.arange(weight.numel()) // block_size]
+    error = (nf4.dequantize().reshape(-1) - weight.reshape(-1)).abs()
+    bound = half_gap_around(NF4_CODE, codes) * absmax * (1 + 1e-6)  # + float32 rounding
+    assert torch.all(error <= bound)
+
+
+def test_double_quantization_reconstruction_error_bound():
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(3))  # 300 blocks, 2 dq blocks
+    plain = quantize_nf4(weight, double_quant=False)
+    double = quantize_nf4(weight, double_quant=True)
+    assert torch.equal(plain.packed, double.packed)  # the 4-bit codes do not depend on double quant
+    reconstructed = double.dequantize_absmax()
+    scale = double.absmax_scale[torch.arange(300) // 256]
+    bound = half_gap_around(DYNAMIC_MAP_SIGNED, double.absmax_q.long()) * scale * (1 + 1e-6) + 1e-7
+    assert torch.all((reconstructed - plain.absmax).abs() <= bound)
+    # in relative terms: well under 1% of each block's scale
+    assert torch.all((reconstructed - plain.absmax).abs() <= 0.01 * plain.absmax)
+
+
+def test_quantize_absmax_worked_example():
+    codes, scale, offset = quantize_absmax(torch.tensor([1.0, 2.0, 3.0]))
+    assert codes.tolist() == [0, 127, 255] and scale.tolist() == [1.0] and offset.item() == 2.0
+    # code 0 is -0.99296875, not -1: the signed map is not symmetric
+    assert torch.equal(dequantize_absmax(codes, scale, offset),
+                       torch.tensor([DYNAMIC_MAP_SIGNED[0].item() + 2.0, 2.0, 3.0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Storage
+# ----------------------------------------------------------------------------------------------------
+
+def test_bits_per_parameter_of_a_4096_square_weight():
+    weight = torch.empty(4096, 4096).normal_(generator=torch.Generator().manual_seed(0))
+    double = quantize_nf4(weight, double_quant=True)
+    plain = quantize_nf4(weight, double_quant=False)
+    assert round(double.bits_per_parameter, 3) == 4.127  # QLoRA's figure
+    assert plain.bits_per_parameter == 4.5
+    # every stored byte: 8 MiB of codes, 256 Ki absmax codes, 1 Ki float32 scales, one offset
+    assert double.nbytes == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4 * 1024 + 4
+    assert double.nbytes == nf4_storage_bytes(4096 * 4096)
+
+
+@pytest.mark.parametrize("numel, block_size, double_quant", [
+    (1, 64, True), (100, 32, False), (64 * 257, 64, True), (64 * 256 + 1, 64, True), (999, 4096, True),
+])
+def test_nbytes_matches_the_formula(numel, block_size, double_quant):
+    nf4 = quantize_nf4(torch.randn(numel), block_size=block_size, double_quant=double_quant)
+    assert nf4.nbytes == nf4_storage_bytes(numel, block_size, double_quant)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors a learner will meet
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_size", [0, 16, 48, 100, 8192, -64, 64.0, True])
+def test_invalid_block_size(block_size):
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        quantize_nf4(torch.randn(64), block_size=block_size)
+
+
+@pytest.mark.parametrize("weight", [torch.ones(64, dtype=torch.int64), torch.ones(64, dtype=torch.float64),
+                                    torch.ones(64, dtype=torch.bool)])
+def test_non_float_tensor(weight):
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        quantize_nf4(weight)
+
+
+def test_not_a_tensor_and_empty_tensor():
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        quantize_nf4([1.0, 2.0])
+    with pytest.raises(ValueError, match="empty"):
+        quantize_nf4(torch.empty(0, 4))
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_inf_names_the_block(bad_value):
+    weight = torch.randn(4, 64)
+    weight[2, 10] = bad_value  # flattened index 138, block 2
+    with pytest.raises(ValueError, match=r"block 2 \(flattened elements 128 to 191\).*index 138"):
+        quantize_nf4(weight)
+
+
+def test_nan_in_partial_last_block():
+    weight = torch.randn(70)
+    weight[69] = float("nan")
+    with pytest.raises(ValueError, match=r"block 1 \(flattened elements 64 to 69\)"):
+        quantize_nf4(weight)
+
+
+def test_nf4weight_needs_exactly_one_kind_of_absmax():
+    with pytest.raises(ValueError, match="either"):
+        NF4Weight(packed=torch.zeros(1, dtype=torch.uint8), shape=torch.Size([2]), dtype=torch.float32,
+                  block_size=64)
+
+
+def test_valid_block_sizes_all_work():
+    weight = torch.randn(3, 1000)
+    for block_size in VALID_BLOCK_SIZES:
+        nf4 = quantize_nf4(weight, block_size=block_size)
+        assert nf4.packed.numel() == 1500 and nf4.absmax_q.numel() == math.ceil(3000 / block_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Property tests
+# ----------------------------------------------------------------------------------------------------
+
+finite_floats = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(finite_floats, min_size=1, max_size=150),
+       block_size=st.sampled_from([32, 64, 128]), double_quant=st.booleans())
+def test_property_matches_reference_and_error_bound(values, block_size, double_quant):
+    weight = torch.tensor(values, dtype=torch.float32)
+    nf4 = quantize_nf4(weight, block_size=block_size, double_quant=double_quant)
+    codes, absmax = reference_quantize(weight, block_size)
+    assert torch.equal(unpack_nibbles(nf4.packed, weight.numel()).long(), codes)
+    restored = nf4.dequantize()
+    assert restored.shape == weight.shape and torch.all(torch.isfinite(restored))
+    if not double_quant:
+        assert torch.equal(nf4.absmax, absmax)
+        bound = half_gap_around(NF4_CODE, codes) * absmax[torch.arange(weight.numel()) // block_size]
+        assert torch.all((restored - weight).abs() <= bound * (1 + 1e-6) + 1e-30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(codes=st.lists(st.integers(min_value=0, max_value=15), min_size=1, max_size=99))
+def test_property_pack_unpack(codes):
+    codes = torch.tensor(codes)
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes), codes.numel()).long(), codes)
