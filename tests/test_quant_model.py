@@ -1,0 +1,145 @@
+"""quantize_model and memory_report on small models."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from quant import Linear4bit, memory_report, nf4_storage_bytes, quantize_model
+
+
+class TinyAttention(nn.Module):
+    """Linear leaves with the names MiniGPT and Llama use."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) + self.k_proj(x) * self.v_proj(x))
+
+
+class TinyModel(nn.Module):
+    def __init__(self, dim=32, vocab=20):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList([TinyAttention(dim) for _ in range(2)])
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok_emb(idx)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.lm_head(x)
+
+
+def linear_paths(model, kind):
+    return [path for path, module in model.named_modules() if type(module) is kind]
+
+
+def test_sequential_all_linears_swapped_and_bytes_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    x = torch.randn(4, 64)
+    reference = model(x)
+    report = quantize_model(model)
+    assert report.quantized == ("0", "2")
+    assert linear_paths(model, Linear4bit) == ["0", "2"] and linear_paths(model, nn.Linear) == []
+    # exact bookkeeping: fp32 weights replaced by their NF4 storage, biases unchanged
+    weights_fp32 = 4 * (64 * 64 + 64 * 16)
+    assert report.bytes_before == weights_fp32 + 4 * (64 + 16)
+    assert report.bytes_after == report.bytes_before - weights_fp32 + nf4_storage_bytes(64 * 64) + nf4_storage_bytes(64 * 16)
+    assert "quantized 2 Linear layers" in str(report)
+    assert (model(x) - reference).norm() / reference.norm() < 0.15
+
+
+def test_skip_lm_head_by_default_and_target_modules():
+    model = TinyModel()
+    report = quantize_model(model)
+    assert "lm_head" not in report.quantized and type(model.lm_head) is nn.Linear
+    assert len(report.quantized) == 8
+
+    model = TinyModel()
+    report = quantize_model(model, target_modules=["q_proj", "v_proj"])
+    assert report.quantized == ("blocks.0.q_proj", "blocks.0.v_proj", "blocks.1.q_proj", "blocks.1.v_proj")
+    assert type(model.blocks[0].k_proj) is nn.Linear
+
+    model = TinyModel()
+    report = quantize_model(model, skip=())
+    assert "lm_head" in report.quantized
+
+
+def test_full_path_targets_and_block_size_pass_through():
+    model = TinyModel()
+    report = quantize_model(model, target_modules=["blocks.1.o_proj"], block_size=32, double_quant=False)
+    assert report.quantized == ("blocks.1.o_proj",)
+    assert model.blocks[1].o_proj.block_size == 32 and model.blocks[1].o_proj.absmax is not None
+
+
+def test_quantized_model_trains_the_rest():
+    torch.manual_seed(0)
+    model = TinyModel()
+    quantize_model(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(torch.randint(0, 20, (2, 5))).square().mean()
+    loss.backward()
+    optimizer.step()
+    assert model.tok_emb.weight.grad is not None  # gradients flow through the 4-bit layers
+    for name, tensor in model.state_dict().items():
+        if "blocks" in name:  # the frozen 4-bit layers (codes, scales, biases) are bit-identical
+            assert torch.equal(tensor, before[name]), name
+    assert not torch.equal(model.tok_emb.weight, before["tok_emb.weight"])
+
+
+def test_unknown_target_names_the_layers_there_are():
+    with pytest.raises(ValueError, match=r"'qproj' matches no nn.Linear.*\['k_proj', 'lm_head', 'o_proj', 'q_proj', 'v_proj'\]"):
+        quantize_model(TinyModel(), target_modules=["qproj"])
+
+
+def test_models_without_linears_and_a_bare_linear():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quantize_model(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)))
+    with pytest.raises(ValueError, match="Linear4bit.from_linear"):
+        quantize_model(nn.Linear(4, 4))
+
+
+def test_memory_report_of_a_4096_weight():
+    report = memory_report([(4096, 4096)])
+    assert report.fp32_bytes == 4 * 4096 * 4096 and report.bf16_bytes == 2 * 4096 * 4096
+    assert report.bits_per_parameter("fp32") == 32 and report.bits_per_parameter("bf16") == 16
+    assert report.bits_per_parameter("nf4") == 4.5
+    assert round(report.bits_per_parameter("nf4_dq"), 3) == 4.127
+    assert "NF4 + double quant" in str(report) and "4.127" in str(report)
+    with pytest.raises(ValueError, match="valid formats"):
+        report.bits_per_parameter("int8")
+
+
+def test_memory_report_predicts_quantize_model():
+    model = TinyModel()
+    predicted = memory_report(model)
+    assert predicted.num_quantized_params == 8 * 32 * 32  # lm_head skipped, like quantize_model
+    assert predicted.num_other_params == 20 * 32 + 8 * 32 + 32 * 20  # embedding, biases, lm_head
+    report = quantize_model(model)
+    assert report.bytes_before - report.bytes_after == predicted.fp32_bytes - predicted.nf4_dq_bytes
+    assert memory_report(model) == predicted  # a quantized model reports the same figures
+
+
+def test_minigpt_quantizes_and_runs():
+    from minigpt import GPTConfig, MiniGPT
+
+    torch.manual_seed(0)
+    model = MiniGPT(GPTConfig(vocab_size=50))
+    idx = torch.randint(0, 50, (2, 8))
+    reference, _ = model(idx)
+    report = quantize_model(model)
+    leaves = {path.rsplit(".", 1)[-1] for path in report.quantized}
+    assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+    assert type(model.lm_head) is nn.Linear
+    logits, loss = model(idx, targets=idx)
+    assert logits.shape == reference.shape
+    assert (logits - reference).norm() / reference.norm() < 0.1
+    loss.backward()
+    assert model.tok_emb.weight.grad is not None
