@@ -35,6 +35,7 @@ DEFAULT_DQ_BLOCK_SIZE = 256  # QLoRA's block size for the absmax values themselv
 ZERO_CODE = 7  # NF4_CODE[7] == 0.0; pads an odd element count
 ABSMAX_FLOOR = 1e-38  # bitsandbytes clamps absmax to this before dividing (an all-zero block stays 0)
 CHUNK_ELEMENTS = 1 << 20  # weights processed per step on CPU: 4 MB of float32, cache-sized temporaries
+GPU_CHUNK_ELEMENTS = 1 << 22  # on a GPU: big enough to fill it, small enough to bound the temporaries
 
 _TABLE_CACHE = {}  # (name, device) -> small constant tensors, so we copy them to a GPU only once
 
@@ -58,8 +59,12 @@ def _cached_table(name: str, device: torch.device) -> torch.Tensor:
 
 
 def _chunk_elements(device: torch.device) -> int:
-    """How many weights to process per step. A GPU prefers one big launch; a CPU prefers its cache."""
-    return CHUNK_ELEMENTS if device.type == "cpu" else 1 << 62
+    """How many weights to process per step: a CPU wants cache-sized chunks, a GPU few big launches.
+
+    Either way the temporaries (scaled values, int32 codes) stay a fixed size, so quantizing a weight
+    never needs more than a small fraction of the weight's own size in extra memory.
+    """
+    return CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,7 +226,7 @@ def _check_weight(weight: torch.Tensor, block_size: int) -> None:
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"quantize_nf4 expects a float32, float16 or bfloat16 tensor, got {weight.dtype}; "
                          f"convert it first, e.g. weight.float()")
-    if isinstance(block_size, bool) or block_size not in VALID_BLOCK_SIZES:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size not in VALID_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {VALID_BLOCK_SIZES} (as in bitsandbytes), got {block_size!r}")
     if weight.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(weight.shape)})")
