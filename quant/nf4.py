@@ -50,8 +50,11 @@ def _cached_table(name: str, device: torch.device) -> torch.Tensor:
             table = code_midpoints(DYNAMIC_MAP_SIGNED)  # [255]
         elif name == "dynamic_map":
             table = DYNAMIC_MAP_SIGNED  # [256]
-        elif name == "byte_to_pair":
-            table = byte_to_pair_table()  # [256, 2]
+        elif name == "byte_to_pair_bits":
+            # subtle: each row of the [256, 2] float32 table is 8 bytes; viewed as one int64 per byte
+            # value, a 1-D lookup copies both code values at once (about 2x faster than a row gather)
+            # and, being an integer copy, moves the bits untouched.
+            table = byte_to_pair_table().view(torch.int64).reshape(256)  # [256]
         else:
             raise KeyError(name)
         _TABLE_CACHE[key] = table.to(device)
@@ -435,7 +438,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size
     shape = torch.Size(shape)
     numel = shape.numel()
     device = packed.device
-    pair_table = _cached_table("byte_to_pair", device)  # [256, 2]: byte -> its two code values
+    pair_bits = _cached_table("byte_to_pair_bits", device)  # [256] int64: byte -> its two code values
     out = torch.empty(numel, dtype=dtype, device=device)  # [n]
     num_full_blocks = numel // block_size
     full_out = out[:num_full_blocks * block_size].view(num_full_blocks, block_size)  # [blocks, bs]
@@ -444,7 +447,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size
     blocks_per_chunk = max(1, _chunk_elements(device) // block_size)
     chunk_blocks = min(blocks_per_chunk, num_full_blocks)
     index_buffer = torch.empty(chunk_blocks * block_size // 2, dtype=torch.int32, device=device)
-    pair_buffer = torch.empty((chunk_blocks * block_size // 2, 2), dtype=torch.float32, device=device)
+    pair_buffer = torch.empty(chunk_blocks * block_size // 2, dtype=torch.int64, device=device)
     for start in range(0, num_full_blocks, blocks_per_chunk):
         end = min(start + blocks_per_chunk, num_full_blocks)
         num_bytes = (end - start) * block_size // 2
@@ -452,8 +455,8 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size
         # fresh page-faulting allocations on every chunk.
         indices = index_buffer[:num_bytes]
         indices.copy_(full_packed[start * block_size // 2:end * block_size // 2])  # uint8 -> int32
-        pairs = torch.index_select(pair_table, 0, indices, out=pair_buffer[:num_bytes])  # [bytes, 2]
-        code_values = pairs.view(end - start, block_size)  # [b, bs], in element order
+        pairs = torch.index_select(pair_bits, 0, indices, out=pair_buffer[:num_bytes])  # [bytes] int64
+        code_values = pairs.view(torch.float32).view(end - start, block_size)  # [b, bs], element order
         scales = absmax[start:end, None]  # [b, 1], broadcast over the block
         if dtype == torch.float32:
             torch.mul(code_values, scales, out=full_out[start:end])
@@ -462,6 +465,6 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size
 
     if num_full_blocks * block_size < numel:  # the partial last block
         tail_packed = packed[num_full_blocks * block_size // 2:]
-        tail_values = pair_table[tail_packed.long()].reshape(-1)[:numel - num_full_blocks * block_size]
+        tail_values = pair_bits[tail_packed.long()].view(torch.float32)[:numel - num_full_blocks * block_size]
         out[num_full_blocks * block_size:] = tail_values * absmax[num_full_blocks]
     return out.view(shape)
