@@ -4,10 +4,14 @@
     python train.py --steps 300 --out dist/tiny     # a quicker run somewhere else
     python train.py --data my_text.txt              # your own text, one sentence per line
     python train.py --tokenizer bpe                 # byte-level BPE instead of the word-level tokenizer
+    torchrun --standalone --nproc_per_node=2 train.py --device cpu   # 2 processes, same global batch
 
 Writes `<out>/` (config.json, model.pt, tokenizer.json; atomically) and `<out>_loss.png`, and prints
 the final validation loss, tokens per second and, on the built-in corpus, the accuracy on the
 base-fact probes ("the capital of france is" -> "paris").
+
+Under torchrun every process runs main(): each trains on its share of the global --batch-size with
+DistributedDataParallel (minigpt/distributed.py), and only rank 0 prints, plots and writes the folder.
 """
 
 import sys
@@ -19,6 +23,7 @@ import torch
 
 from minigpt import GPTConfig, MiniGPT, probe_accuracy, save_model
 from minigpt.cli import parse_config
+from minigpt.distributed import RendezvousError, process_group
 from minigpt.data import TokenStream, base_corpus, base_fact_probes, read_text_file
 from minigpt.training import TrainConfig, pick_device, train_model
 from tokenizer import BPETokenizer, WordTokenizer
@@ -31,7 +36,7 @@ class PretrainConfig:
     tokenizer: str = "word"  # "word" (default: next-word probes, one row per new word) or "bpe"
     bpe_vocab_size: int = 512  # vocabulary size when tokenizer="bpe"
     steps: int = 600  # enough for 100% on the built-in probes; longer only memorises harder (val loss rises)
-    batch_size: int = 32  # windows of context_length tokens per step
+    batch_size: int = 32  # windows of context_length tokens per step, in all (torchrun: split over processes)
     lr: float = 3e-3  # peak AdamW learning rate
     warmup_steps: int = 50  # linear warmup before the cosine decay
     eval_interval: int = 100  # steps between validation passes
@@ -40,7 +45,7 @@ class PretrainConfig:
     n_layers: int = 2  # transformer blocks
     n_heads: int = 4  # attention heads
     dropout: float = 0.0  # dropout everywhere in the model
-    seed: int = 0  # same seed, same weights (on CPU)
+    seed: int = 0  # same seed, same weights (on CPU); dropout is seeded with seed + rank under torchrun
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     plot: bool = True  # write the loss-curve PNG
     progress: bool = True  # show a progress bar
@@ -72,38 +77,53 @@ def plot_losses(result, path: Path, title: str) -> None:
 
 
 def main(config: PretrainConfig) -> dict:
-    """Pretrain, save, and return the figures of the run (losses, timings, probe accuracy)."""
+    """Pretrain, save, and return the figures of the run (losses, timings, probe accuracy).
+
+    Under torchrun every rank returns the same losses; only rank 0 writes the folder and the plot and
+    measures probe accuracy ("rank" in the results says which process this is).
+    """
     start = time.perf_counter()
-    device = pick_device(config.device)
+    with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
+        return pretrain(config, distributed, start)
+
+
+def pretrain(config: PretrainConfig, distributed, start: float) -> dict:
+    device = distributed.device
+    distributed.local_batch_size(config.batch_size)  # fail before any work if the ranks cannot share it
     corpus = read_text_file(config.data) if config.data else base_corpus()
     tokenizer = build_tokenizer(config, corpus.train + corpus.val)
     train_stream = TokenStream(corpus.train, tokenizer, config.context_length)
     val_stream = TokenStream(corpus.val, tokenizer, config.context_length)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same seed on every rank: identical initial weights
     model_config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=config.context_length,
                              embed_dim=config.embed_dim, n_layers=config.n_layers, n_heads=config.n_heads,
                              dropout=config.dropout)
     model = MiniGPT(model_config).to(device)
+    torch.manual_seed(config.seed + distributed.rank)  # dropout masks differ between ranks (rank 0: seed)
     train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                warmup_steps=config.warmup_steps, eval_interval=config.eval_interval,
                                seed=config.seed, device=device, progress=config.progress, desc="pretrain")
-    result = train_model(model, train_stream, val_stream, train_config)
+    result = train_model(distributed.wrap(model), train_stream, val_stream, train_config,
+                         distributed=distributed)
 
-    out_dir = save_model(model.cpu(), tokenizer, config.out)
-    accuracy = None
-    if config.data is None and config.tokenizer == "word":  # probes are whole words of the built-in corpus
-        accuracy = probe_accuracy(model, tokenizer, base_fact_probes())
-    plot_path = None
-    if config.plot:
-        plot_path = out_dir.parent / f"{out_dir.name}_loss.png"
-        plot_losses(result, plot_path, f"MiniGPT pretraining ({model.num_parameters():,} parameters)")
+    out_dir, accuracy, plot_path = Path(config.out), None, None
+    if distributed.is_main:  # one writer; `model` is the unwrapped MiniGPT, so no "module." prefixes
+        out_dir = save_model(model.cpu(), tokenizer, config.out)
+        if config.data is None and config.tokenizer == "word":  # probes are whole words of the built-in corpus
+            accuracy = probe_accuracy(model, tokenizer, base_fact_probes())
+        if config.plot:
+            plot_path = out_dir.parent / f"{out_dir.name}_loss.png"
+            plot_losses(result, plot_path, f"MiniGPT pretraining ({model.num_parameters():,} parameters)")
+    distributed.barrier()  # the other ranks wait here until the folder is complete
     return {
         "out_dir": str(out_dir),
         "plot": str(plot_path) if plot_path else None,
         "parameters": model.num_parameters(),
         "vocab_size": tokenizer.vocab_size,
         "device": device,
+        "rank": distributed.rank,
+        "world_size": distributed.world_size,
         "steps": result.steps_done,
         "final_train_loss": result.history[-1]["train_loss"],
         "final_val_loss": result.final_val_loss,
@@ -123,10 +143,13 @@ if __name__ == "__main__":
     config = parse_args()
     try:
         results = main(config)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, RendezvousError) as error:
         sys.exit(f"error: {error}")
+    if results["rank"] != 0:  # under torchrun, rank 0 speaks for all
+        sys.exit(0)
     print(f"saved {results['out_dir']} ({results['parameters']:,} parameters, vocabulary {results['vocab_size']}) "
-          f"in {results['wall_time_s']:.1f} s on {results['device']}")
+          f"in {results['wall_time_s']:.1f} s on {results['device']}"
+          + (f" x {results['world_size']} processes" if results["world_size"] > 1 else ""))
     print(f"final loss: train {results['final_train_loss']:.3f}, validation {results['final_val_loss']:.3f}; "
           f"{results['tokens_per_second']:,.0f} tokens/s")
     if results["probe_accuracy"] is not None:

@@ -9,6 +9,10 @@ those. It is the loop people expect from nanoGPT and the Hugging Face Trainer:
         loss.backward(); clip_grad_norm(1.0)      gradient clipping keeps early steps stable
         AdamW step, lr from warmup + cosine       weight decay on 2-D weights only
         every eval_interval steps: validation loss over the whole held-out stream (+ early stopping)
+
+Under torchrun (see minigpt/distributed.py) the same loop runs in every process: `model` is wrapped in
+DistributedDataParallel, each rank keeps its slice of the global batch, and the logged losses are the
+averages over ranks, so the history reads like a single-process run with the same global batch.
 """
 
 import math
@@ -18,11 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from minigpt.distributed import SINGLE_PROCESS, DistributedContext, unwrap_model
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000  # optimizer steps in total
-    batch_size: int = 32  # windows per step
+    batch_size: int = 32  # windows per step (the global batch: under torchrun each rank takes a share)
     lr: float = 3e-3  # peak learning rate, reached after warmup (small models tolerate a high one)
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
     warmup_steps: int = 50  # linear warmup from 0: Adam's early steps are noisy
@@ -113,7 +119,8 @@ def evaluate(model: torch.nn.Module, stream, batch_size: int = 64, device: str =
 
 
 def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainConfig,
-                optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+                optimizer: torch.optim.Optimizer | None = None,
+                distributed: DistributedContext = SINGLE_PROCESS) -> TrainResult:
     """Train the parameters of `model` that require grad; returns losses, timings and the best val loss.
 
     Args:
@@ -121,9 +128,12 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         train_stream, val_stream: TokenStreams (get_batch / iter_windows); val_stream may be None.
         config: the TrainConfig.
         optimizer: optional, e.g. built from LoRA+ parameter groups; default make_optimizer(model, ...).
+        distributed: under torchrun, the DistributedContext from minigpt.distributed.process_group(), with
+            `model` wrapped by its wrap(); the default SINGLE_PROCESS does nothing.
     """
     if config.steps < 1:
         raise ValueError(f"steps must be at least 1, got {config.steps}")
+    distributed.local_batch_size(config.batch_size)  # a clear error now if the ranks cannot share the batch
     optimizer = optimizer or make_optimizer(model, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -132,9 +142,13 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
     evals_without_improvement = 0
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=config.desc, disable=not config.progress, leave=False)
+    bar = tqdm(range(config.steps), desc=config.desc, disable=not (config.progress and distributed.is_main),
+               leave=False)
     for step in bar:
+        # subtle: every rank draws the whole global batch from the same seeded generator and keeps its own
+        # slice, so N ranks see exactly the windows one process with batch_size would see
         x, y = train_stream.get_batch(config.batch_size, generator, device=config.device)  # (B, T), (B, T)
+        x, y = distributed.shard(x), distributed.shard(y)  # (B / world_size, T) each; all B in one process
         with autocast_context(config.device):
             _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -143,10 +157,14 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         scheduler.step()
-        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "train_loss": loss.item()}
+        train_loss = distributed.mean(loss.item())  # the global batch's loss: the mean of the ranks' losses
+        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss}
         last_step = step + 1 == config.steps
         if val_stream is not None and ((step + 1) % config.eval_interval == 0 or last_step):
-            record["val_loss"] = evaluate(model, val_stream, device=config.device)
+            # every rank holds the same weights and sweeps the whole (small) val stream; rank 0's number
+            # is shared so that early stopping stops every rank at the same step
+            val_loss = evaluate(unwrap_model(model), val_stream, device=config.device)
+            record["val_loss"] = distributed.from_main(val_loss)
             result.final_val_loss = record["val_loss"]
             if record["val_loss"] < result.best_val_loss - 1e-4:
                 result.best_val_loss, evals_without_improvement = record["val_loss"], 0
@@ -162,6 +180,6 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
     bar.close()
     model.eval()
     result.wall_time_s = time.perf_counter() - start
-    tokens = result.steps_done * config.batch_size * x.size(1)
+    tokens = result.steps_done * config.batch_size * x.size(1)  # the global batch: all ranks together
     result.tokens_per_second = tokens / max(result.wall_time_s, 1e-9)
     return result
