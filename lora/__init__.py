@@ -1,0 +1,43 @@
+"""lora: hand-written LoRA and DoRA that compute what Hugging Face PEFT computes, on any nn.Module.
+
+Before (full fine-tuning: every weight trains):
+
+    model = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+
+After (LoRA: the model is frozen, small adapters A, B train next to q_proj and v_proj):
+
+    import lora
+    config = lora.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    model = lora.apply_lora(model, config)
+    lora.print_trainable_parameters(model)       # trainable params: ... || all params: ... || trainable%: ...
+    optimizer = torch.optim.AdamW(lora.lora_plus_param_groups(model, lr=2e-4))   # or any optimizer
+    ...train...
+    lora.save_adapter(model, "dist/my_adapter")  # a few KB: lora_config.json + lora_weights.pt
+    lora.load_adapter(fresh_base_model, "dist/my_adapter")
+    plain = lora.merge_and_unload(model)         # nn.Linear layers again, no adapter parameters left
+
+Files, in reading order: config.py (LoRAConfig), layer.py (LoRALinear: the math, inits, DoRA,
+merge), embedding.py (LoRAEmbedding), model.py (apply_lora, target matching, adapters on a model),
+combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+).
+"""
+
+from lora.combine import combine_adapters
+from lora.config import LoRAConfig
+from lora.embedding import LoRAEmbedding
+from lora.io import (adapter_state_dict, check_adapter_fits, from_peft_state_dict, load_adapter,
+                     load_lora_config, save_adapter, to_peft_state_dict)
+from lora.layer import LoRALinear, base_weight
+from lora.lora_plus import lora_plus_param_groups
+from lora.model import (add_adapter, apply_lora, count_parameters, delete_adapter, disable_adapters, find_targets,
+                        lora_layers, mark_only_lora_as_trainable, merge, merge_and_unload, print_trainable_parameters,
+                        set_adapter, set_adapter_scale, unload, unmerge)
+
+__all__ = [
+    "LoRAConfig", "LoRALinear", "LoRAEmbedding", "base_weight",
+    "apply_lora", "add_adapter", "set_adapter", "disable_adapters", "set_adapter_scale", "delete_adapter",
+    "combine_adapters", "merge", "unmerge", "merge_and_unload", "unload",
+    "print_trainable_parameters", "count_parameters", "find_targets", "lora_layers", "mark_only_lora_as_trainable",
+    "save_adapter", "load_adapter", "load_lora_config", "adapter_state_dict", "check_adapter_fits",
+    "to_peft_state_dict", "from_peft_state_dict", "lora_plus_param_groups",
+]

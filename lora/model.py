@@ -1,0 +1,363 @@
+"""apply_lora and friends: put LoRA adapters into any nn.Module, and manage them afterwards.
+
+    model ──apply_lora(config)──► the same model, targets wrapped in place:
+        blocks.0.attn.q_proj: nn.Linear  ──►  LoRALinear(base_layer=nn.Linear, lora_A, lora_B)
+        everything else frozen (except config.modules_to_save)
+
+Target matching (`LoRAConfig.target_modules`), as in PEFT:
+    ["q_proj", "attn.v_proj"]  a module matches if its name is one of these or ends with "." + one
+    "blocks\\.0\\..*_proj"       a single string is a regex that must match the whole module name
+    "all-linear"               every Linear (4-bit ones included) except the output layer `lm_head`
+
+The model keeps a little bookkeeping next to its modules: `model.lora_configs` ({adapter name:
+LoRAConfig}) and `model.active_lora_adapters` (the adapters that run). Every function here works on
+any model (nn.Sequential, a custom module, MiniGPT); nothing is MiniGPT-specific.
+"""
+
+import contextlib
+import difflib
+import re
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
+
+import torch.nn as nn
+
+from lora.config import LoRAConfig
+from lora.embedding import LoRAEmbedding
+from lora.layer import LoRALayerBase, LoRALinear, is_4bit_linear, is_linear_like
+
+OUTPUT_LAYER_NAMES = ("lm_head",)  # "all-linear" leaves these out, as PEFT leaves out the output embedding
+
+
+# ----- finding modules ---------------------------------------------------------------------------------
+def _name_matches(module_name: str, pattern: str) -> bool:
+    """A leaf name or dotted suffix: 'q_proj' matches 'blocks.0.attn.q_proj'."""
+    return module_name == pattern or module_name.endswith("." + pattern)
+
+
+def _pattern_matches(module_name: str, key: str) -> bool:
+    """rank_pattern / alpha_pattern keys: a name or dotted suffix, or a regex for the whole name."""
+    if _name_matches(module_name, key):
+        return True
+    try:
+        return re.fullmatch(key, module_name) is not None
+    except re.error:
+        return False
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """(name, module) for every module outside LoRA wrappers; a wrapper stands for the layer it wraps."""
+    skip_prefixes: List[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip_prefixes):
+            continue
+        if isinstance(module, LoRALayerBase):
+            skip_prefixes.append(name + ".")
+        yield name, module
+
+
+def _is_target_type(module: nn.Module) -> bool:
+    return isinstance(module, (LoRALayerBase, nn.Embedding)) or is_linear_like(module)
+
+
+def _is_linear_target(module: nn.Module) -> bool:
+    return isinstance(module, LoRALinear) or is_linear_like(module)
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
+    """Names of the modules `config.target_modules` selects, in model order.
+
+    Raises ValueError if nothing matches (listing the Linear / Embedding modules the model has and the
+    closest name), or if a name matches a module LoRA cannot wrap.
+    """
+    target = config.target_modules
+    found = []
+    for name, module in _candidate_modules(model):
+        if not name:
+            continue
+        if target == "all-linear":
+            selected = _is_linear_target(module) and name.split(".")[-1] not in OUTPUT_LAYER_NAMES
+        elif isinstance(target, str):
+            selected = re.fullmatch(target, name) is not None
+        else:
+            selected = any(_name_matches(name, pattern) for pattern in target)
+        if not selected:
+            continue
+        if not _is_target_type(module):
+            if isinstance(target, str):  # a regex may well match containers too; only leaves count
+                continue
+            raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear, 4-bit "
+                             f"linear and nn.Embedding layers. Name the layers inside it instead")
+        found.append(name)
+    if not found:
+        raise ValueError(_no_match_message(model, target))
+    return found
+
+
+def _no_match_message(model: nn.Module, target) -> str:
+    layers = [name for name, module in _candidate_modules(model) if name and _is_target_type(module)]
+    leaf_names = sorted({name.split(".")[-1] for name in layers})
+    message = (f"target_modules={target!r} matched no module of {type(model).__name__}. "
+               f"Its Linear/Embedding modules are: {layers[:40]}{' ...' if len(layers) > 40 else ''}")
+    wanted = [target] if isinstance(target, str) else list(target)
+    suggestions = []
+    for pattern in wanted:
+        close = difflib.get_close_matches(pattern.split(".")[-1], leaf_names + layers, n=1, cutoff=0.5)
+        if close:
+            suggestions.append(f"{pattern!r} -> {close[0]!r}")
+    if suggestions:
+        message += f". Did you mean: {', '.join(suggestions)}?"
+    return message
+
+
+def _pattern_value(module_name: str, pattern: Dict[str, float], default):
+    for key, value in pattern.items():
+        if _pattern_matches(module_name, key):
+            return value
+    return default
+
+
+def _set_submodule(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new_module)
+
+
+def lora_layers(model: nn.Module) -> Iterator[Tuple[str, LoRALayerBase]]:
+    """(name, layer) for every LoRA wrapper in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayerBase):
+            yield name, module
+
+
+def _modules_to_save(model: nn.Module, config: LoRAConfig) -> List[str]:
+    names = [name for name, _ in _candidate_modules(model) if name
+             and any(_name_matches(name, pattern) for pattern in config.modules_to_save)]
+    missing = [pattern for pattern in config.modules_to_save
+               if not any(_name_matches(name, pattern) for name in names)]
+    if missing:
+        all_names = [name for name, _ in model.named_modules() if name]
+        raise ValueError(f"modules_to_save {missing} matched no module; the model has: {all_names[:40]}")
+    return names
+
+
+# ----- applying -------------------------------------------------------------------------------------------
+def _lora_configs(model: nn.Module) -> Dict[str, LoRAConfig]:
+    if not hasattr(model, "lora_configs"):
+        model.lora_configs = {}
+        model.active_lora_adapters = []
+    return model.lora_configs
+
+
+def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.Module:
+    """Add adapter `adapter_name` to the modules `config` targets, without activating it.
+
+    Every check (names, ranks against layer sizes) runs before the model is touched.
+    """
+    configs = _lora_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(configs)}); "
+                         f"pick another name or delete_adapter it first")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    targets = find_targets(model, config)
+    _modules_to_save(model, config)
+    plans = []
+    for name in targets:
+        module = model.get_submodule(name)
+        rank = _pattern_value(name, config.rank_pattern, config.r)
+        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
+        size = (module.in_features, module.out_features) if _is_linear_target(module) else \
+            (module.num_embeddings, module.embedding_dim) if isinstance(module, nn.Embedding) else \
+            (module.in_features, module.out_features)
+        if rank > min(size):
+            raise ValueError(f"r={rank} for {name!r} is larger than min(in, out) = {min(size)} of that layer "
+                             f"{size}; use r <= {min(size)} (or a rank_pattern entry for it)")
+        if isinstance(module, (nn.Embedding, LoRAEmbedding)) and config.use_dora:
+            raise ValueError(f"DoRA is not supported on the embedding {name!r}; leave it out of target_modules")
+        if is_4bit_linear(module) and config.init in ("pissa", "olora"):
+            raise ValueError(f"init={config.init!r} rewrites the base weight, which the 4-bit layer {name!r} "
+                             f"cannot store; use init='kaiming' or 'gaussian'")
+        plans.append((name, module, rank, alpha))
+    for name, module, rank, alpha in plans:
+        options = dict(rank=rank, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora,
+                       use_dora=config.use_dora, init=config.init)
+        if isinstance(module, LoRALayerBase):
+            module.add_adapter(adapter_name, **options)
+        else:
+            wrapper_class = LoRAEmbedding if isinstance(module, nn.Embedding) else LoRALinear
+            wrapper = wrapper_class(module, adapter_name=adapter_name, **options)
+            wrapper.train(module.training)
+            _set_submodule(model, name, wrapper)
+        model.get_submodule(name).set_adapter(model.active_lora_adapters)
+    configs[adapter_name] = config
+    return model
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
+    """Wrap `config.target_modules` with LoRA in place, freeze everything else, return the model.
+
+    Args:
+        model: any nn.Module.
+        config: the LoRAConfig.
+        adapter_name: name of this adapter ("default"); a model can hold several (see add_adapter).
+
+    Returns:
+        The same model object, with adapter `adapter_name` active and the only thing (with
+        `config.modules_to_save`) left trainable.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> model = apply_lora(model, LoRAConfig(r=4, target_modules=["0", "2"]))
+        >>> print_trainable_parameters(model)
+        trainable params: 336 || all params: 1,012 || trainable%: 33.2016
+    """
+    add_adapter(model, config, adapter_name)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_names: Union[str, Sequence[str]]) -> None:
+    """Make these adapters the active ones (their updates add up); they alone train (plus modules_to_save)."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    configs = _lora_configs(model)
+    for name in names:
+        if name not in configs:
+            raise ValueError(f"adapter {name!r} does not exist; adapters: {list(configs)}")
+    model.active_lora_adapters = names
+    for _, layer in lora_layers(model):
+        layer.set_adapter(names)
+    mark_only_lora_as_trainable(model)
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Freeze everything but the active adapters' parameters and their configs' modules_to_save."""
+    active = getattr(model, "active_lora_adapters", [])
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        for name in active:
+            for container in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+                if name in container:
+                    container[name].requires_grad_(True)
+    for name in active:
+        for module_name in _modules_to_save(model, model.lora_configs[name]):
+            model.get_submodule(module_name).requires_grad_(True)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model alone inside the `with` block; adapters come back afterwards.
+
+        >>> with disable_adapters(model):
+        ...     base_logits = model(idx)
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [name for name, layer in lora_layers(model) if layer.merged_adapters]
+    if merged:
+        raise RuntimeError(f"adapters are merged into {merged[:3]}...; call unmerge(model) before disabling them")
+    previous = [layer.adapters_disabled for layer in layers]
+    for layer in layers:
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.adapters_disabled = state
+
+
+def set_adapter_scale(model: nn.Module, adapter_name: str, factor: float) -> None:
+    """Multiply adapter `adapter_name`'s update by `factor` everywhere (1.0 restores it)."""
+    if adapter_name not in _lora_configs(model):
+        raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(model.lora_configs)}")
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.set_scale(adapter_name, factor)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter `adapter_name` from every layer (it must not be merged)."""
+    configs = _lora_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(configs)}")
+    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    if any(adapter_name in layer.merged_adapters for layer in layers):
+        raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge(model) before deleting it")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    del configs[adapter_name]
+    model.active_lora_adapters = [name for name in model.active_lora_adapters if name != adapter_name]
+
+
+# ----- merging and unloading -------------------------------------------------------------------------------
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the base weights in place (repeat-safe: merged ones are skipped).
+
+    Refused on 4-bit bases (see merge_and_unload). The model then runs at the base model's speed.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    for name, layer in lora_layers(model):
+        if isinstance(layer, LoRALinear) and layer.is_4bit and layer._unmerged_active(None):
+            layer._refuse_4bit(f"merge {name!r}")  # checked for all layers before any is touched
+    for layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take merged adapters out of the base weights again (repeat-safe: a no-op if none is merged)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def _replace_wrappers(model: nn.Module, merge_first: bool, requantize: bool) -> nn.Module:
+    for name, layer in list(lora_layers(model)):
+        _set_submodule(model, name, layer.unloaded_base(merge_first, requantize))
+    for attribute in ("lora_configs", "active_lora_adapters"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    return model
+
+
+def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
+    """Merge the active adapters and replace every wrapper by a plain layer; no adapter parameters remain.
+
+    An nn.Linear base keeps its dtype. A 4-bit base becomes a full-precision nn.Linear holding
+    dequantize(W) + update (dtype = its compute_dtype or float32), or, with requantize=True, a 4-bit
+    layer of the same type holding the merged weight re-quantized (lossy).
+    """
+    return _replace_wrappers(model, merge_first=True, requantize=requantize)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop every adapter and give back the base layers (merged adapters are unmerged first).
+
+    After PiSSA / OLoRA the base layers hold the residual weight, not the original one.
+    """
+    unmerge(model)
+    return _replace_wrappers(model, merge_first=False, requantize=False)
+
+
+# ----- reporting ------------------------------------------------------------------------------------------
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, all) parameter counts, as PEFT's `get_nb_trainable_parameters` counts them.
+
+    A 4-bit layer stores its weight in buffers, not parameters; it counts as in_features * out_features
+    (subtle: PEFT counts a bitsandbytes Params4bit as numel * 2 of its packed uint8 storage, which is
+    the same in * out).
+    """
+    trainable = total = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    for module in model.modules():
+        if is_4bit_linear(module):
+            total += module.in_features * module.out_features
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line: `trainable params: 1,536 || all params: 10,026 || trainable%: 15.3202`."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
