@@ -41,6 +41,7 @@ from quant.nf4 import (
     byte_to_pair_table,
     dequantize_absmax,
     dequantize_nf4,
+    nearest_codes,
     pack_nibbles,
     quantize_absmax,
     quantize_nf4,
@@ -50,7 +51,7 @@ from quant.nf4_code import DYNAMIC_MAP_SIGNED, NF4_CODE, code_midpoints, create_
 
 __all__ = [
     "NF4_CODE", "DYNAMIC_MAP_SIGNED", "derive_nf4_code", "create_dynamic_map_signed", "code_midpoints",
-    "NF4Weight", "quantize_nf4", "dequantize_nf4", "quantize_absmax", "dequantize_absmax",
+    "NF4Weight", "quantize_nf4", "dequantize_nf4", "nearest_codes", "quantize_absmax", "dequantize_absmax",
     "pack_nibbles", "unpack_nibbles", "byte_to_pair_table", "VALID_BLOCK_SIZES",
     "Linear4bit", "LinearNF4Function",
     "quantize_model", "QuantizationReport", "memory_report", "MemoryReport", "nf4_storage_bytes",

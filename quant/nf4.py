@@ -37,7 +37,6 @@ ABSMAX_FLOOR = 1e-38  # bitsandbytes clamps absmax to this before dividing (an a
 CHUNK_ELEMENTS = 1 << 20  # weights processed per step on CPU: 4 MB of float32, cache-sized temporaries
 GPU_CHUNK_ELEMENTS = 1 << 22  # on a GPU: big enough to fill it, small enough to bound the temporaries
 
-NF4_MIDPOINTS = code_midpoints(NF4_CODE).tolist()  # the 15 decision boundaries, float32 values
 _TABLE_CACHE = {}  # (name, device) -> small constant tensors, so we copy them to a GPU only once
 
 
@@ -45,7 +44,9 @@ def _cached_table(name: str, device: torch.device) -> torch.Tensor:
     """The constant lookup tables on `device`: NF4 midpoints, dynamic-map midpoints, byte-to-pair."""
     key = (name, str(device))
     if key not in _TABLE_CACHE:
-        if name == "dynamic_midpoints":
+        if name == "nf4_midpoints":
+            table = code_midpoints(NF4_CODE)  # [15]
+        elif name == "dynamic_midpoints":
             table = code_midpoints(DYNAMIC_MAP_SIGNED)  # [255]
         elif name == "dynamic_map":
             table = DYNAMIC_MAP_SIGNED  # [256]
@@ -255,35 +256,27 @@ def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.float().abs().amax(dim=1)  # [num_blocks]
 
 
-def nearest_nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
-    """NF4 code of each value in [-1, 1]: the number of the 15 midpoints strictly below it (step 5).
+def nearest_codes(scaled: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code value: the number of midpoints strictly below each value (step 5).
 
-    That count is the index of the nearest code value, a value exactly on a midpoint going to the
-    lower code, which is bitsandbytes' rule. Fifteen compare-and-add passes are about twice as fast
-    on a CPU as torch.bucketize's binary search, and they state the rule as it is written.
+    A value exactly on a midpoint goes to the lower code, which is bitsandbytes' rule.
 
     Args:
         scaled: float32 tensor, any shape, values in [-1, 1].
+        midpoints: float32 [K - 1], from `code_midpoints(code)`.
 
     Returns:
-        uint8 tensor of the same shape, values 0..15.
+        int32 tensor of the same shape, values 0 .. K - 1.
 
     Example:
-        >>> nearest_nf4_codes(torch.tensor([-1.0, 0.0, 0.03979014977812767, 0.04, 1.0])).tolist()
+        >>> midpoints = code_midpoints(NF4_CODE)              # midpoints[6] = 0.0397901...
+        >>> nearest_codes(torch.tensor([-1.0, 0.0, 0.03979014977812767, 0.04, 1.0]), midpoints).tolist()
         [0, 7, 7, 8, 15]
     """
-    codes = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
-    for midpoint in NF4_MIDPOINTS:  # Python floats holding float32 values: compared exactly in float32
-        codes += scaled > midpoint
-    return codes
-
-
-def _nearest_dynamic_codes(scaled: torch.Tensor) -> torch.Tensor:
-    """8-bit dynamic-map code of each value in [-1, 1], same rule as `nearest_nf4_codes`."""
-    midpoints = _cached_table("dynamic_midpoints", scaled.device)  # [255]
-    # subtle: bucketize with right=False counts the midpoints strictly below each value, which is the
-    # nearest code with ties going down (255 midpoints: a binary search beats 255 passes here).
-    return torch.bucketize(scaled, midpoints).to(torch.uint8)
+    # subtle: bucketize with right=False returns, for each value, how many boundaries are strictly
+    # below it: exactly the rule above, ties included. (Fifteen compare-and-add passes give the same
+    # answer, but as many more small parallel loops, which a busy CPU punishes.)
+    return torch.bucketize(scaled, midpoints, out_int32=True)
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
@@ -316,6 +309,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
     numel = flat.numel()
     num_full_blocks = numel // block_size
     num_blocks = -(-numel // block_size)
+    midpoints = _cached_table("nf4_midpoints", device)  # [15]
 
     packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=device)  # [ceil(n/2)]
     absmax = torch.empty(num_blocks, dtype=torch.float32, device=device)  # [num_blocks]
@@ -333,9 +327,10 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         # last bit of the scaled value, and so a code on a midpoint, depends on it.
         reciprocal = 1.0 / block_absmax.clamp(min=ABSMAX_FLOOR)  # [b]
         scaled = (blocks * reciprocal[:, None]).clamp_(-1.0, 1.0)  # [b, bs], in [-1, 1]
-        codes = nearest_nf4_codes(scaled)  # [b, bs] uint8, 0..15
+        codes = nearest_codes(scaled, midpoints)  # [b, bs] int32, 0..15
         # Pack two codes per byte, first element high (step 6): [b, bs] -> [b, bs/2].
-        torch.bitwise_or(codes[:, 0::2] << 4, codes[:, 1::2], out=packed_full[start:end])
+        torch.bitwise_or(codes[:, 0::2] << 4, codes[:, 1::2], out=codes[:, 0::2])
+        packed_full[start:end] = codes[:, 0::2]  # int32 -> uint8, values 0..255
 
     # The partial last block, if any: bitsandbytes divides it by its (clamped, stored) absmax.
     if num_blocks > num_full_blocks:
@@ -343,7 +338,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         tail_absmax = _block_absmax(tail[None, :])[0].clamp(min=ABSMAX_FLOOR)  # []
         absmax[num_full_blocks] = tail_absmax
         scaled = (tail / tail_absmax).clamp_(-1.0, 1.0)  # [r]
-        packed[num_full_blocks * block_size // 2:] = pack_nibbles(nearest_nf4_codes(scaled))
+        packed[num_full_blocks * block_size // 2:] = pack_nibbles(nearest_codes(scaled, midpoints))
 
     _raise_on_non_finite(flat, absmax, block_size, weight.shape)
     if not double_quant:
@@ -397,7 +392,8 @@ def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_
         absmax_scale[num_full] = tail_scale
         scaled_parts.append(tail / tail_scale.clamp(min=ABSMAX_FLOOR))
     scaled = torch.cat(scaled_parts).clamp_(-1.0, 1.0)  # [num_blocks], in [-1, 1]
-    absmax_q = _nearest_dynamic_codes(scaled)  # [num_blocks] uint8, 0..255
+    midpoints = _cached_table("dynamic_midpoints", absmax.device)  # [255]
+    absmax_q = nearest_codes(scaled, midpoints).to(torch.uint8)  # [num_blocks], 0..255
     return absmax_q, absmax_scale, absmax_offset
 
 
