@@ -1,0 +1,212 @@
+"""torch.distributed support (minigpt/distributed.py): train.py under torchrun trains like one process with
+the same global batch, only trainable parameters are synchronised, and bad launches get clear messages.
+
+The torchrun tests start 2 CPU processes (gloo) with `python -m torch.distributed.run --standalone`; they
+cost a few seconds each (process start-up and imports), the rest of the file runs in-process.
+"""
+
+import os
+import runpy
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lora
+import train
+from minigpt import GPTConfig, MiniGPT, load_model
+from minigpt import distributed
+from minigpt.data import TokenStream, base_corpus
+from minigpt.distributed import DistributedContext, RendezvousError
+from minigpt.training import evaluate
+from quant import quantize_model
+
+ROOT = Path(train.__file__).resolve().parent
+# Two ranks sum the same float32 numbers in a different order than one process does; over a few AdamW steps
+# that moves the loss by ~1e-7 relative. 1e-4 relative leaves room and still catches any wrong sharding
+# (another batch, or a gradient summed instead of averaged, changes the loss at the 1e-2 level).
+LOSS_RTOL = 1e-4
+TINY_TRAIN = dict(steps=6, eval_interval=3, embed_dim=16, n_heads=2, n_layers=1, batch_size=8, warmup_steps=2,
+                  lr=1e-2, device="cpu", plot=False, progress=False)
+
+
+def cli_flags(options: dict) -> list[str]:
+    flags = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def torchrun(script: str, options: dict, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun with `nproc` CPU processes, one thread each (the test machine is small)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               script, *cli_flags(options)]
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank, in this process (enough to build DDP and look inside it)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_lora_model() -> MiniGPT:
+    torch.manual_seed(0)
+    model = MiniGPT(GPTConfig(vocab_size=30, embed_dim=16, n_heads=2, n_layers=1))
+    return lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")))
+
+
+# ---- sharding and the batch-size rule ------------------------------------------------------------------
+
+def test_shards_of_all_ranks_put_together_are_the_global_batch():
+    batch = torch.arange(8 * 3).view(8, 3)  # (B, T)
+    shards = [DistributedContext(rank=rank, world_size=2).shard(batch) for rank in range(2)]
+    assert [shard.shape for shard in shards] == [torch.Size([4, 3])] * 2
+    assert torch.equal(torch.cat(shards), batch)
+    assert DistributedContext().shard(batch) is batch  # one process: the whole batch, untouched
+
+
+def test_batch_size_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"batch_size 10 .* 4 processes.*--batch-size 8 or 12"):
+        DistributedContext(rank=0, world_size=4).local_batch_size(10)
+    with pytest.raises(ValueError, match=r"--batch-size 4\b"):
+        DistributedContext(rank=0, world_size=4).local_batch_size(3)
+    assert DistributedContext(rank=3, world_size=4).local_batch_size(32) == 8
+
+
+def test_train_py_checks_the_batch_before_any_work(tmp_path):
+    config = train.PretrainConfig(out=str(tmp_path / "base"), **{**TINY_TRAIN, "batch_size": 7})
+    with pytest.raises(ValueError, match="batch_size 7 does not split evenly over 2 processes"):
+        train.pretrain(config, DistributedContext(rank=0, world_size=2), start=0.0)
+    assert not (tmp_path / "base").exists()
+
+
+def test_single_process_context_does_nothing_distributed():
+    context = distributed.setup("cpu")  # no torchrun environment in the test process
+    assert context == distributed.SINGLE_PROCESS and not dist.is_initialized()
+    model = tiny_lora_model()
+    assert context.wrap(model) is model and context.mean(2.5) == 2.5 and context.from_main(1.5) == 1.5
+    context.barrier()
+
+
+# ---- a missing rendezvous ----------------------------------------------------------------------------
+
+def torchrun_environment(monkeypatch, rank: int, **extra):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    for name, value in extra.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_world_size_without_master_address_says_to_use_torchrun(monkeypatch):
+    torchrun_environment(monkeypatch, rank=0)
+    with pytest.raises(RendezvousError, match=r"MASTER_ADDR and MASTER_PORT are not set.*torchrun --standalone "
+                                              r"--nproc_per_node=N"):
+        distributed.setup("cpu")
+    assert not dist.is_initialized()
+
+
+def test_world_size_without_rank_says_to_use_torchrun(monkeypatch):
+    torchrun_environment(monkeypatch, rank=0)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(RendezvousError, match="RANK is not.*torchrun"):
+        distributed.setup("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ranks_that_never_meet_time_out_quickly_with_a_clear_message(monkeypatch):
+    monkeypatch.setattr(distributed, "RENDEZVOUS_TIMEOUT_S", 0.5)
+    torchrun_environment(monkeypatch, rank=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    with pytest.raises(RendezvousError, match=r"rank 1 of 2 could not reach the others .* within 0.5 s.*torchrun"):
+        distributed.setup("cpu")  # nobody listens at MASTER_PORT: rank 0 never started
+    assert not dist.is_initialized()
+
+
+def test_cli_reports_a_missing_rendezvous_without_a_traceback(monkeypatch, tmp_path):
+    torchrun_environment(monkeypatch, rank=0)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit) as exit_info:  # in-process: what `python train.py` does, minus start-up
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and "torchrun --standalone --nproc_per_node=N" in message
+    assert not (tmp_path / "x").exists()
+
+
+# ---- what DDP synchronises -------------------------------------------------------------------------------
+
+def test_ddp_synchronises_only_the_trainable_lora_parameters(one_rank_group):
+    model = tiny_lora_model()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrapped = distributed.wrap_model(model, "cpu")
+    # DDP's own record of what it registered in its gradient buckets (what gets all-reduced)
+    bucketed = wrapped._get_ddp_logging_data()
+    assert bucketed["num_parameter_tensors"] == len(trainable) == 4  # A and B of q_proj and v_proj
+    assert bucketed["total_parameter_size_bytes"] == sum(p.numel() * p.element_size() for p in trainable)
+    assert sum(p.numel() for p in model.parameters()) > 10 * sum(p.numel() for p in trainable)
+    assert distributed.unwrap_model(wrapped) is model
+    assert list(distributed.unwrap_model(wrapped).state_dict()) == list(model.state_dict())  # no "module."
+
+
+def test_qlora_trains_under_ddp_and_its_4bit_buffers_stay_put(one_rank_group):
+    model = tiny_lora_model()
+    model = lora.merge_and_unload(model)  # a plain MiniGPT again, then QLoRA: 4-bit base + fresh adapters
+    quantize_model(model)
+    model = lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")))
+    buffers_before = {name: tensor.clone() for name, tensor in model.named_buffers()}
+    frozen_before = {name: p.clone() for name, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrapped = distributed.wrap_model(model, "cpu")
+    assert wrapped._get_ddp_logging_data()["num_parameter_tensors"] == len(trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    idx = torch.randint(0, 30, (2, 8))  # (B, T)
+    for _ in range(2):
+        _, loss = wrapped(idx, idx)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(tensor, buffers_before[name]) for name, tensor in model.named_buffers())
+    assert all(torch.equal(p, frozen_before[name]) for name, p in model.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for p in trainable)
+    with torch.no_grad():
+        assert torch.equal(wrapped(idx)[0], model(idx)[0])  # the wrapper computes the model itself
+
+
+# ---- train.py under torchrun -------------------------------------------------------------------------------
+
+def test_train_py_under_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):
+    result = torchrun("train.py", {**TINY_TRAIN, "out": str(tmp_path / "ddp" / "base")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved ") == 1 and "x 2 processes" in result.stdout  # rank 0 alone prints
+    assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == ["base"]  # one folder, no leftovers
+
+    single = train.main(train.PretrainConfig(out=str(tmp_path / "single" / "base"), **TINY_TRAIN))
+    ddp_model, tokenizer = load_model(tmp_path / "ddp" / "base")
+    single_model, _ = load_model(single["out_dir"])
+    assert list(ddp_model.state_dict()) == list(single_model.state_dict())  # saved unwrapped: same keys
+    val_stream = TokenStream(base_corpus().val, tokenizer, ddp_model.config.context_length)
+    ddp_loss, single_loss = evaluate(ddp_model, val_stream), evaluate(single_model, val_stream)
+    assert ddp_loss == pytest.approx(single["final_val_loss"], rel=LOSS_RTOL)
+    assert ddp_loss == pytest.approx(single_loss, rel=LOSS_RTOL)
+    printed = [line for line in result.stdout.splitlines() if line.startswith("final loss:")][0]
+    assert f"train {single['final_train_loss']:.3f}, validation {single['final_val_loss']:.3f}" in printed
+    for (name, a), b in zip(ddp_model.state_dict().items(), single_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
