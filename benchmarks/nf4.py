@@ -26,6 +26,7 @@ peak extra memory while quantizing at most 2x the weight's own size.
 import argparse
 import gc
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -218,9 +219,9 @@ def _measure_cpu_quantize_memory(name: str, config: BenchmarkConfig) -> int:
 def ours_analytic_extra_bytes(numel: int, block_size: int, chunk_elements: int, weight_element_size: int = 4) -> int:
     """Bytes our quantize_nf4 holds at its peak beyond the input: outputs + one chunk's temporaries.
 
-    outputs: packed n/2 + absmax 4n/64 (float32 before double quantization) + the double-quant codes.
-    per chunk of c weights: float32 copy if the input is not float32 (4c), scaled values (4c),
-    int32 codes (4c), the shifted high nibbles (4 * c/2), the small per-block vectors (ignored).
+    outputs: packed n/2 + float32 absmax 4n/64 + the double-quant codes n/64 (the rest is tiny).
+    per chunk of c weights: scaled values (4c), int32 codes (4c), the shifted high nibbles (4 * c/2),
+    and a float32 copy of the chunk (4c) when the weight is not float32.
     """
     chunk = min(chunk_elements, numel)
     num_blocks = -(-numel // block_size)
@@ -310,6 +311,7 @@ def main(config: BenchmarkConfig) -> dict:
                 ratios[f"{label}: {name}/{reference}"] = table[name] / table[reference]
     results = {
         "config": asdict(config),
+        "load_average_1min": os.getloadavg()[0],  # other processes on the machine skew every figure
         "device_name": torch.cuda.get_device_name() if config.device == "cuda" else _cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "weight_bytes": weight_bytes,
@@ -341,7 +343,8 @@ def print_report(results: dict) -> None:
     config = results["config"]
     print(f"NF4 benchmark: {config['rows']}x{config['cols']} float32 weight, block {config['block_size']}, "
           f"double quantization, {config['device']} ({results['device_name']}, "
-          f"{results['torch_threads']} threads), median of {config['repeats']}")
+          f"{results['torch_threads']} threads), median of {config['repeats']}, "
+          f"load average {results['load_average_1min']:.2f}")
     for title, key in (("quantize", "quantize_ms"), ("dequantize", "dequantize_ms"),
                        ("QLoRA linear forward+backward", "qlora_fwd_bwd_ms")):
         print(f"\n{title}")

@@ -331,6 +331,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         # Pack two codes per byte, first element high (step 6): [b, bs] -> [b, bs/2].
         torch.bitwise_or(codes[:, 0::2] << 4, codes[:, 1::2], out=codes[:, 0::2])
         packed_full[start:end] = codes[:, 0::2]  # int32 -> uint8, values 0..255
+        del blocks, scaled, codes  # free this chunk's temporaries before the next one allocates its own
 
     # The partial last block, if any: bitsandbytes divides it by its (clamped, stored) absmax.
     if num_blocks > num_full_blocks:
