@@ -1,0 +1,129 @@
+"""Reference tests against Hugging Face PEFT 0.21 itself: same weights in both, same numbers out.
+
+Both models start from the same base weights; our adapter tensors are copied into PEFT through
+`to_peft_state_dict` (PEFT's `base_model.model.<path>.lora_A.weight` keys). Tolerance: 1e-5 on
+logits and gradients (fp32, unit-scale inputs): the two compute the same formulas, in a slightly
+different order of operations.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+import lora
+from lora import LoRAConfig
+from tests.test_lora import randomize_adapters, tiny_lm, tokens
+
+ATOL = 1e-5
+
+CASES = {
+    "lora": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+    "rslora": dict(r=4, alpha=3, use_rslora=True, target_modules=["q_proj", "k_proj"]),
+    "dora": dict(r=4, alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj"]),
+    "lora-embedding": dict(r=2, alpha=4, target_modules=["tok_emb", "q_proj"]),
+    "dora-dropout": dict(r=4, alpha=8, use_dora=True, dropout=0.3, target_modules=["q_proj", "o_proj"]),
+    "all-linear": dict(r=2, alpha=4, target_modules="all-linear"),
+}
+
+
+def peft_config(fields: dict) -> LoraConfig:
+    target_modules = fields["target_modules"]
+    if target_modules == "all-linear":
+        # subtle: PEFT leaves out the output layer only for transformers models (get_output_embeddings);
+        # on a plain nn.Module its "all-linear" includes lm_head, ours never does. Same layers here:
+        target_modules = lora.find_targets(tiny_lm(), LoRAConfig(target_modules="all-linear"))
+    return LoraConfig(r=fields["r"], lora_alpha=fields["alpha"], lora_dropout=fields.get("dropout", 0.0),
+                      target_modules=target_modules, use_dora=fields.get("use_dora", False),
+                      use_rslora=fields.get("use_rslora", False))
+
+
+def twin_models(fields: dict):
+    ours = tiny_lm()
+    lora.apply_lora(ours, LoRAConfig(**fields))
+    randomize_adapters(ours, scale=0.3)
+    if fields.get("use_dora"):
+        with torch.no_grad():
+            for _, layer in lora.lora_layers(ours):
+                layer.lora_magnitude["default"].mul_(torch.linspace(0.6, 1.4, layer.out_features))
+    theirs = get_peft_model(tiny_lm(), peft_config(fields))
+    embeddings = {path for path, layer in lora.lora_layers(ours) if isinstance(layer, lora.LoRAEmbedding)}
+    result = set_peft_model_state_dict(theirs, lora.to_peft_state_dict(lora.adapter_state_dict(ours), embeddings))
+    assert not result.unexpected_keys
+    return ours, theirs
+
+
+def adapter_grads(named_parameters):
+    grads = {name: parameter.grad for name, parameter in named_parameters if parameter.requires_grad}
+    return lora.from_peft_state_dict(grads)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_logits_and_gradients_match_peft(case, training):
+    ours, theirs = twin_models(CASES[case])
+    ours.train(training)
+    theirs.train(training)
+    torch.manual_seed(123)
+    our_logits = ours(tokens())
+    torch.manual_seed(123)
+    their_logits = theirs(tokens())
+    assert torch.allclose(our_logits, their_logits, atol=ATOL)
+    grad_output = torch.randn_like(our_logits)
+    our_logits.backward(grad_output)
+    their_logits.backward(grad_output)
+    ours_grads = {f"{name.rsplit('.', 2)[0]}.{name.rsplit('.', 2)[1]}": p.grad
+                  for name, p in ours.named_parameters() if p.requires_grad}
+    their_grads = adapter_grads(theirs.named_parameters())
+    assert ours_grads.keys() == their_grads.keys() and ours_grads
+    for key in ours_grads:
+        assert torch.allclose(ours_grads[key], their_grads[key].reshape(ours_grads[key].shape), atol=ATOL), key
+
+
+@pytest.mark.parametrize("case", ["lora", "rslora", "dora", "lora-embedding"])
+def test_merged_weights_match_peft(case):
+    ours, theirs = twin_models(CASES[case])
+    merged_ours = lora.merge_and_unload(ours)
+    merged_theirs = theirs.merge_and_unload()
+    for name, tensor in merged_ours.state_dict().items():
+        assert torch.allclose(tensor, merged_theirs.state_dict()[name], atol=ATOL), name
+
+
+@pytest.mark.parametrize("case", ["lora", "dora", "lora-embedding", "all-linear"])
+def test_trainable_parameter_line_matches_peft(case, capsys):
+    ours, theirs = twin_models(CASES[case])
+    lora.print_trainable_parameters(ours)
+    our_line = capsys.readouterr().out
+    theirs.print_trainable_parameters()
+    their_line = capsys.readouterr().out
+    assert our_line == their_line and our_line.startswith("trainable params: ")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_inits_match_peft(init):
+    ours = tiny_lm()
+    lora.apply_lora(ours, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init=init))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    theirs = get_peft_model(tiny_lm(), config)
+    their_state = theirs.state_dict()
+    for path, layer in lora.lora_layers(ours):
+        prefix = f"base_model.model.{path}"
+        assert torch.allclose(layer.lora_A["default"], their_state[f"{prefix}.lora_A.default.weight"], atol=ATOL)
+        assert torch.allclose(layer.lora_B["default"], their_state[f"{prefix}.lora_B.default.weight"], atol=ATOL)
+        assert torch.allclose(layer.base_layer.weight, their_state[f"{prefix}.base_layer.weight"], atol=ATOL)
+
+
+def test_cat_combination_matches_peft_add_weighted_adapter():
+    ours = tiny_lm()
+    lora.apply_lora(ours, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]), adapter_name="a")
+    lora.add_adapter(ours, LoRAConfig(r=2, alpha=2, target_modules=["q_proj"]), "b")
+    randomize_adapters(ours)
+    theirs = get_peft_model(tiny_lm(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), adapter_name="a")
+    theirs.add_adapter("b", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    for name in ("a", "b"):
+        set_peft_model_state_dict(theirs, lora.to_peft_state_dict(lora.adapter_state_dict(ours, name)), name)
+    lora.combine_adapters(ours, ["a", "b"], [0.7, 0.4], method="cat", new_name="mix")
+    theirs.add_weighted_adapter(["a", "b"], [0.7, 0.4], adapter_name="mix", combination_type="cat")
+    theirs.set_adapter("mix")
+    lora.set_adapter(ours, "mix")
+    assert torch.allclose(ours(tokens()), theirs(tokens()), atol=ATOL)
