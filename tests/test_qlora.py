@@ -126,23 +126,33 @@ def test_forward_is_base_plus_scaled_lora_branch():
     assert torch.allclose(wrapper(x), expected, atol=1e-6)
 
 
-def test_lora_branch_runs_in_the_compute_dtype():
+def test_4bit_base_in_bf16_compute_dtype_with_lora():
     model = qlora_model(compute_dtype=torch.bfloat16)
     randomize_lora_b(model)
     path = "blocks.0.v_proj"
     wrapper = model.get_submodule(path)
+    base = four_bit_base(wrapper)
+    lora_a = adapter_parameters(model, "lora_A")[path]
+    lora_b = adapter_parameters(model, "lora_B")[path]
     x = torch.randn(5, 32)
     y = wrapper(x)
     assert y.dtype == torch.float32 and torch.all(torch.isfinite(y))
-    base = four_bit_base(wrapper)
-    lora_a = adapter_parameters(model, "lora_A")[path].detach()
-    lora_b = adapter_parameters(model, "lora_B")[path].detach()
-    in_bf16 = base(x) + SCALING * ((x.bfloat16() @ lora_a.bfloat16().t()) @ lora_b.bfloat16().t()).float()
-    in_fp32 = base(x) + SCALING * (x @ lora_a.t()) @ lora_b.t()
-    # bf16 rounding of the branch is visible, but small: close to both within bf16 precision
-    assert torch.allclose(y, in_bf16, atol=2e-2) and torch.allclose(y, in_fp32, atol=2e-2)
+    base_out = base(x)  # the frozen 4-bit matmul ran in bfloat16
+    assert torch.equal(base_out, (x.bfloat16() @ base.dequantize_weight(torch.bfloat16).t()
+                                  + base.bias.bfloat16()).float())
+    branch_dtype = lora_a.dtype  # the LoRA branch runs in the adapters' dtype
+    branch = SCALING * ((x.to(branch_dtype) @ lora_a.detach().t()) @ lora_b.detach().t())
+    assert torch.allclose(y, base_out + branch.float(), atol=1e-2 if branch_dtype == torch.bfloat16 else 1e-6)
     y.sum().backward()
-    assert all(parameter.grad is not None for parameter in adapter_parameters(model, "lora_A").values())
+    assert lora_a.grad is not None and lora_b.grad is not None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue #4 says the LoRA branch runs in the compute dtype; lora/ keeps adapters on a 4-bit base in "
+    "float32 (PEFT's autocast_adapter_dtype default). Remove this marker once one of the two is chosen."))
+def test_lora_branch_runs_in_the_compute_dtype():
+    model = qlora_model(compute_dtype=torch.bfloat16)
+    assert all(tensor.dtype == torch.bfloat16 for tensor in adapter_parameters(model, "lora_A").values())
 
 
 def expected_merged_weight(model, path):
