@@ -119,6 +119,18 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _working(functions: dict, label: str, config: BenchmarkConfig, notes: list) -> dict:
+    """The functions that run once without raising; the others are reported in the notes and skipped."""
+    working = {}
+    for name, function in functions.items():
+        try:
+            function()
+            working[name] = function
+        except Exception as error:
+            notes.append(f"{name} {label} failed on {config.device}: {type(error).__name__}: {error}")
+    return working
+
+
 def time_side_by_side(functions: dict, config: BenchmarkConfig) -> dict:
     """Median milliseconds per function; every round runs each function once, in turn."""
     samples = {name: [] for name in functions}
@@ -235,7 +247,8 @@ def measure_quantize_memory(config: BenchmarkConfig, names, notes) -> dict:
     results = {}
     if config.device == "cuda":
         bitsandbytes, _ = _import_bitsandbytes()
-        quantizers = _quantizers(config, bitsandbytes)
+        quantizers = {name: function for name, function in _quantizers(config, bitsandbytes).items()
+                      if name in names}
         weight = (torch.randn(config.rows, config.cols, generator=torch.Generator().manual_seed(config.seed))
                   * 0.02).cuda()
         for name in names:
@@ -281,18 +294,24 @@ def main(config: BenchmarkConfig) -> dict:
     weight_bytes = weight.numel() * weight.element_size()
 
     quantizers = _quantizers(config, bitsandbytes)
+    quantized = {}
+    for name, function in list(quantizers.items()):  # first call: keep the result, drop what fails
+        try:
+            quantized[name] = function(weight)
+        except Exception as error:
+            notes.append(f"{name} quantize failed on {config.device}: {type(error).__name__}: {error}")
+            del quantizers[name]
     quantize_ms = time_side_by_side({name: (lambda function=function: function(weight))
                                      for name, function in quantizers.items()}, config)
-    quantized = {name: function(weight) for name, function in quantizers.items()}
     if "bitsandbytes" in quantized:  # sanity: same bytes as the reference, or the timing means nothing
         packed, _ = quantized["bitsandbytes"]
         if not torch.equal(packed.reshape(-1), quantized["ours"].packed):
             notes.append("WARNING: our packed bytes differ from bitsandbytes'")
-    dequantizers = _dequantizers(config, quantized, bitsandbytes)
+    dequantizers = _working(_dequantizers(config, quantized, bitsandbytes), "dequantize", config, notes)
     dequantize_ms = time_side_by_side(dequantizers, config)
 
     qlora_steps = _qlora_step_functions(config, weight, bitsandbytes, notes)
-    qlora_ms = time_side_by_side(qlora_steps, config)
+    qlora_ms = time_side_by_side(_working(qlora_steps, "QLoRA step", config, notes), config)
 
     memory = {}
     if config.measure_memory:
