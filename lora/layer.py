@@ -20,7 +20,7 @@ into W. Merging happens only through explicit `merge()` / `unmerge()` calls, nev
 DoRA norm cache rule: while the layer is not in training mode, n = ||W + s B A||_row is computed once
 and reused, so DoRA inference costs what LoRA costs. The cache is keyed on the tensors' version
 counters (any in-place change to W, A or B, such as an optimizer step or `load_state_dict`, makes a new
-key), and cleared by train(), merge/unmerge, and every adapter change (add/delete/scale).
+key), and cleared by train(True), merge/unmerge, and every adapter change (add/delete/scale).
 """
 
 import math
@@ -150,7 +150,8 @@ class LoRALayerBase(nn.Module):
         self._norm_cache.clear()
 
     def train(self, mode: bool = True):
-        self._norm_cache.clear()  # the DoRA norm may change while training: never reuse it there
+        if mode:
+            self._norm_cache.clear()  # the DoRA norm may change while training: never reuse it there
         return super().train(mode)
 
     def _register(self, adapter_name, rank, alpha, scaling, dropout, use_dora, lora_A, lora_B) -> None:

@@ -115,15 +115,15 @@ def test_pissa_and_olora_inits_match_peft(init):
 
 def test_cat_combination_matches_peft_add_weighted_adapter():
     ours = tiny_lm()
-    lora.apply_lora(ours, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]), adapter_name="a")
-    lora.add_adapter(ours, LoRAConfig(r=2, alpha=2, target_modules=["q_proj"]), "b")
+    lora.apply_lora(ours, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]), adapter_name="first")
+    lora.add_adapter(ours, LoRAConfig(r=2, alpha=2, target_modules=["q_proj"]), "second")
     randomize_adapters(ours)
-    theirs = get_peft_model(tiny_lm(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), adapter_name="a")
-    theirs.add_adapter("b", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
-    for name in ("a", "b"):
+    theirs = get_peft_model(tiny_lm(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), adapter_name="first")
+    theirs.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    for name in ("first", "second"):
         set_peft_model_state_dict(theirs, lora.to_peft_state_dict(lora.adapter_state_dict(ours, name)), name)
-    lora.combine_adapters(ours, ["a", "b"], [0.7, 0.4], method="cat", new_name="mix")
-    theirs.add_weighted_adapter(["a", "b"], [0.7, 0.4], adapter_name="mix", combination_type="cat")
+    lora.combine_adapters(ours, ["first", "second"], [0.7, 0.4], method="cat", new_name="mix")
+    theirs.add_weighted_adapter(["first", "second"], [0.7, 0.4], adapter_name="mix", combination_type="cat")
     theirs.set_adapter("mix")
     lora.set_adapter(ours, "mix")
     assert torch.allclose(ours(tokens()), theirs(tokens()), atol=ATOL)
