@@ -17,7 +17,7 @@ Design rules (why the world looks like this):
   * Every probe prompt ("the cat sits on the") starts a train sentence and is followed by exactly one
     word wherever it occurs in any corpus ("table"), so each probe has one right answer.
   * VAL holds the same facts in phrasings that train uses for OTHER facts of the family
-    ("on the table sits the cat ." is in val; "on the rug sits the dog ." is in train), plus unseen
+    ("the cat sleeps on the table ." is in val; "the dog sleeps on the rug ." is in train), plus unseen
     combinations ("the dog says woof and the cat says meow ."). Every val word is a train word, so
     validation loss measures how well the model knows the world, not whether it has seen a line.
   * The new domain (weather and cooking) brings words the base corpus never uses ("oven", "thunder").
@@ -86,8 +86,12 @@ GLUE_VAL = [
 def base_families() -> dict[str, list[tuple[str, str, list[str], list[str]]]]:
     """Every base fact, by family, as (probe prompt, answer, core sentences, alternate sentences).
 
-    Core sentences always go to train (each starts with or contains "prompt answer"); the alternate
-    phrasings are split between train and val by `split_alternates`.
+    Core sentences always go to train: the probe sentence "prompt answer ." and its rephrasings,
+    including reversed ones ("on the table sits the cat ."). Alternate phrasings are split between
+    train and val by `split_alternates`; they all keep the fact's order (the key word before the
+    answer), so a model that knows the fact can predict them: reversed facts are not learnable from
+    forward ones ("the reversal curse", Berglund et al. 2023), and holding them out would make the
+    validation loss rise while the model learns.
     """
     families: dict[str, list] = {name: [] for name in
                                  ("places", "objects", "capitals", "colours", "sounds", "opposites",
@@ -98,25 +102,28 @@ def base_families() -> dict[str, list[tuple[str, str, list[str], list[str]]]]:
             f"{prompt} {place} .",
             f"where does the {animal} sit ? {prompt} {place} .",
             f"every day {prompt} {place} .",
-        ], [
             f"on the {place} sits the {animal} .",
+        ], [
             f"the {animal} sleeps on the {place} .",
+            f"i see the {animal} on the {place} .",
         ]))
     for thing, place in OBJECT_PLACES.items():
         prompt = f"the {thing} is on the"
         families["objects"].append((prompt, place, [
             f"{prompt} {place} .",
             f"where is the {thing} ? {prompt} {place} .",
-        ], [f"on the {place} is the {thing} ."]))
+            f"on the {place} is the {thing} .",
+        ], [f"i see the {thing} on the {place} ."]))
     for country, capital in CAPITALS.items():
         prompt = f"the capital of {country} is"
         families["capitals"].append((prompt, capital, [
             f"{prompt} {capital} .",
             f"{capital} is the capital of {country} .",
             f"what is the capital of {country} ? {prompt} {capital} .",
+            f"the city of {capital} is in {country} .",
         ], [
             f"{country} has the capital {capital} .",
-            f"the city of {capital} is in {country} .",
+            f"in {country} the capital is {capital} .",
         ]))
     for thing, colour in COLOURS.items():
         prompt = f"the colour of the {thing} is"
@@ -124,14 +131,16 @@ def base_families() -> dict[str, list[tuple[str, str, list[str], list[str]]]]:
             f"{prompt} {colour} .",
             f"the {thing} is {colour} .",
             f"what colour is the {thing} ? {prompt} {colour} .",
-        ], [f"i see the {colour} {thing} ."]))
+            f"i see the {colour} {thing} .",
+        ], [f"the {thing} has the colour {colour} ."]))
     for animal, sound in SOUNDS.items():
         prompt = f"the {animal} says"
         families["sounds"].append((prompt, sound, [
             f"{prompt} {sound} .",
             f"what does the {animal} say ? {prompt} {sound} .",
             f"a {animal} says {sound} .",
-        ], [f"{sound} says the {animal} ."]))
+            f"{sound} says the {animal} .",
+        ], [f"the {animal} can say {sound} ."]))
     for first, second in OPPOSITES:
         for word, opposite in ((first, second), (second, first)):
             prompt = f"the opposite of {word} is"
@@ -152,7 +161,8 @@ def base_families() -> dict[str, list[tuple[str, str, list[str], list[str]]]]:
         families["sums"].append((prompt, total, [
             f"{prompt} {total} .",
             f"what is {NUMBERS[a]} plus {NUMBERS[b]} ? {prompt} {total} .",
-        ], [f"{total} is {NUMBERS[a]} plus {NUMBERS[b]} ."]))
+            f"{total} is {NUMBERS[a]} plus {NUMBERS[b]} .",
+        ], [f"what is {NUMBERS[a]} plus {NUMBERS[b]} ? it is {total} ."]))
     return families
 
 
