@@ -33,6 +33,7 @@ below returns at once, and torch.distributed is never touched.
 
 import contextlib
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -145,13 +146,21 @@ def wrap_model(model: torch.nn.Module, device: str) -> DistributedDataParallel:
 
     Only parameters with requires_grad=True are registered in DDP's gradient buckets and all-reduced:
     with LoRA that is the small A and B matrices, never the frozen base. QLoRA's 4-bit base lives in
-    buffers (packed codes and scales); forward_sync_buffers=False skips re-broadcasting them before
-    every forward: they never change and are identical on all ranks anyway (the same seed gives the same
-    base weights and NF4 quantization is deterministic), and DDP's one broadcast from rank 0 at
-    construction makes sure of it.
+    buffers (packed codes and scales), which DDP would otherwise re-broadcast from rank 0 before every
+    forward. We turn that off: the buffers never change, and they are identical on every rank anyway
+    (the same seed gives the same base weights, and NF4 quantization is deterministic).
     """
     device_ids = [torch.device(device).index or 0] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_sync())
+
+
+def _no_buffer_sync() -> dict:
+    """DDP's option for "do not broadcast buffers before each forward", under this PyTorch's name."""
+    # subtle: PyTorch 2.13 renamed broadcast_buffers to forward_sync_buffers (the old name now warns and
+    # also skips the one broadcast at construction); earlier versions only know broadcast_buffers
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
