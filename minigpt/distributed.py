@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 RENDEZVOUS_TIMEOUT_S = 60.0  # how long a rank waits for the others to show up before giving up, clearly
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # collectives, once started: PyTorch's own default
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # collectives, once started: PyTorch's own default
 LAUNCH_HINT = "launch with: torchrun --standalone --nproc_per_node=N <script>.py ..."
 
 
@@ -233,9 +233,9 @@ def setup(device: str) -> DistributedContext:
         raise RendezvousError(
             f"rank {rank} of {world_size} could not reach the others at {os.environ['MASTER_ADDR']}:"
             f"{os.environ['MASTER_PORT']} within {RENDEZVOUS_TIMEOUT_S:g} s ({error}); {LAUNCH_HINT}") from None
-    store.set_timeout(DEFAULT_TIMEOUT)
+    store.set_timeout(COLLECTIVE_TIMEOUT)
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
-                            world_size=world_size, timeout=DEFAULT_TIMEOUT)
+                            world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
