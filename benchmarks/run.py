@@ -1,0 +1,385 @@
+"""Run every benchmark, print one table of ratios against the references, write JSON, Markdown and plots.
+
+Run from the repository root:
+
+    python -m benchmarks                        # CPU, full sizes (a few minutes on a laptop)
+    python -m benchmarks --quick                # CPU, tiny sizes (about a minute)
+    python -m benchmarks --device cuda          # GPU: scaled-up model, bitsandbytes' CUDA kernels
+    python -m benchmarks --only training_step,merged_latency --threads 1
+    python benchmarks/run.py --quick            # the same as python -m benchmarks --quick
+
+Writes, all at once (a half-finished run leaves the previous results untouched):
+
+    dist/benchmarks/results.json    every figure: timings with their samples, memory, ratios, machine
+    dist/benchmarks/results.md      the tables, as committed in docs/benchmarks.md
+    dist/benchmarks/*.png           training step time and memory per method; the rank sweep
+
+The benchmarks, each also runnable on its own (`python -m benchmarks.<name> --help`):
+
+    training_step    full fine-tuning vs LoRA vs QLoRA (and PEFT, bitsandbytes): step time, peak memory
+    merged_latency   merged LoRA/DoRA model vs the base model at inference (goal: 1.00x)
+    rank_sweep       LoRA step time and memory against the rank
+    lora_layers      one LoRA/DoRA layer vs the frozen base layer and vs PEFT (train and eval)
+    nf4              NF4 quantize/dequantize vs bitsandbytes and torchao; QLoRA linear forward+backward
+    finetune_run     a whole fine-tuning run of every method
+
+Each benchmark module has `main(config) -> results` and a `BenchmarkConfig`; the runner builds the
+config from the module's `default_config(device, quick)` (or `BenchmarkConfig(device=...)` plus its
+`QUICK` overrides), runs it, and reads the `ratios` it returns. A benchmark that is missing or fails
+is reported as skipped with the reason; the others still run.
+"""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Tuple
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import check_device, machine_info
+from minigpt.atomic import atomic_directory
+
+BENCHMARKS = ("training_step", "merged_latency", "rank_sweep", "lora_layers", "nf4", "finetune_run")
+
+# (benchmark, text the ratio's name contains, kind, bound, devices, the goal in words). "max": ratio <= bound;
+# "near_one": |ratio - 1| <= bound. Issue #7's goals; the GPU ones are judged on the GPU run only.
+GOALS = (
+    ("merged_latency", "lora_merged/base", "near_one", 0.02, ("cpu", "cuda"), "merged within 2% of base"),
+    ("merged_latency", "dora_merged/base", "near_one", 0.02, ("cpu", "cuda"), "merged within 2% of base"),
+    ("training_step", "step time lora/full", "max", 0.7, ("cuda",), "LoRA step <= 0.7x full"),
+    ("training_step", "peak memory lora/full", "max", 0.5, ("cuda",), "LoRA peak <= 0.5x full"),
+    ("training_step", "weight memory qlora/lora", "max", 0.3, ("cpu", "cuda"), "QLoRA weights <= 0.3x LoRA's"),
+    ("nf4", "dequantize: ours", "max", 2.0, ("cuda",), "NF4 dequantize within 2x bitsandbytes"),
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: str = "cpu"  # "cpu" or "cuda"
+    quick: bool = False  # each benchmark's tiny preset: a one-minute smoke run
+    only: Tuple[str, ...] = ()  # run just these benchmarks (empty: all of BENCHMARKS)
+    out_dir: str = "dist/benchmarks"  # where results.json, results.md and the plots go
+    threads: int = 0  # torch CPU threads (0: torch's default); 1 is steadier on a busy machine
+    plots: bool = True  # write the PNG plots (needs matplotlib)
+    overrides: Dict[str, dict] = field(default_factory=dict)  # {benchmark: {config field: value}} (tests)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and configuring the benchmarks
+# ----------------------------------------------------------------------------------------------------
+
+def load_benchmark(name: str):
+    """(module, None), or (None, why it cannot run) if it is not in this checkout or cannot import."""
+    try:
+        return importlib.import_module(f"benchmarks.{name}"), None
+    except ModuleNotFoundError as error:
+        if error.name == f"benchmarks.{name}":
+            return None, f"benchmarks/{name}.py is not in this checkout"
+        return None, f"cannot import benchmarks.{name}: {error}"
+    except Exception as error:
+        return None, f"cannot import benchmarks.{name}: {type(error).__name__}: {error}"
+
+
+def benchmark_config(module, device: str, quick: bool, overrides: dict):
+    """The module's config for this device and size, with `overrides` applied (unknown fields rejected)."""
+    if hasattr(module, "default_config"):
+        config = module.default_config(device, quick)
+    else:
+        config = module.BenchmarkConfig(device=device)
+        if quick and hasattr(module, "QUICK"):
+            config = dataclasses.replace(config, **module.QUICK)
+    valid = {field_.name for field_ in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for {module.__name__}; its config fields are {sorted(valid)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def run_benchmark(name: str, config: RunConfig) -> dict:
+    """One benchmark's results, or {"skipped": reason} / {"error": traceback}."""
+    module, reason = load_benchmark(name)
+    if module is None:
+        return {"skipped": reason}
+    try:
+        benchmark_settings = benchmark_config(module, config.device, config.quick, config.overrides.get(name, {}))
+        results = module.main(benchmark_settings)
+    except Exception as error:  # one failing benchmark must not lose the others' figures
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    return results if isinstance(results, dict) else {"results": results}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------
+
+def _ratio_value(value):
+    """(median, p25, p75) from a Ratio dict or a plain float."""
+    if isinstance(value, dict):
+        return value.get("median"), value.get("p25"), value.get("p75")
+    return float(value), None, None
+
+
+def goal_verdict(benchmark: str, ratio_name: str, median: float, device: str):
+    """(goal in words, 'met' / 'missed by ...') for a ratio that a goal is about, else (None, None)."""
+    for goal_benchmark, text, kind, bound, devices, words in GOALS:
+        if goal_benchmark != benchmark or text not in ratio_name or device not in devices:
+            continue
+        if kind == "max":
+            met = median <= bound
+            verdict = "met" if met else f"missed by {median / bound - 1:.0%}"
+        else:
+            met = abs(median - 1) <= bound
+            verdict = "met" if met else f"missed ({median - 1:+.1%})"
+        return words, verdict
+    return None, None
+
+
+def summary_rows(all_results: dict, device: str) -> list:
+    """One row per ratio of every benchmark: benchmark, ratio name, median, p25, p75, goal, verdict."""
+    rows = []
+    for benchmark, results in all_results.items():
+        for ratio_name, value in (results.get("ratios") or {}).items():
+            median, p25, p75 = _ratio_value(value)
+            if median is None:
+                continue
+            goal, verdict = goal_verdict(benchmark, ratio_name, median, device)
+            rows.append({"benchmark": benchmark, "ratio": ratio_name, "median": median, "p25": p25, "p75": p75,
+                         "goal": goal, "verdict": verdict})
+    return rows
+
+
+def _spread(row) -> str:
+    if row["p25"] is None or row["p25"] == row["p75"]:
+        return ""
+    return f"{row['p25']:.3f}-{row['p75']:.3f}"
+
+
+def print_table(rows: list, all_results: dict) -> None:
+    print("\n" + "=" * 110)
+    print(f"{'benchmark':<16}{'ratio (ours / reference; below 1: ours is faster or smaller)':<64}{'median':>9}"
+          f"{'p25-p75':>15}  goal")
+    for row in rows:
+        goal = f"{row['verdict']} ({row['goal']})" if row["goal"] else ""
+        print(f"{row['benchmark']:<16}{row['ratio'][:63]:<64}{row['median']:8.3f}x{_spread(row):>15}  {goal}")
+    for benchmark, results in all_results.items():
+        if "skipped" in results:
+            print(f"{benchmark:<16}skipped: {results['skipped']}")
+        elif "error" in results:
+            print(f"{benchmark:<16}FAILED: {results['error']}")
+        for note in results.get("notes", []) or []:
+            print(f"{benchmark:<16}note: {note}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Markdown and plots
+# ----------------------------------------------------------------------------------------------------
+
+def _markdown_table(header: list, lines: list) -> list:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(cell) for cell in line) + " |" for line in lines]
+    return out + [""]
+
+
+def _mebibytes(memory: dict, key: str) -> str:
+    return f"{memory[key] / 2**20:,.1f}" if key in memory else ""
+
+
+def _training_step_markdown(results: dict) -> list:
+    out = []
+    for batch_key, per_batch in results.get("per_batch", {}).items():
+        lines = []
+        for method, timing in per_batch["time"].items():
+            memory = per_batch["memory"].get(method, {})
+            grads_and_states = (f"{(memory['gradient_bytes'] + memory['optimizer_state_bytes']) / 2**20:,.1f}"
+                                if memory else "")
+            lines.append([method, f"{timing['median_ms']:.2f}", f"{timing['p25_ms']:.2f}-{timing['p75_ms']:.2f}",
+                          _mebibytes(memory, "peak_bytes"), _mebibytes(memory, "weight_bytes"), grads_and_states,
+                          _mebibytes(memory, "activation_and_other_bytes"), f"{memory.get('trainable_params', 0):,}"])
+        out.append(f"**{batch_key} per step** (batch {per_batch['batch_size']})\n")
+        out += _markdown_table(["method", "step ms", "p25-p75", "peak MiB", "weights MiB", "grads+AdamW MiB",
+                                "activations+other MiB", "trainable params"], lines)
+    return out
+
+
+def _timing_tables_markdown(results: dict) -> list:
+    """Tables of {name: ms} or {name: Timing dict} found in a benchmark's results (generic)."""
+    out = []
+    containers = [(key, value) for key, value in results.items() if key.endswith("_ms") and isinstance(value, dict)]
+    for group_key in ("per_shape",):
+        for shape, per_shape in results.get(group_key, {}).items():
+            containers.append((shape, per_shape.get("time", {})))
+    if "time" in results and isinstance(results["time"], dict):
+        containers.append(("step time", results["time"]))
+    for title, table in containers:
+        lines = []
+        for name, value in table.items():
+            if isinstance(value, dict) and "median_ms" in value:
+                lines.append([name, f"{value['median_ms']:.3f}", f"{value['p25_ms']:.3f}-{value['p75_ms']:.3f}"])
+            elif isinstance(value, (int, float)):
+                lines.append([name, f"{value:.3f}", ""])
+        if lines:
+            out.append(f"**{title}**\n")
+            out += _markdown_table(["variant", "ms (median)", "p25-p75"], lines)
+    return out
+
+
+def markdown_report(all_results: dict, rows: list, machine: dict, config: RunConfig) -> str:
+    out = [f"# Benchmark results ({config.device}{', quick' if config.quick else ''})", "",
+           f"- date: {machine['date_utc']}",
+           f"- device: {machine.get('gpu', machine['cpu'])}" + (f", CUDA {machine['cuda']}" if "cuda" in machine else ""),
+           f"- CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']}, "
+           f"1-min load average at the start {machine['load_average_1min']})",
+           f"- python {machine['python']}, torch {machine['torch']}, "
+           + ", ".join(f"{name} {version or 'not installed'}" for name, version in machine["versions"].items()),
+           f"- command: `python -m benchmarks --device {config.device}{' --quick' if config.quick else ''}`", "",
+           "## Ratios", "",
+           "Ours divided by the reference, measured side by side in one run; median over rounds and the",
+           "25th-75th percentile of the per-round ratios. Below 1: ours takes less time or memory.", ""]
+    out += _markdown_table(["benchmark", "ratio", "median", "p25-p75", "goal"],
+                           [[row["benchmark"], row["ratio"], f"{row['median']:.3f}x", _spread(row),
+                             f"{row['verdict']} ({row['goal']})" if row["goal"] else ""] for row in rows])
+    for benchmark, results in all_results.items():
+        out.append(f"## {benchmark}\n")
+        if "skipped" in results:
+            out += [f"skipped: {results['skipped']}", ""]
+            continue
+        if "error" in results:
+            out += [f"failed: `{results['error']}`", ""]
+            continue
+        if benchmark == "training_step":
+            out += _training_step_markdown(results)
+        else:
+            out += _timing_tables_markdown(results)
+        if benchmark == "rank_sweep" and results.get("memory"):
+            lines = [[name, f"{memory['peak_bytes'] / 2**20:,.1f}", f"{memory['trainable_params']:,}"]
+                     for name, memory in results["memory"].items()]
+            out += ["**peak memory per rank**\n"] + _markdown_table(["variant", "peak MiB", "trainable params"], lines)
+        out += [f"- note: {note}" for note in results.get("notes", []) or []] + [""]
+    return "\n".join(out)
+
+
+def write_plots(all_results: dict, out_dir: Path) -> list:
+    """PNG plots of the training-step and rank-sweep figures; returns the file names written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    training = all_results.get("training_step", {})
+    if training.get("per_batch"):
+        figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+        batch_keys = list(training["per_batch"])
+        methods = list(training["per_batch"][batch_keys[0]]["time"])
+        width = 0.8 / max(len(methods), 1)
+        for index, method in enumerate(methods):
+            positions = [batch + index * width for batch in range(len(batch_keys))]
+            times = [training["per_batch"][key]["time"].get(method, {}).get("median_ms", 0) for key in batch_keys]
+            peaks = [training["per_batch"][key]["memory"].get(method, {}).get("peak_bytes", 0) / 2**20
+                     for key in batch_keys]
+            time_axis.bar(positions, times, width, label=method)
+            memory_axis.bar(positions, peaks, width, label=method)
+        for axis, label in ((time_axis, "step time (ms)"), (memory_axis, "peak memory (MiB)")):
+            axis.set_xticks([batch + 0.4 - width / 2 for batch in range(len(batch_keys))], batch_keys)
+            axis.set_ylabel(label)
+        time_axis.legend(fontsize=8)
+        figure.suptitle("one training step: full fine-tuning vs LoRA vs QLoRA")
+        figure.tight_layout()
+        figure.savefig(out_dir / "training_step.png", dpi=120)
+        plt.close(figure)
+        written.append("training_step.png")
+    sweep = all_results.get("rank_sweep", {})
+    if sweep.get("time"):
+        ranks = [int(name.split("=")[1]) for name in sweep["time"] if name.startswith("r=")]
+        figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+        time_axis.plot(ranks, [sweep["time"][f"r={rank}"]["median_ms"] for rank in ranks], "o-", label="LoRA")
+        time_axis.axhline(sweep["time"]["full"]["median_ms"], color="gray", linestyle="--", label="full")
+        time_axis.set_ylabel("step time (ms)")
+        if sweep.get("memory"):
+            memory_axis.plot(ranks, [sweep["memory"][f"r={rank}"]["peak_bytes"] / 2**20 for rank in ranks], "o-")
+            memory_axis.axhline(sweep["memory"]["full"]["peak_bytes"] / 2**20, color="gray", linestyle="--")
+        memory_axis.set_ylabel("peak memory (MiB)")
+        for axis in (time_axis, memory_axis):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("rank r")
+        time_axis.legend()
+        figure.tight_layout()
+        figure.savefig(out_dir / "rank_sweep.png", dpi=120)
+        plt.close(figure)
+        written.append("rank_sweep.png")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+
+def main(config: RunConfig) -> dict:
+    """Run the selected benchmarks with a progress bar, print the table, write the output folder."""
+    check_device(config.device)
+    unknown = [name for name in config.only if name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; valid names are {list(BENCHMARKS)}")
+    unknown = [name for name in config.overrides if name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"overrides for unknown benchmark(s) {unknown}; valid names are {list(BENCHMARKS)}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    machine = machine_info(config.device)
+    names = list(config.only or BENCHMARKS)
+    all_results = {}
+    progress = tqdm(names, desc="benchmarks", unit="benchmark", file=sys.stderr)
+    for name in progress:
+        progress.set_postfix_str(name)
+        all_results[name] = run_benchmark(name, config)
+    rows = summary_rows(all_results, config.device)
+    print_table(rows, all_results)
+    results = {"machine": machine, "run_config": dataclasses.asdict(config), "table": rows,
+               "benchmarks": all_results}
+    out_dir = Path(config.out_dir)
+    with atomic_directory(out_dir) as tmp_dir:
+        with open(tmp_dir / "results.json", "w") as file:
+            json.dump(results, file, indent=1, default=str)
+        with open(tmp_dir / "results.md", "w") as file:
+            file.write(markdown_report(all_results, rows, machine, config))
+        if config.plots:
+            try:
+                results["plots"] = write_plots(all_results, tmp_dir)
+            except ImportError as error:
+                print(f"note: plots skipped ({error})")
+    print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
+          + "".join(f", {out_dir / name}" for name in results.get("plots", [])))
+    return results
+
+
+def parse_args(argv=None) -> RunConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (about a minute on CPU)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--out", default="dist/benchmarks", help="output folder (default dist/benchmarks)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, --quick, "
+                     f"--only a,b, --out DIR, --threads N, --no-plots")
+    only = tuple(name for name in (args.only or "").split(",") if name)
+    bad = [name for name in only if name not in BENCHMARKS]
+    if bad:
+        parser.error(f"unknown benchmark(s) {bad} in --only; valid names are: {', '.join(BENCHMARKS)}")
+    return RunConfig(device=args.device, quick=args.quick, only=only, out_dir=args.out, threads=args.threads,
+                     plots=not args.no_plots)
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))

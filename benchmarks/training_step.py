@@ -1,0 +1,385 @@
+"""Benchmark: one training step of a scaled-up MiniGPT, full fine-tuning vs LoRA vs QLoRA: time and peak memory.
+
+The measured counterpart of the memory tables in the LoRA and QLoRA papers. One optimizer step is
+
+    x, y (B, T) ──► model(x, y) ──► loss.backward() ──► AdamW.step() ──► zero_grad(set_to_none=True)
+
+and its peak memory holds, for the trainable parameters, weights + gradients + AdamW's two states,
+plus the frozen weights, plus the activations saved for backward (which LoRA does not shrink: every
+layer's input is still needed to compute the gradient that flows through it).
+
+Run from the repository root:
+
+    python -m benchmarks.training_step                  # CPU: a 256-dim, 4-layer MiniGPT (about a minute)
+    python -m benchmarks.training_step --quick          # CPU: tiny model, a few seconds per method
+    python -m benchmarks.training_step --device cuda    # GPU: embed_dim 1024, 8 layers, 1k/4k/16k tokens a step
+
+Methods (all train with AdamW; on CUDA the weights are bfloat16, on CPU float32):
+
+    full        every parameter trains, in the weights' own dtype (like-for-like with LoRA's base)
+    full_amp    CUDA only: float32 master weights under bf16 autocast, the usual mixed-precision recipe
+    lora        ours: lora.apply_lora on q/k/v/o/up/down projections (rank 16, alpha 32), base frozen
+    peft_lora   the same adapters made by Hugging Face PEFT (skipped with a note if peft is missing)
+    qlora       ours: quant.quantize_model (NF4 + double quantization, lm_head kept) then lora.apply_lora
+    bnb_qlora   CUDA only: bitsandbytes.nn.Linear4bit base + PEFT adapters, the reference QLoRA stack
+    <m>+ckpt    the same with gradient checkpointing (MiniGPT recomputes each block in backward)
+
+Peak memory: CUDA max_memory_allocated during the steps (absolute: weights included); CPU the peak
+resident memory above the resident size before the model was built, each method in a fresh process
+(see benchmarks/common.py). Times: the methods run side by side, median of the rounds, with spread.
+"""
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+
+import lora
+from benchmarks.common import (PeakMemory, Ratio, check_device, machine_info, mib, release_memory,
+                               run_in_fresh_process, tensor_bytes, time_side_by_side)
+from minigpt import GPTConfig, MiniGPT
+from quant import Linear4bit, quantize_model
+
+ALL_METHODS = ("full", "full_amp", "lora", "peft_lora", "qlora", "bnb_qlora")
+CUDA_ONLY_METHODS = ("full_amp", "bnb_qlora")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    device: str = "cpu"  # "cpu" or "cuda"
+    embed_dim: int = 256  # C; the GPU preset uses 1024 (the issue's "scaled-up MiniGPT")
+    n_layers: int = 4  # transformer blocks; 8 on the GPU
+    n_heads: int = 4  # head size C / n_heads; 16 heads of 64 on the GPU
+    vocab_size: int = 2048  # rows of tok_emb and lm_head; kept small so the blocks, not the head, dominate
+    context_length: int = 128  # T of every sequence in the batch
+    batch_sizes: Tuple[int, ...] = (4, 16)  # sequences per step, one measurement each (tokens = B * T)
+    methods: Tuple[str, ...] = ("full", "lora", "peft_lora", "qlora")  # see the module docstring
+    rank: int = 16  # LoRA rank r (QLoRA's paper uses 16 to 64 on every linear layer)
+    alpha: float = 32.0  # LoRA alpha; scaling alpha / r = 2
+    target_modules: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    warmup: int = 2  # untimed steps first (allocator, AdamW's lazily created states, cuBLAS)
+    repeats: int = 5  # timed rounds; every method runs once per round
+    measure_memory: bool = True  # measure the peak memory of each (batch size, method)
+    fresh_process_memory: bool = True  # CPU: measure each method's memory in its own process (exact)
+    seed: int = 0  # weights and batches
+
+
+QUICK = dict(embed_dim=64, n_layers=2, n_heads=4, vocab_size=512, context_length=64, batch_sizes=(8,),
+             repeats=3, warmup=1)
+CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_length=512, batch_sizes=(2, 8, 32),
+            methods=("full", "full_amp", "lora", "peft_lora", "qlora", "bnb_qlora",
+                     "full+ckpt", "lora+ckpt", "qlora+ckpt"),
+            repeats=10, warmup=3)
+
+
+def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
+    """The preset for a device: the scaled-up model on CUDA, a CPU-sized one on CPU, tiny with quick."""
+    config = BenchmarkConfig(device=device)
+    if device == "cuda" and not quick:
+        config = replace(config, **CUDA)
+    if quick:
+        config = replace(config, **QUICK)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building one method's model and optimizer
+# ----------------------------------------------------------------------------------------------------
+
+def split_method(method: str) -> Tuple[str, bool]:
+    """'lora+ckpt' -> ('lora', True); 'qlora' -> ('qlora', False). Unknown names raise ValueError."""
+    base, _, suffix = method.partition("+")
+    if base not in ALL_METHODS or suffix not in ("", "ckpt"):
+        raise ValueError(f"unknown training-step method {method!r}; valid: {ALL_METHODS}, each optionally "
+                         f"with '+ckpt' (gradient checkpointing)")
+    return base, suffix == "ckpt"
+
+
+def weight_dtype(config: BenchmarkConfig) -> torch.dtype:
+    """bfloat16 on CUDA (what LoRA/QLoRA users train in), float32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if config.device == "cuda" else torch.float32
+
+
+def gpt_config(config: BenchmarkConfig, checkpointing: bool) -> GPTConfig:
+    return GPTConfig(vocab_size=config.vocab_size, context_length=config.context_length,
+                     embed_dim=config.embed_dim, n_layers=config.n_layers, n_heads=config.n_heads,
+                     gradient_checkpointing=checkpointing)
+
+
+def _inject_peft_lora(model: nn.Module, config: BenchmarkConfig, dtype: torch.dtype) -> None:
+    import peft
+    peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                                  target_modules=list(config.target_modules))
+    peft.inject_adapter_in_model(peft_config, model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            parameter.data = parameter.data.to(dtype)  # same adapter dtype as ours (PEFT may upcast to fp32)
+
+
+def _swap_in_bitsandbytes_4bit(model: nn.Module, dtype: torch.dtype, device: str) -> None:
+    """Replace every targeted nn.Linear (not lm_head) by bitsandbytes' NF4 Linear4bit, quantized on device."""
+    import bitsandbytes
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.endswith("lm_head"):
+            continue
+        layer = bitsandbytes.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                           compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+        layer.weight = bitsandbytes.nn.Params4bit(module.weight.detach().cpu(), requires_grad=False,
+                                                  quant_type="nf4", compress_statistics=True, blocksize=64)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().cpu(), requires_grad=False)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer.to(device))
+
+
+def build_method(method: str, config: BenchmarkConfig):
+    """(model, optimizer, use_autocast) for one method, on config.device, ready to step."""
+    base_method, checkpointing = split_method(method)
+    device, dtype = config.device, weight_dtype(config)
+    torch.manual_seed(config.seed)
+    with torch.device(device):  # initialise directly on the device: fast, and no CPU copy left behind
+        model = MiniGPT(gpt_config(config, checkpointing))
+    use_autocast = base_method == "full_amp"
+    if not use_autocast:
+        model.to(dtype)
+    if base_method == "qlora":
+        quantize_model(model, target_modules=list(config.target_modules), compute_dtype=dtype)
+    if base_method == "bnb_qlora":
+        _swap_in_bitsandbytes_4bit(model, dtype, device)
+    if base_method in ("lora", "qlora"):
+        lora.apply_lora(model, lora.LoRAConfig(r=config.rank, alpha=config.alpha,
+                                               target_modules=list(config.target_modules)))
+    elif base_method in ("peft_lora", "bnb_qlora"):
+        _inject_peft_lora(model, config, dtype)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda")
+    return model, optimizer, use_autocast
+
+
+def make_batch(config: BenchmarkConfig, batch_size: int):
+    """Random token ids (B, T) and next-token targets (B, T); random, never zeros (METHOD.md)."""
+    generator = torch.Generator().manual_seed(config.seed + batch_size)
+    tokens = torch.randint(0, config.vocab_size, (batch_size, config.context_length + 1), generator=generator)
+    return tokens[:, :-1].to(config.device), tokens[:, 1:].to(config.device)  # (B, T), (B, T)
+
+
+def make_training_step(model, optimizer, use_autocast: bool, batch):
+    """A zero-argument function doing one full optimizer step on `batch`."""
+    inputs, targets = batch
+    device_type = inputs.device.type
+
+    def training_step():
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
+            _, loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return training_step
+
+
+def memory_breakdown(model: nn.Module, optimizer) -> dict:
+    """Bytes of the frozen and trainable weights, their gradients and AdamW's states (after one step)."""
+    parameters = list(model.parameters())
+    trainable = [parameter for parameter in parameters if parameter.requires_grad]
+    states = [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    projection_bytes, bitsandbytes_state_bytes = 0, 0
+    for name, module in model.named_modules():
+        is_base_linear = type(module) in (nn.Linear, Linear4bit) or type(module).__name__ == "Linear4bit"
+        is_adapter = any(part.startswith("lora_") for part in name.split("."))
+        if is_base_linear and not is_adapter and not name.endswith("lm_head"):
+            own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+            # subtle: bitsandbytes keeps its block scales in weight.quant_state, outside parameters()
+            quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+            extra = _bitsandbytes_state_tensors(quant_state)
+            projection_bytes += tensor_bytes(own + extra)
+            bitsandbytes_state_bytes += tensor_bytes(extra)
+    return {
+        # everything the model stores
+        "weight_bytes": tensor_bytes(parameters + list(model.buffers())) + bitsandbytes_state_bytes,
+        "target_linear_weight_bytes": projection_bytes,  # the projection layers LoRA/QLoRA wrap
+        "trainable_params": sum(parameter.numel() for parameter in trainable),
+        "total_params": sum(parameter.numel() for parameter in parameters),
+        "gradient_bytes": tensor_bytes(trainable),  # one gradient per trainable weight, same dtype
+        "optimizer_state_bytes": tensor_bytes(states),  # AdamW: exp_avg + exp_avg_sq (+ step)
+    }
+
+
+def _bitsandbytes_state_tensors(quant_state) -> list:
+    """The tensors of a bitsandbytes QuantState (absmax, code, and the nested state of double quant)."""
+    tensors = []
+    while quant_state is not None:
+        tensors += [getattr(quant_state, name, None) for name in ("absmax", "code", "offset")]
+        quant_state = getattr(quant_state, "state2", None)
+    return [tensor for tensor in tensors if torch.is_tensor(tensor)]
+
+
+def measure_memory(method: str, batch_size: int, config: BenchmarkConfig) -> dict:
+    """Peak bytes of `warmup + 2` training steps of one method (run it in a fresh process on CPU)."""
+    # First a throwaway step of a tiny model of the same method: library imports (peft pulls in
+    # transformers), kernel and thread-pool initialisation happen here, outside the measurement.
+    tiny = replace(config, embed_dim=32, n_layers=1, n_heads=2, vocab_size=64, context_length=8,
+                   rank=min(config.rank, 8))
+    make_training_step(*build_method(method, tiny), make_batch(tiny, 2))()
+    release_memory(config.device)
+    meter = PeakMemory(config.device).start()
+    model, optimizer, use_autocast = build_method(method, config)
+    training_step = make_training_step(model, optimizer, use_autocast, make_batch(config, batch_size))
+    meter.reset_peak()  # forget construction transients (quantizing, casting); the baseline stays
+    for _ in range(max(config.warmup, 1) + 1):
+        training_step()
+    peak = meter.stop()
+    breakdown = memory_breakdown(model, optimizer)
+    fixed = breakdown["weight_bytes"] + breakdown["gradient_bytes"] + breakdown["optimizer_state_bytes"]
+    breakdown.update(peak_bytes=peak, activation_and_other_bytes=max(0, peak - fixed), memory_method=meter.method)
+    del model, optimizer, training_step
+    release_memory(config.device)
+    return breakdown
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+
+def available_methods(config: BenchmarkConfig, notes: list) -> list:
+    """The configured methods that can run here; the rest are dropped with a note."""
+    methods = []
+    for method in config.methods:
+        base_method, _ = split_method(method)
+        if base_method in CUDA_ONLY_METHODS and config.device != "cuda":
+            continue
+        needed = {"peft_lora": ["peft"], "bnb_qlora": ["peft", "bitsandbytes"]}.get(base_method, [])
+        missing = []
+        for package in needed:
+            try:
+                __import__(package)
+            except Exception as error:  # not installed, or no native library for this platform
+                missing.append(f"{package} ({type(error).__name__})")
+        if missing:
+            notes.append(f"training_step: skipped {method}: {', '.join(missing)} not available")
+            continue
+        methods.append(method)
+    return methods
+
+
+def _ratio_rows(results: dict, config: BenchmarkConfig) -> dict:
+    """The ratios the issue's goals ask for, per batch size."""
+    ratios = {}
+    for batch_key, per_batch in results["per_batch"].items():
+        timings, memory = per_batch["time"], per_batch["memory"]
+        pairs = [("lora", "full"), ("lora", "full_amp"), ("qlora", "full"), ("qlora", "lora"), ("lora", "peft_lora"),
+                 ("qlora", "bnb_qlora"), ("lora+ckpt", "full+ckpt"), ("qlora+ckpt", "full+ckpt")]
+        for ours, reference in pairs:
+            if ours in timings and reference in timings:
+                ratios[f"{batch_key} step time {ours}/{reference}"] = Ratio.paired(
+                    _timing(timings[ours]), _timing(timings[reference])).as_dict()
+            if ours in memory and reference in memory and memory[reference]["peak_bytes"] > 0:
+                ratios[f"{batch_key} peak memory {ours}/{reference}"] = Ratio.exact(
+                    memory[ours]["peak_bytes"], memory[reference]["peak_bytes"]).as_dict()
+        for ours, reference in (("qlora", "lora"), ("bnb_qlora", "peft_lora")):
+            if ours in memory and reference in memory:
+                ratios[f"{batch_key} weight memory {ours}/{reference}"] = Ratio.exact(
+                    memory[ours]["weight_bytes"], memory[reference]["weight_bytes"]).as_dict()
+                ratios[f"{batch_key} projection weight memory {ours}/{reference}"] = Ratio.exact(
+                    memory[ours]["target_linear_weight_bytes"], memory[reference]["target_linear_weight_bytes"]
+                ).as_dict()
+    return ratios
+
+
+def _timing(as_dict: dict):
+    from benchmarks.common import Timing
+    return Timing(**{**as_dict, "samples_ms": tuple(as_dict["samples_ms"])})
+
+
+def main(config: BenchmarkConfig) -> dict:
+    """Measure every (batch size, method): step time side by side, then peak memory one at a time."""
+    check_device(config.device)
+    for method in config.methods:
+        split_method(method)
+    notes = []
+    methods = available_methods(config, notes)
+    per_batch = {}
+    for batch_size in config.batch_sizes:
+        tokens = batch_size * config.context_length
+        batch_key = f"{tokens} tokens"
+        memory = {}
+        if config.measure_memory:
+            for method in methods:
+                try:
+                    if config.device == "cpu" and config.fresh_process_memory:
+                        memory[method] = run_in_fresh_process(measure_memory, method, batch_size, config)
+                    else:
+                        memory[method] = measure_memory(method, batch_size, config)
+                except Exception as error:  # an optional reference stack that fails should not stop the rest
+                    notes.append(f"training_step: memory of {method} failed: {type(error).__name__}: {error}")
+        steps, built = {}, {}
+        batch = make_batch(config, batch_size)
+        for method in methods:
+            try:
+                built[method] = build_method(method, config)
+                steps[method] = make_training_step(*built[method], batch)
+            except Exception as error:
+                notes.append(f"training_step: {method} failed to build: {type(error).__name__}: {error}")
+        timings = time_side_by_side(steps, config.device, warmup=config.warmup, repeats=config.repeats)
+        per_batch[batch_key] = {"batch_size": batch_size, "tokens": tokens,
+                                "time": {name: timing.as_dict() for name, timing in timings.items()},
+                                "memory": memory}
+        del steps, built
+        release_memory(config.device)
+    results = {"config": asdict(config), "machine": machine_info(config.device), "per_batch": per_batch,
+               "notes": notes}
+    results["ratios"] = _ratio_rows(results, config)
+    print_report(results)
+    return results
+
+
+def print_report(results: dict) -> None:
+    config = results["config"]
+    print(f"training step: MiniGPT embed_dim {config['embed_dim']}, {config['n_layers']} layers, vocab "
+          f"{config['vocab_size']}, T {config['context_length']}; LoRA rank {config['rank']} on "
+          f"{','.join(config['target_modules'])}; {config['device']}, median of {config['repeats']} [p25-p75]")
+    for batch_key, per_batch in results["per_batch"].items():
+        print(f"\n{batch_key} per step (batch {per_batch['batch_size']})")
+        print(f"  {'method':<14}{'step ms':>12}{'p25-p75':>18}{'peak':>14}{'weights':>13}{'grads+adam':>13}"
+              f"{'activ.+other':>14}{'trainable':>13}")
+        for method, timing in per_batch["time"].items():
+            memory = per_batch["memory"].get(method)
+            line = f"  {method:<14}{timing['median_ms']:12.2f}{timing['p25_ms']:9.2f}-{timing['p75_ms']:<8.2f}"
+            if memory:
+                line += (f"{mib(memory['peak_bytes']):>14}{mib(memory['weight_bytes']):>13}"
+                         f"{mib(memory['gradient_bytes'] + memory['optimizer_state_bytes']):>13}"
+                         f"{mib(memory['activation_and_other_bytes']):>14}{memory['trainable_params']:>13,}")
+            print(line)
+    print("\nratios (below 1: the first uses less)")
+    for name, ratio in results["ratios"].items():
+        spread = "" if ratio["p25"] == ratio["p75"] else f"  [{ratio['p25']:.3f}-{ratio['p75']:.3f}]"
+        print(f"  {name:<58}{ratio['median']:7.3f}x{spread}")
+    for note in results["notes"]:
+        print(f"note: {note}")
+
+
+def parse_args(argv=None) -> BenchmarkConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few repeats (a smoke run)")
+    parser.add_argument("--repeats", type=int, help="timed rounds")
+    parser.add_argument("--methods", help=f"comma-separated subset of {ALL_METHODS} (each may end in +ckpt)")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, "
+                     f"--quick, --repeats N, --methods a,b,c")
+    config = default_config(args.device, args.quick)
+    if args.repeats is not None:
+        config = replace(config, repeats=args.repeats)
+    if args.methods:
+        config = replace(config, methods=tuple(args.methods.split(",")))
+    return config
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))
