@@ -304,27 +304,40 @@ class LoRALinear(LoRALayerBase):
             x_lora = x.to(lora_A.dtype)  # the LoRA branch runs in the adapter's dtype (QLoRA: compute dtype)
             if not self.use_dora[adapter_name]:
                 lora_out = F.linear(F.linear(dropout(x_lora), lora_A), lora_B)  # (..., r) -> (..., out)
-                result = result + (lora_out * scaling).to(result.dtype)
+                if lora_out.dtype == result.dtype:
+                    result = torch.add(result, lora_out, alpha=scaling)  # result + s·lora_out in one pass
+                else:
+                    result = result + (lora_out * scaling).to(result.dtype)
             else:
                 result = result + self._dora_update(adapter_name, x_lora, base_result, dropout, scaling)
         return result
 
     def _dora_update(self, adapter_name, x, base_result, dropout, scaling) -> torch.Tensor:
-        """What DoRA adds to base(x): (m/n - 1)·(W x) + (m/n)·s·B A x   (REFERENCE.md, DoRA)."""
+        """What DoRA adds to base(x): (m/n - 1)·(W x) + (m/n)·s·B A x   (REFERENCE.md, DoRA).
+
+        Computed so that DoRA costs about what LoRA costs once n is known: the per-row factor
+        (m/n)·s is folded into B (`[out, r]`, tiny) instead of scaling a (..., out) activation, and the
+        bias correction rides along as the bias of that small matmul.
+        """
         lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         magnitude_scale = self.lora_magnitude[adapter_name] / self._cached_weight_norm(adapter_name)  # m / n  [out]
+        scaled_B = (magnitude_scale * scaling)[:, None] * lora_B  # diag(m/n · s) B   [out, r]
+        bias = self.base_layer.bias
+        if (isinstance(dropout, nn.Identity) or not self.training) and base_result.dtype == x.dtype:
+            # no dropout: W x = base(x) - b is already computed, so
+            #   (m/n - 1)(base(x) - b) + (m/n) s B A x = (m/n - 1) base(x) + [diag(m/n s) B A x + (1 - m/n) b]
+            correction = None if bias is None else (1 - magnitude_scale) * bias.to(x.dtype)  # [out]
+            lora_out = F.linear(F.linear(x, lora_A), scaled_B, correction)  # (..., r) -> (..., out)
+            return torch.addcmul(lora_out, magnitude_scale - 1, base_result)  # (..., out)
         if isinstance(dropout, nn.Identity) or not self.training:
-            # no dropout: W x is base(x) minus the bias, already computed
-            bias = self.base_layer.bias
-            weight_x = base_result if bias is None else base_result - bias  # (..., out)
             x_dropped = x
+            weight_x = (base_result if bias is None else base_result - bias).to(x.dtype)  # W x   (..., out)
         else:
             # subtle: with dropout, the rescaled part must see the same dropped-out x as the LoRA branch
             x_dropped = dropout(x)
-            weight_x = F.linear(x_dropped, self._dense_weight(x.dtype))  # (..., out)
-        lora_out = F.linear(F.linear(x_dropped, lora_A), lora_B)  # (..., out)
-        update = (magnitude_scale - 1) * weight_x.to(x.dtype) + magnitude_scale * (lora_out * scaling)
-        return update.to(base_result.dtype)
+            weight_x = F.linear(x_dropped, self._dense_weight(x.dtype))  # W x_d   (..., out)
+        lora_out = F.linear(F.linear(x_dropped, lora_A), scaled_B)  # (..., out)
+        return torch.addcmul(lora_out, magnitude_scale - 1, weight_x).to(base_result.dtype)
 
     # ----- merging --------------------------------------------------------------------------------------
     def merged_weight(self, adapter_names: Optional[Sequence[str]] = None, dtype=None):
