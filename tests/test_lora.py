@@ -3,6 +3,7 @@
 Tolerances: fp32 on unit-scale inputs, merged vs unmerged and formula vs layer agree to 1e-5 (REFERENCE.md).
 """
 
+import copy
 import math
 
 import pytest
@@ -458,3 +459,72 @@ def test_minigpt_gets_lora():
     assert torch.allclose(logits, reference, atol=1e-5)
     loss.backward()
     assert model.blocks[0].attn.q_proj.lora_B["default"].grad is not None
+
+
+# ----- the QLoRA protocol, duck-typed (quant.Linear4bit is tested against lora in test_qlora.py) -------------
+class FakeLinear4bit(nn.Module):
+    """Stands in for a 4-bit layer: no `.weight`, a dequantize_weight(), from_linear(); rounds W to 1/8."""
+
+    def __init__(self, linear, block_size=64, double_quant=True, compute_dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.block_size, self.double_quant, self.compute_dtype = block_size, double_quant, compute_dtype
+        self.register_buffer("codes", torch.round(linear.weight.detach() * 8))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear, block_size=64, double_quant=True, compute_dtype=None):
+        return cls(linear, block_size, double_quant, compute_dtype)
+
+    def dequantize_weight(self, dtype=None):
+        return (self.codes / 8).to(dtype or torch.float32)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
+
+
+def fake_qlora_model(use_dora=False):
+    model = tiny_lm()
+    for block in model.blocks:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(block, name, FakeLinear4bit(getattr(block, name), block_size=32, double_quant=False))
+    return model
+
+
+def test_4bit_layers_count_as_linear_and_in_parameter_counts(capsys):
+    model = fake_qlora_model()
+    assert len(lora.find_targets(model, LoRAConfig(target_modules="all-linear"))) == 8
+    lora.apply_lora(model, LoRAConfig(r=2, target_modules="all-linear"))
+    trainable, total = lora.count_parameters(model)
+    assert trainable == 8 * (2 * 16 + 16 * 2)
+    # 4-bit weights count as in * out (PEFT counts a Params4bit as 2 * its packed bytes = in * out)
+    assert total == trainable + 8 * (16 * 16) + 16 * 3 * 2 + 12 * 16 + 12 * 16
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_4bit_base_merge_refused_and_merge_and_unload(use_dora):
+    model = fake_qlora_model()
+    lora.apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=use_dora))
+    randomize_adapters(model)
+    expected = model(tokens())
+    layer = model.blocks[0].q_proj
+    with pytest.raises(RuntimeError, match="4-bit base"):
+        lora.merge(model)
+    with pytest.raises(RuntimeError, match="4-bit base"):
+        layer.merge()
+    assert not layer.merged_adapters
+    weight = layer.merged_weight()[0]
+    if not use_dora:
+        assert torch.allclose(weight, layer.base_layer.dequantize_weight() + layer.lora_delta("default"), atol=1e-6)
+    requantized = lora.merge_and_unload(copy.deepcopy(model), requantize=True)  # a copy: unload twice
+    assert isinstance(requantized.blocks[0].q_proj, FakeLinear4bit)
+    assert requantized.blocks[0].q_proj.block_size == 32 and not requantized.blocks[0].q_proj.double_quant
+    merged = lora.merge_and_unload(model)
+    assert type(merged.blocks[0].q_proj) is nn.Linear and merged.blocks[0].q_proj.weight.dtype == torch.float32
+    assert isinstance(merged.blocks[0].k_proj, FakeLinear4bit)
+    assert torch.allclose(merged(tokens()), expected, atol=ATOL)
+
+
+def test_4bit_base_rejects_pissa():
+    with pytest.raises(ValueError, match="4-bit"):
+        lora.apply_lora(fake_qlora_model(), LoRAConfig(r=2, target_modules=["q_proj"], init="pissa"))
