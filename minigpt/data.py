@@ -14,13 +14,14 @@ punctuation: "the cat sits on the table ."
 The corpora:
   * base:       a world of simple facts (locations, capitals, colours, animal sounds, opposites,
                 plurals, sums), every fact stated in train, probed by a prompt with one right next word.
-  * new domain: weather and cooking, using ~30 words that never occur in the base corpus.
+  * new domain: weather and cooking, using 40 words that never occur in the base corpus.
   * fact edit:  a few facts changed in place ("the cat sits on the sofa ."), with probes for the edited
                 facts and for related facts that must not change (locality).
 """
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -183,21 +184,41 @@ class TokenStream:
         (torch.Size([4, 32]), True)
     """
 
-    def __init__(self, sentences: list[str], tokenizer, context_length: int):
+    def __init__(self, sentences: list[str], tokenizer, context_length: int, shuffled_copies: int = 0,
+                 shuffle_seed: int = 0):
         """Encode every sentence as <bos> ids <eos> and concatenate them into one 1-D stream.
 
         Args:
             sentences: the text, one sentence (or line) per item.
             tokenizer: anything with encode(text, add_bos, add_eos) -> list[int].
             context_length: T, the window length; the stream must hold at least T + 1 tokens.
+            shuffled_copies: 0 (default) keeps the sentences in the given order, once. k > 0 builds
+                the stream from k copies of the sentences, each in a different order (shuffled with
+                shuffle_seed, so the stream is still deterministic). Use it for a small TRAIN corpus:
+                in a fixed order a 32-token window also teaches "sentence B follows sentence A", which
+                a tiny model memorises, and validation loss rises (measured on the base corpus:
+                val loss 2.26 at step 600 in one order, 1.53 with 8 shuffled copies). Keep 0 for
+                validation streams, so iter_windows scores each sentence once.
+            shuffle_seed: seed of those shuffles.
         """
         if isinstance(sentences, str):
             raise TypeError("TokenStream expects a list of sentences, got a single str; wrap it: [text]")
         if context_length < 1:
             raise ValueError(f"context_length must be at least 1, got {context_length}")
+        if not isinstance(shuffled_copies, int) or shuffled_copies < 0:
+            raise ValueError(f"shuffled_copies must be an integer >= 0 (0 = the given order, once), "
+                             f"got {shuffled_copies!r}")
         sentences = [sentence for sentence in sentences if sentence.strip()]
         if not sentences:
             raise ValueError("cannot build a TokenStream from an empty corpus (no non-blank sentences)")
+        if shuffled_copies > 0:
+            rng = random.Random(shuffle_seed)  # subtle: not torch's RNG, so building never disturbs it
+            ordered = []
+            for _ in range(shuffled_copies):
+                copy = list(sentences)
+                rng.shuffle(copy)
+                ordered.extend(copy)
+            sentences = ordered
         ids: list[int] = []
         for sentence in sentences:
             ids.extend(tokenizer.encode(sentence, add_bos=True, add_eos=True))

@@ -264,3 +264,18 @@ def test_read_text_file_errors_name_the_problem(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00" * 20)
     with pytest.raises(ValueError, match="not UTF-8"):
         read_text_file(binary)
+
+
+def test_shuffled_copies_hold_every_sentence_k_times_in_a_seeded_order(tiny_tokenizer):
+    sentences = ["a", "b", "c", "d", "e", "f"]
+    plain = TokenStream(sentences, tiny_tokenizer, context_length=4)
+    shuffled = TokenStream(sentences, tiny_tokenizer, context_length=4, shuffled_copies=3, shuffle_seed=5)
+    assert len(shuffled) == 3 * len(plain)
+    bos = tiny_tokenizer.bos_id
+    words = [tiny_tokenizer.id_to_token(int(token)) for token in shuffled.tokens[1::3]]  # <bos> w <eos>
+    assert sorted(words) == sorted(sentences * 3) and words != sentences * 3
+    assert (shuffled.tokens[0::3] == bos).all()
+    again = TokenStream(sentences, tiny_tokenizer, context_length=4, shuffled_copies=3, shuffle_seed=5)
+    assert torch.equal(again.tokens, shuffled.tokens)
+    with pytest.raises(ValueError, match="shuffled_copies"):
+        TokenStream(sentences, tiny_tokenizer, context_length=4, shuffled_copies=-1)
