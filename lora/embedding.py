@@ -98,15 +98,6 @@ class LoRAEmbedding(LoRALayerBase):
                 weight = weight + self.lora_delta(adapter_name).to(weight.dtype)  # [vocab, dim]
         return weight, {}
 
-    def _unmerged_active(self, adapter_names):
-        if adapter_names is None:
-            return [name for name in self.active_adapters if name not in self.merged_adapters]
-        for name in adapter_names:
-            self._check_adapter(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged into {self._describe()}; unmerge first")
-        return list(adapter_names)
-
     @torch.no_grad()
     def merge(self, adapter_names: Optional[Sequence[str]] = None) -> None:
         """Fold adapters into the table in place (default: active, not yet merged; a no-op if none)."""

@@ -181,7 +181,7 @@ def load_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
                                     ("lora_magnitude", layer.lora_magnitude)):
                 if adapter_name in container:
                     container[adapter_name].copy_(state[f"{path}.{kind}"])
-            layer._norm_cache.clear()
+            layer.clear_caches()
         for module_name in _modules_to_save(model, config):
             for name, parameter in model.get_submodule(module_name).named_parameters():
                 parameter.copy_(state[f"{module_name}.{name}"])

@@ -93,6 +93,7 @@ class LoRALayerBase(nn.Module):
         self.adapters_disabled = False
         self._merge_norms: Dict[str, torch.Tensor] = {}  # DoRA: the n used at merge time, for unmerge
         self._norm_cache: Dict[str, tuple] = {}  # DoRA: {adapter: (key, n)} while not training
+        self._factor_cache: Dict[str, tuple] = {}  # DoRA: {adapter: (key, (m/n, scaled B, bias fix))}, eval only
 
     # ----- adapter bookkeeping -------------------------------------------------------------------------
     @property
@@ -124,10 +125,22 @@ class LoRALayerBase(nn.Module):
         if adapter_name not in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} does not exist on this layer; adapters: {self.adapter_names}")
 
+    def _unmerged_active(self, adapter_names: Optional[Sequence[str]]) -> List[str]:
+        """The adapters a merge should fold in: the given ones (none may be merged yet), or by default
+        every active adapter that is not merged yet (so a repeated merge() is a no-op)."""
+        if adapter_names is None:
+            return [name for name in self.active_adapters if name not in self.merged_adapters]
+        for name in adapter_names:
+            self._check_adapter(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged into {self._describe()}; "
+                                 f"merging it again would add its update twice (unmerge first)")
+        return list(adapter_names)
+
     def set_adapter(self, adapter_names: Sequence[str]) -> None:
         """Make exactly these adapters run (names this layer does not hold are ignored)."""
         self.active_adapters = [name for name in adapter_names if name in self.lora_A]
-        self._norm_cache.clear()
+        self.clear_caches()
 
     def set_scale(self, adapter_name: str, factor: float) -> None:
         """Multiply adapter `adapter_name`'s update by `factor` (0 turns it off, 1 restores it)."""
@@ -135,7 +148,7 @@ class LoRALayerBase(nn.Module):
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter {adapter_name!r} is merged into the weight; unmerge before rescaling it")
         self.scaling[adapter_name] = self.base_scaling[adapter_name] * factor
-        self._norm_cache.clear()
+        self.clear_caches()
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_adapter(adapter_name)
@@ -147,11 +160,16 @@ class LoRALayerBase(nn.Module):
         for table in (self.rank, self.alpha, self.scaling, self.base_scaling, self.use_dora):
             table.pop(adapter_name, None)
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+        self.clear_caches()
+
+    def clear_caches(self) -> None:
+        """Forget DoRA's cached norms and factors (they are rebuilt on the next eval forward)."""
         self._norm_cache.clear()
+        self._factor_cache.clear()
 
     def train(self, mode: bool = True):
         if mode:
-            self._norm_cache.clear()  # the DoRA norm may change while training: never reuse it there
+            self.clear_caches()  # the DoRA norm may change while training: never reuse it there
         return super().train(mode)
 
     def _register(self, adapter_name, rank, alpha, scaling, dropout, use_dora, lora_A, lora_B) -> None:
@@ -161,7 +179,7 @@ class LoRALayerBase(nn.Module):
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Parameter(lora_A)
         self.lora_B[adapter_name] = nn.Parameter(lora_B)
-        self._norm_cache.clear()
+        self.clear_caches()
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{name}: r={self.rank[name]}, s={self.scaling[name]:g}"
@@ -270,21 +288,48 @@ class LoRALinear(LoRALayerBase):
         delta = self.lora_delta(adapter_name).detach().to(weight.dtype)  # [out, in]
         return torch.linalg.norm(weight.detach() + delta, dim=1)  # [out]
 
+    def _cache_key(self, adapter_name: str) -> tuple:
+        """Changes whenever anything n or the DoRA factors depend on changes (in place or replaced)."""
+        tensors = [self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_magnitude[adapter_name]]
+        tensors += [t for t in self.base_layer._parameters.values() if t is not None]
+        tensors += [t for t in self.base_layer._buffers.values() if t is not None]
+        return (self.scaling[adapter_name],) + tuple((t.data_ptr(), t._version) for t in tensors)
+
     def _cached_weight_norm(self, adapter_name: str) -> torch.Tensor:
         """n, recomputed in training; computed once and reused while not training (see module docstring)."""
         if self.training:
             return self._weight_norm(adapter_name, self._dense_weight(self.lora_A[adapter_name].dtype))
-        lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        base_tensors = [t for t in list(self.base_layer.parameters()) + list(self.base_layer.buffers())]
-        key = (self.scaling[adapter_name], lora_A._version, lora_B._version, lora_A.data_ptr(), lora_B.data_ptr(),
-               tuple((t.data_ptr(), t._version) for t in base_tensors))
+        key = self._cache_key(adapter_name)
         cached = self._norm_cache.get(adapter_name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                norm = self._weight_norm(adapter_name, self._dense_weight(lora_A.dtype))
+                norm = self._weight_norm(adapter_name, self._dense_weight(self.lora_A[adapter_name].dtype))
             self._norm_cache[adapter_name] = (key, norm)
             return norm
         return cached[1]
+
+    def _dora_factors(self, adapter_name: str, dtype: torch.dtype):
+        """(m/n [out], diag(m/n · s) B [out, r], (1 - m/n) b [out] or None): what DoRA's forward needs.
+
+        In eval, when no gradient is wanted, they are cached like n, so a DoRA forward then launches
+        the same few kernels as a LoRA forward.
+        """
+        magnitude, lora_B = self.lora_magnitude[adapter_name], self.lora_B[adapter_name]
+        cacheable = not self.training and not (torch.is_grad_enabled() and
+                                               (magnitude.requires_grad or lora_B.requires_grad))
+        if cacheable:
+            key = self._cache_key(adapter_name)
+            cached = self._factor_cache.get(adapter_name)
+            if cached is not None and cached[0] == key and cached[1][1].dtype == dtype:
+                return cached[1]
+        magnitude_scale = magnitude / self._cached_weight_norm(adapter_name)  # m / n   [out]
+        scaled_B = (magnitude_scale * self.scaling[adapter_name])[:, None] * lora_B  # diag(m/n · s) B   [out, r]
+        bias = self.base_layer.bias
+        correction = None if bias is None else (1 - magnitude_scale) * bias.to(dtype)  # [out]
+        factors = (magnitude_scale, scaled_B.to(dtype), correction)
+        if cacheable:
+            self._factor_cache[adapter_name] = (key, factors)
+        return factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out): base(x) plus each active, unmerged adapter's update."""
@@ -309,26 +354,26 @@ class LoRALinear(LoRALayerBase):
                 else:
                     result = result + (lora_out * scaling).to(result.dtype)
             else:
-                result = result + self._dora_update(adapter_name, x_lora, base_result, dropout, scaling)
+                result = self._dora_forward(adapter_name, x_lora, result, base_result, dropout)
         return result
 
-    def _dora_update(self, adapter_name, x, base_result, dropout, scaling) -> torch.Tensor:
-        """What DoRA adds to base(x): (m/n - 1)·(W x) + (m/n)·s·B A x   (REFERENCE.md, DoRA).
+    def _dora_forward(self, adapter_name, x, result, base_result, dropout) -> torch.Tensor:
+        """result plus what DoRA adds to base(x): (m/n - 1)·(W x) + (m/n)·s·B A x   (REFERENCE.md, DoRA).
 
-        Computed so that DoRA costs about what LoRA costs once n is known: the per-row factor
-        (m/n)·s is folded into B (`[out, r]`, tiny) instead of scaling a (..., out) activation, and the
-        bias correction rides along as the bias of that small matmul.
+        Computed so that DoRA costs about what LoRA costs once n is known: the per-row factor (m/n)·s
+        is folded into B (`[out, r]`, tiny) instead of scaling a (..., out) activation, and the bias
+        correction rides along as the bias of that small matmul.
         """
-        lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        magnitude_scale = self.lora_magnitude[adapter_name] / self._cached_weight_norm(adapter_name)  # m / n  [out]
-        scaled_B = (magnitude_scale * scaling)[:, None] * lora_B  # diag(m/n · s) B   [out, r]
-        bias = self.base_layer.bias
+        lora_A = self.lora_A[adapter_name]
+        magnitude_scale, scaled_B, correction = self._dora_factors(adapter_name, x.dtype)
         if (isinstance(dropout, nn.Identity) or not self.training) and base_result.dtype == x.dtype:
-            # no dropout: W x = base(x) - b is already computed, so
+            # no dropout: W x = base(x) - b is already computed, so the update is
             #   (m/n - 1)(base(x) - b) + (m/n) s B A x = (m/n - 1) base(x) + [diag(m/n s) B A x + (1 - m/n) b]
-            correction = None if bias is None else (1 - magnitude_scale) * bias.to(x.dtype)  # [out]
             lora_out = F.linear(F.linear(x, lora_A), scaled_B, correction)  # (..., r) -> (..., out)
-            return torch.addcmul(lora_out, magnitude_scale - 1, base_result)  # (..., out)
+            if result is base_result:  # first adapter: base(x) + update = (m/n) base(x) + lora_out, one pass
+                return torch.addcmul(lora_out, magnitude_scale, base_result)  # (..., out)
+            return result + torch.addcmul(lora_out, magnitude_scale - 1, base_result)
+        bias = self.base_layer.bias
         if isinstance(dropout, nn.Identity) or not self.training:
             x_dropped = x
             weight_x = (base_result if bias is None else base_result - bias).to(x.dtype)  # W x   (..., out)
@@ -336,8 +381,8 @@ class LoRALinear(LoRALayerBase):
             # subtle: with dropout, the rescaled part must see the same dropped-out x as the LoRA branch
             x_dropped = dropout(x)
             weight_x = F.linear(x_dropped, self._dense_weight(x.dtype))  # W x_d   (..., out)
-        lora_out = F.linear(F.linear(x_dropped, lora_A), scaled_B)  # (..., out)
-        return torch.addcmul(lora_out, magnitude_scale - 1, weight_x).to(base_result.dtype)
+        lora_out = F.linear(F.linear(x_dropped, lora_A), scaled_B)  # diag(m/n s) B A x_d   (..., out)
+        return result + torch.addcmul(lora_out, magnitude_scale - 1, weight_x).to(result.dtype)
 
     # ----- merging --------------------------------------------------------------------------------------
     def merged_weight(self, adapter_names: Optional[Sequence[str]] = None, dtype=None):
@@ -361,16 +406,6 @@ class LoRALinear(LoRALayerBase):
                     weight = weight + delta
         return weight, norms
 
-    def _unmerged_active(self, adapter_names: Optional[Sequence[str]]) -> List[str]:
-        if adapter_names is None:
-            return [name for name in self.active_adapters if name not in self.merged_adapters]
-        for name in adapter_names:
-            self._check_adapter(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged into {self._describe()}; "
-                                 f"merging it again would add its update twice (unmerge first)")
-        return list(adapter_names)
-
     def _refuse_4bit(self, action: str) -> None:
         if self.is_4bit:
             raise RuntimeError(
@@ -393,7 +428,7 @@ class LoRALinear(LoRALayerBase):
         weight.copy_(merged.to(weight.dtype))
         self._merge_norms.update(norms)
         self.merged_adapters.extend(adapter_names)
-        self._norm_cache.clear()
+        self.clear_caches()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -413,7 +448,7 @@ class LoRALinear(LoRALayerBase):
                 restored = restored - delta
         weight.copy_(restored.to(weight.dtype))
         self.merged_adapters = []
-        self._norm_cache.clear()
+        self.clear_caches()
 
     def unloaded_base(self, merge: bool, requantize: bool = False) -> nn.Module:
         """The plain layer that replaces this wrapper in `merge_and_unload` / `unload`.

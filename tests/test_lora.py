@@ -204,15 +204,27 @@ def test_dora_eval_norm_is_cached_and_invalidated():
     randomize_adapters(layer)
     layer.eval()
     x = torch.randn(3, 16)
-    first = layer(x)
-    assert "default" in layer._norm_cache
-    with torch.no_grad():
-        layer.lora_B["default"].mul_(2.0)  # an in-place change (like an optimizer step) bumps the version
-    expected = dora_by_hand(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"],
+
+    def by_hand():
+        return dora_by_hand(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"],
                             layer.lora_B["default"], layer.lora_magnitude["default"], layer.scaling["default"])
-    assert torch.allclose(layer(x), expected, atol=ATOL) and not torch.allclose(first, expected, atol=1e-3)
+
+    with torch.no_grad():
+        first = layer(x)
+        assert "default" in layer._norm_cache and "default" in layer._factor_cache
+        assert torch.allclose(layer(x), first) and torch.allclose(first, by_hand(), atol=ATOL)
+        layer.lora_B["default"].mul_(2.0)  # an in-place change (like an optimizer step) bumps the version
+        assert torch.allclose(layer(x), by_hand(), atol=ATOL) and not torch.allclose(first, by_hand(), atol=1e-3)
+        layer.lora_magnitude["default"].mul_(0.5)
+        assert torch.allclose(layer(x), by_hand(), atol=ATOL)
+        layer.base_layer.weight.add_(0.1)
+        assert torch.allclose(layer(x), by_hand(), atol=ATOL)
+        layer.set_scale("default", 0.5)
+        assert torch.allclose(layer(x), by_hand(), atol=ATOL)
+    layer.eval()  # eval() again keeps the cache; train() drops it
+    assert layer._norm_cache
     layer.train()
-    assert not layer._norm_cache
+    assert not layer._norm_cache and not layer._factor_cache
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
