@@ -17,10 +17,15 @@ One layer holds several named adapters ("default", "french", ...) in dicts keyed
 `active_adapters` lists the ones that run (their updates add up), `merged_adapters` the ones folded
 into W. Merging happens only through explicit `merge()` / `unmerge()` calls, never in train()/eval().
 
-DoRA norm cache rule: while the layer is not in training mode, n = ||W + s B A||_row is computed once
-and reused, so DoRA inference costs what LoRA costs. The cache is keyed on the tensors' version
-counters (any in-place change to W, A or B, such as an optimizer step or `load_state_dict`, makes a new
-key), and cleared by train(True), merge/unmerge, and every adapter change (add/delete/scale).
+DoRA cache rule: while the layer is not in training mode, n = ||W + s B A||_row is computed once and
+reused (and, when no gradient is wanted, the derived m/n and diag(m/n · s) B too), so DoRA inference
+costs what LoRA costs. The cache is keyed on the tensors' identities and version counters (any change
+to W, A, B or m, in place as by an optimizer step or `load_state_dict`, or by replacing the tensor,
+makes a new key) and on the scaling; it is also cleared by train(True), merge/unmerge, and every
+adapter change (add/delete/set_scale/set_adapter). Training never uses it.
+
+Deliberate difference from PEFT: with several active DoRA adapters, each one rescales the base output
+W x alone; PEFT rescales the running result, which already holds the earlier adapters' updates.
 """
 
 import math
