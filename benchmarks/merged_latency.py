@@ -55,7 +55,7 @@ class BenchmarkConfig:
 QUICK = dict(embed_dim=64, n_layers=2, n_heads=4, vocab_size=512, context_length=64, shapes=((4, 64), (1, 8)),
              repeats=5, warmup=1, min_sample_ms=2.0)
 CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_length=512,
-            shapes=((8, 512), (1, 32)), repeats=30, warmup=5, min_sample_ms=10.0)
+            shapes=((8, 512), (1, 32)), repeats=40, warmup=5, min_sample_ms=50.0)
 
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:

@@ -23,6 +23,10 @@ Methods (all train with AdamW; on CUDA the weights are bfloat16, on CPU float32)
     qlora       ours: quant.quantize_model (NF4 + double quantization, lm_head kept) then lora.apply_lora
     bnb_qlora   CUDA only: bitsandbytes.nn.Linear4bit base + PEFT adapters, the reference QLoRA stack
     <m>+ckpt    the same with gradient checkpointing (MiniGPT recomputes each block in backward)
+    <m>+compile the same under torch.compile (fuses the LoRA branch's small element-wise kernels)
+
+QLoRA adapters are float32 (lora/ keeps adapters on a 4-bit base in float32, as PEFT does by default),
+so bnb_qlora's PEFT adapters are float32 too; LoRA adapters on a bf16 base are bf16 in both libraries.
 
 Peak memory: CUDA max_memory_allocated during the steps (absolute: weights included); CPU the peak
 resident memory above the resident size before the model was built, each method in a fresh process
@@ -30,6 +34,8 @@ resident memory above the resident size before the model was built, each method 
 """
 
 import argparse
+import json
+import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Tuple
@@ -89,13 +95,13 @@ def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
 # Building one method's model and optimizer
 # ----------------------------------------------------------------------------------------------------
 
-def split_method(method: str) -> Tuple[str, bool]:
-    """'lora+ckpt' -> ('lora', True); 'qlora' -> ('qlora', False). Unknown names raise ValueError."""
-    base, _, suffix = method.partition("+")
-    if base not in ALL_METHODS or suffix not in ("", "ckpt"):
+def split_method(method: str) -> Tuple[str, bool, bool]:
+    """'lora+ckpt' -> ('lora', True, False); 'qlora+compile' -> ('qlora', False, True). Unknown names raise."""
+    base, *suffixes = method.split("+")
+    if base not in ALL_METHODS or any(suffix not in ("ckpt", "compile") for suffix in suffixes):
         raise ValueError(f"unknown training-step method {method!r}; valid: {ALL_METHODS}, each optionally "
-                         f"with '+ckpt' (gradient checkpointing)")
-    return base, suffix == "ckpt"
+                         f"with '+ckpt' (gradient checkpointing) and/or '+compile' (torch.compile)")
+    return base, "ckpt" in suffixes, "compile" in suffixes
 
 
 def weight_dtype(config: BenchmarkConfig) -> torch.dtype:
@@ -109,7 +115,7 @@ def gpt_config(config: BenchmarkConfig, checkpointing: bool) -> GPTConfig:
                      gradient_checkpointing=checkpointing)
 
 
-def _inject_peft_lora(model: nn.Module, config: BenchmarkConfig, dtype: torch.dtype) -> None:
+def _inject_peft_lora(model: nn.Module, config: BenchmarkConfig, adapter_dtype: torch.dtype) -> None:
     import peft
     peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
                                   target_modules=list(config.target_modules))
@@ -117,7 +123,7 @@ def _inject_peft_lora(model: nn.Module, config: BenchmarkConfig, dtype: torch.dt
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
         if "lora_" in name:
-            parameter.data = parameter.data.to(dtype)  # same adapter dtype as ours (PEFT may upcast to fp32)
+            parameter.data = parameter.data.to(adapter_dtype)  # the adapter dtype ours uses on this base
 
 
 def _swap_in_bitsandbytes_4bit(model: nn.Module, dtype: torch.dtype, device: str) -> None:
@@ -138,7 +144,7 @@ def _swap_in_bitsandbytes_4bit(model: nn.Module, dtype: torch.dtype, device: str
 
 def build_method(method: str, config: BenchmarkConfig):
     """(model, optimizer, use_autocast) for one method, on config.device, ready to step."""
-    base_method, checkpointing = split_method(method)
+    base_method, checkpointing, compiled = split_method(method)
     device, dtype = config.device, weight_dtype(config)
     torch.manual_seed(config.seed)
     with torch.device(device):  # initialise directly on the device: fast, and no CPU copy left behind
@@ -154,9 +160,11 @@ def build_method(method: str, config: BenchmarkConfig):
         lora.apply_lora(model, lora.LoRAConfig(r=config.rank, alpha=config.alpha,
                                                target_modules=list(config.target_modules)))
     elif base_method in ("peft_lora", "bnb_qlora"):
-        _inject_peft_lora(model, config, dtype)
+        _inject_peft_lora(model, config, torch.float32 if base_method == "bnb_qlora" else dtype)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda")
+    if compiled:
+        model = torch.compile(model)  # compiles at the first step (a warm-up step, never a timed one)
     return model, optimizer, use_autocast
 
 
@@ -250,7 +258,7 @@ def available_methods(config: BenchmarkConfig, notes: list) -> list:
     """The configured methods that can run here; the rest are dropped with a note."""
     methods = []
     for method in config.methods:
-        base_method, _ = split_method(method)
+        base_method, _, _ = split_method(method)
         if base_method in CUDA_ONLY_METHODS and config.device != "cuda":
             continue
         needed = {"peft_lora": ["peft"], "bnb_qlora": ["peft", "bitsandbytes"]}.get(base_method, [])
@@ -323,7 +331,9 @@ def main(config: BenchmarkConfig) -> dict:
             try:
                 built[method] = build_method(method, config)
                 steps[method] = make_training_step(*built[method], batch)
+                steps[method]()  # one step outside the timing: compiles, and proves the method runs
             except Exception as error:
+                steps.pop(method, None)
                 notes.append(f"training_step: {method} failed to build: {type(error).__name__}: {error}")
         timings = time_side_by_side(steps, config.device, warmup=config.warmup, repeats=config.repeats)
         per_batch[batch_key] = {"batch_size": batch_size, "tokens": tokens,
@@ -368,18 +378,41 @@ def parse_args(argv=None) -> BenchmarkConfig:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats (a smoke run)")
     parser.add_argument("--repeats", type=int, help="timed rounds")
-    parser.add_argument("--methods", help=f"comma-separated subset of {ALL_METHODS} (each may end in +ckpt)")
+    parser.add_argument("--methods", help=f"comma-separated subset of {ALL_METHODS} (+ckpt, +compile suffixes)")
+    parser.add_argument("--embed-dim", type=int, help="model width C (a wider model shows the LoRA bound)")
+    parser.add_argument("--n-layers", type=int, help="transformer blocks")
+    parser.add_argument("--n-heads", type=int, help="attention heads")
+    parser.add_argument("--batch-sizes", help="comma-separated sequences per step, e.g. 2,8,32")
+    parser.add_argument("--no-memory", action="store_true", help="time only (no peak-memory measurement)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, "
-                     f"--quick, --repeats N, --methods a,b,c")
+                     f"--quick, --repeats N, --methods a,b,c, --embed-dim C, --n-layers N, --n-heads N, "
+                     f"--batch-sizes 2,8, --no-memory, --json PATH")
     config = default_config(args.device, args.quick)
-    if args.repeats is not None:
-        config = replace(config, repeats=args.repeats)
+    changes = {"repeats": args.repeats, "embed_dim": args.embed_dim, "n_layers": args.n_layers,
+               "n_heads": args.n_heads}
+    config = replace(config, **{key: value for key, value in changes.items() if value is not None})
     if args.methods:
         config = replace(config, methods=tuple(args.methods.split(",")))
-    return config
+    if args.batch_sizes:
+        config = replace(config, batch_sizes=tuple(int(size) for size in args.batch_sizes.split(",")))
+    if args.no_memory:
+        config = replace(config, measure_memory=False)
+    return config, args.json
+
+
+def write_json(results: dict, path: str) -> None:
+    """Write results to `path` through a temporary file, so a crash never leaves half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(results, file, indent=1, default=str)
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    cli_config, json_path = parse_args(sys.argv[1:])
+    cli_results = main(cli_config)
+    if json_path:
+        write_json(cli_results, json_path)

@@ -82,7 +82,8 @@ def test_quick_suite_writes_json_and_markdown(tmp_path):
     assert "32 tokens step time lora/full" in ratio_names
     assert "batch 2 x 16 tokens latency lora_merged/base" in ratio_names
     for row in saved["table"]:
-        assert row["median"] > 0
+        # subtle: in-process CPU memory can rise by 0 bytes (freed memory reused), so only times must be > 0
+        assert row["median"] > 0 if "time" in row["ratio"] or "latency" in row["ratio"] else row["median"] >= 0
     merged = saved["benchmarks"]["merged_latency"]["merged_vs_unmerged_max_abs_logit_difference"]
     assert max(merged.values()) < 1e-4  # merging changed nothing but rounding
     markdown = (out_dir / "results.md").read_text()
