@@ -197,6 +197,11 @@ def setup(device: str) -> DistributedContext:
         ValueError: a device that cannot be shared between processes (mps), or more processes per
             machine than GPUs.
     """
+    if dist.is_available() and dist.is_initialized():
+        # already in a group, e.g. finetune.py pretraining its missing base with train.py's main()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistributedContext(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                                  device=_rank_device(device, local_rank))
     world_size_text = os.environ.get("WORLD_SIZE", "1")
     if not world_size_text.isdigit():
         raise RendezvousError(f"environment variable WORLD_SIZE={world_size_text!r} is not a number of "
@@ -210,19 +215,10 @@ def setup(device: str) -> DistributedContext:
         raise RendezvousError(f"WORLD_SIZE={world_size} asks for {world_size} processes, but "
                               f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so "
                               f"they cannot find each other; {LAUNCH_HINT}")
+    device = _rank_device(device, local_rank)
     if device.startswith("cuda"):
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"process with LOCAL_RANK={local_rank} has no GPU: this machine has "
-                             f"{torch.cuda.device_count()}; use --nproc_per_node at most "
-                             f"{torch.cuda.device_count()}, or --device cpu")
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)  # subtle: before the process group, so nccl binds the right GPU
-        backend = "nccl"
-    elif device == "mps":
-        raise ValueError("torchrun with several processes on one Apple GPU (mps) is not supported by "
-                         "torch.distributed; use --device cpu (gloo) or a single process")
-    else:
-        backend = "gloo"
+        torch.cuda.set_device(device)  # subtle: before the process group, so nccl binds the right GPU
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     try:
         # subtle: find the other ranks with a short timeout (a missing rank fails in seconds, not after
         # PyTorch's 30-minute default), then keep the default timeout for the collectives themselves,
@@ -239,6 +235,20 @@ def setup(device: str) -> DistributedContext:
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def _rank_device(device: str, local_rank: int) -> str:
+    """This rank's device: cuda:LOCAL_RANK on GPUs (one GPU per process), the CPU as it is."""
+    if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process with LOCAL_RANK={local_rank} has no GPU: this machine has "
+                             f"{torch.cuda.device_count()}; use --nproc_per_node at most "
+                             f"{torch.cuda.device_count()}, or --device cpu")
+        return f"cuda:{local_rank}"
+    if device == "mps":
+        raise ValueError("torchrun with several processes on one Apple GPU (mps) is not supported by "
+                         "torch.distributed; use --device cpu (gloo) or a single process")
+    return device
+
+
 def cleanup() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
@@ -247,10 +257,15 @@ def cleanup() -> None:
 
 @contextlib.contextmanager
 def process_group(device: str):
-    """setup() on entry, cleanup() on exit, also when training fails; yields the DistributedContext."""
+    """setup() on entry, cleanup() on exit, also when training fails; yields the DistributedContext.
+
+    Nested use (finetune.py calling train.py's main() under torchrun) joins the group already there and
+    leaves it to the outer block to close.
+    """
+    joined_here = not (dist.is_available() and dist.is_initialized())
     context = setup(device)
     try:
         yield context
     finally:
-        if context.enabled:
+        if context.enabled and joined_here:
             cleanup()

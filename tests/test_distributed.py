@@ -100,6 +100,13 @@ def test_single_process_context_does_nothing_distributed():
     context.barrier()
 
 
+def test_process_group_inside_a_running_group_joins_it_and_leaves_it_open(one_rank_group):
+    # what finetune.py does under torchrun when it pretrains its missing base with train.py's main()
+    with distributed.process_group("cpu") as context:
+        assert (context.rank, context.world_size, context.device) == (0, 1, "cpu")
+    assert dist.is_initialized()  # closing it is the outer block's job
+
+
 # ---- a missing rendezvous ----------------------------------------------------------------------------
 
 def torchrun_environment(monkeypatch, rank: int, **extra):
