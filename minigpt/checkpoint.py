@@ -66,12 +66,31 @@ def check_model_dir(model_dir) -> Path:
     return model_dir
 
 
-def load_model(model_dir, device="cpu"):
-    """Rebuild (model, tokenizer) from a checkpoint folder written by save_model.
+def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = False):
+    """Rebuild (model, tokenizer) from a checkpoint folder, optionally with a fine-tuned adapter on top.
+
+    Args:
+        model_dir: a folder written by save_model (a base model, or a merged / fully fine-tuned one).
+        adapter: an adapter folder written by finetune.py (lora_config.json, lora_weights.pt,
+            embedding_weights.pt, tokenizer.json), made from this base; its new vocabulary rows are
+            added and its LoRA / DoRA adapter applied (see minigpt/finetuning.py).
+        device: where the model goes.
+        quantize_base: with an adapter, quantize the base to NF4 first (as QLoRA trained it).
+
+    Returns:
+        (model in eval mode, tokenizer); with an adapter, the expanded tokenizer of the adapter folder.
 
     Example:
         >>> model, tokenizer = load_model("dist/base_model")   # doctest: +SKIP
+        >>> model, tokenizer = load_model("dist/base_model", adapter="dist/finetuning_results/lora_adapter")  # doctest: +SKIP
+        >>> model, tokenizer = load_model("dist/finetuning_results/lora_merged")   # doctest: +SKIP
     """
+    if adapter is not None:
+        from minigpt.finetuning import load_finetuned_adapter
+
+        base_model, base_tokenizer = load_model(model_dir)
+        model, tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter, quantize_base=quantize_base)
+        return model.to(device).eval(), tokenizer
     from tokenizer import load_tokenizer
 
     model_dir = check_model_dir(model_dir)

@@ -1,0 +1,261 @@
+"""Fine-tune the base MiniGPT on a new domain with LoRA, save adapter and merged model, compare methods.
+
+    python finetune.py                              # everything below, about a minute on a laptop CPU
+    python finetune.py --methods lora               # only LoRA (any subset of full,layer_frozen,lora,dora,qlora)
+    python finetune.py --rank 16 --alpha 32 --targets q_proj,v_proj --lr 3e-3 --epochs 40
+    python finetune.py --data my_text.txt           # your own text (it must contain words the base lacks)
+    python finetune.py --task fact-correction       # LoRA on v_proj only vs on all attention projections
+    python -m minigpt.generate --model dist/finetuning_results/lora_merged --prompt "the soup"
+    python -m minigpt.generate --model dist/base_model --adapter dist/finetuning_results/lora_adapter --prompt "the soup"
+
+The default run (task "new-domain"):
+  1. loads dist/base_model/ (pretraining it first with train.py's main if it does not exist);
+  2. adds the new-domain words (weather, cooking) to the tokenizer, and new rows to tok_emb / lm_head
+     (minigpt/vocab.py);
+  3. fine-tunes with LoRA on q/k/v/o, training only the adapters and the new rows;
+  4. writes, atomically (an interrupted run leaves the previous results untouched):
+
+         dist/finetuning_results/
+           lora_adapter/    lora_weights.pt  embedding_weights.pt  lora_config.json  tokenizer.json
+           lora_merged/     config.json  model.pt  tokenizer.json
+           full_finetuned/  layer_frozen/  dora_adapter/  qlora_adapter/
+           comparison.png   results.json
+
+     and checks that the merged model and base + adapter give the same logits;
+  5. trains full fine-tuning, layer freezing, DoRA and QLoRA on the same data, steps and seed and prints
+     the comparison table (trainable parameters, validation loss, forgetting, bytes, memory, time);
+  6. prints the top-3 next words for a few prompts before and after.
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import lora
+from minigpt import load_model, probe_accuracy, save_model
+from minigpt.atomic import atomic_directory
+from minigpt.checkpoint import check_model_dir
+from minigpt.cli import parse_config
+from minigpt.data import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
+                          new_domain_probes, read_text_file)
+from minigpt.finetuning import (ADAPTER_METHODS, METHODS, comparison_table, edit_report, edit_table, folder_bytes,
+                                max_logit_difference, merged_copy, plot_comparison, prediction_table,
+                                save_finetuned_adapter, setup_method, train_method)
+from minigpt.training import TrainConfig, pick_device, train_model
+from minigpt.vocab import expand_vocabulary, new_words_in
+
+DEFAULT_BASE = "dist/base_model"
+TASKS = ("new-domain", "fact-correction")
+SAVED_FOLDER = {"full": "full_finetuned", "layer_frozen": "layer_frozen", "lora": "lora_adapter",
+                "dora": "dora_adapter", "qlora": "qlora_adapter"}
+FACT_VARIANTS = {"v_proj only": ("v_proj",), "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: str = "new-domain"  # "new-domain" (compare methods) or "fact-correction" (v_proj vs all attention)
+    methods: str = "full,layer_frozen,lora,dora,qlora"  # comma-separated subset to run, in this order
+    base: str = DEFAULT_BASE  # the base checkpoint; the default one is pretrained first if missing
+    out: str | None = None  # results folder; default dist/finetuning_results (dist/fact_correction for the task)
+    data: str | None = None  # your own fine-tuning text instead of the built-in new-domain set
+    rank: int = 8  # r of B @ A: 8 is plenty for ~40 new words and a few sentence patterns
+    alpha: float = 16.0  # scaling alpha / r = 2: the common "alpha = 2r" rule, the adapter learns fast
+    dropout: float = 0.0  # LoRA dropout; the set is tiny and we evaluate on held-out sentences anyway
+    targets: str = "q_proj,k_proj,v_proj,o_proj"  # every attention projection (QLoRA: adapt them all)
+    dora: bool = False  # make the main adapter (lora_adapter/) a DoRA adapter
+    rslora: bool = False  # rsLoRA scaling alpha / sqrt(r)
+    lora_plus_ratio: float = 1.0  # LoRA+: B learns this many times faster than A (16 in the paper); 1 = off
+    init: str = "kaiming"  # LoRA A init: kaiming | gaussian | pissa | olora
+    lr: float = 5e-3  # adapter learning rate: LoRA tolerates (and needs) more than full fine-tuning
+    full_lr: float = 1e-3  # learning rate of full fine-tuning and layer freezing
+    epochs: float = 50.0  # passes over the fine-tuning tokens (one epoch = tokens / (batch_size * context))
+    steps: int | None = None  # set to train exactly this many steps instead of epochs
+    batch_size: int = 16  # windows per step
+    warmup_steps: int = 10  # linear warmup before the cosine decay
+    early_stopping_patience: int | None = None  # stop after this many epochs without a better val loss
+    seed: int = 0  # same seed, same numbers (on CPU)
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    plot: bool = True  # write comparison.png
+    progress: bool = True  # tqdm progress bars
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if not methods or unknown:
+        raise ValueError(f"--methods {text!r}: unknown or empty; choose a comma-separated subset of {','.join(METHODS)}")
+    return [name for name in METHODS if name in methods]
+
+
+def check_config(config: FinetuneConfig) -> None:
+    """Reject bad option values before any work starts."""
+    if config.task not in TASKS:
+        raise ValueError(f"--task {config.task!r} is unknown; use one of {', '.join(TASKS)}")
+    parse_methods(config.methods)
+    if config.steps is not None and config.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {config.steps}")
+    if not config.epochs > 0:
+        raise ValueError(f"--epochs must be positive, got {config.epochs}")
+    if config.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if not (config.lr > 0 and config.full_lr > 0):
+        raise ValueError(f"--lr and --full-lr must be positive, got {config.lr} and {config.full_lr}")
+
+
+def lora_config_from(config: FinetuneConfig, targets=None) -> lora.LoRAConfig:
+    target_names = targets or tuple(name.strip() for name in config.targets.split(",") if name.strip())
+    return lora.LoRAConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=target_names,
+                           use_dora=config.dora, use_rslora=config.rslora, init=config.init)
+
+
+def load_or_pretrain_base(config: FinetuneConfig, device: str):
+    """(model, tokenizer) of --base; the default base is pretrained first if it does not exist yet."""
+    if config.base == DEFAULT_BASE and not Path(DEFAULT_BASE).exists():
+        import train
+        print(f"no base model at {DEFAULT_BASE}/: pretraining one first (python train.py)")
+        train.main(train.PretrainConfig(out=DEFAULT_BASE, device=device, seed=config.seed, progress=config.progress,
+                                        plot=config.plot))
+    check_model_dir(config.base)
+    return load_model(config.base)
+
+
+def train_config_for(config: FinetuneConfig, stream: TokenStream, device: str, desc: str) -> TrainConfig:
+    """Steps from --steps, or from --epochs; validation once per epoch."""
+    steps_per_epoch = max(1, math.ceil(len(stream) / (config.batch_size * stream.context_length)))
+    steps = config.steps or max(1, round(config.epochs * steps_per_epoch))
+    return TrainConfig(steps=steps, batch_size=config.batch_size, lr=config.lr,
+                       warmup_steps=min(config.warmup_steps, steps // 2), eval_interval=steps_per_epoch,
+                       early_stopping_patience=config.early_stopping_patience, seed=config.seed, device=device,
+                       progress=config.progress, desc=desc)
+
+
+def known_probes(probes, tokenizer):
+    """The probes whose prompt and answer the tokenizer knows (all of them for the built-in base)."""
+    if not hasattr(tokenizer, "unknown_words"):
+        return []
+    return [probe for probe in probes if not tokenizer.unknown_words(probe.prompt + " " + probe.answer)]
+
+
+def main(config: FinetuneConfig) -> dict:
+    """Run the task of `config`; returns its figures (see the module docstring)."""
+    check_config(config)
+    if config.task == "fact-correction":
+        return fact_correction(config)
+    return new_domain(config)
+
+
+def new_domain(config: FinetuneConfig) -> dict:
+    start = time.perf_counter()
+    device = pick_device(config.device)
+    methods = parse_methods(config.methods)
+    out_dir = Path(config.out or "dist/finetuning_results")
+    base_model, base_tokenizer = load_or_pretrain_base(config, device)
+    lora_config = lora_config_from(config)
+
+    corpus = read_text_file(config.data) if config.data else new_domain_corpus()
+    new_words = new_words_in(base_tokenizer, corpus.train + corpus.val)
+    if not new_words and hasattr(base_tokenizer, "unknown_words"):
+        raise ValueError(f"{config.data or 'the fine-tuning data'} has no words the base model does not know; "
+                         f"this run teaches new words, so give it text with a new vocabulary")
+    model, tokenizer, new_ids = expand_vocabulary(base_model, base_tokenizer, new_words, seed=config.seed)
+    base_vocab_size = base_model.config.vocab_size
+    print(f"base {config.base}: {base_model.num_parameters():,} parameters, vocabulary {base_vocab_size} "
+          f"+ {len(new_ids)} new words ({', '.join(new_words[:8])}{', ...' if len(new_words) > 8 else ''})")
+    train_stream = TokenStream(corpus.train, tokenizer, base_model.config.context_length)
+    val_stream = TokenStream(corpus.val, tokenizer, base_model.config.context_length)
+    train_config = train_config_for(config, train_stream, device, desc="")
+    base_probes = known_probes(base_fact_probes(), base_tokenizer)
+    domain_probes = known_probes(new_domain_probes(), tokenizer) if config.data is None else []
+    base_accuracy = probe_accuracy(base_model, base_tokenizer, base_probes) if base_probes else float("nan")
+
+    results, trained = [], {}
+    with atomic_directory(out_dir) as tmp:
+        for method in methods:
+            setup = setup_method(method, model, base_vocab_size, lora_config, lr=config.lr, full_lr=config.full_lr,
+                                 lora_plus_ratio=config.lora_plus_ratio, seed=config.seed)
+            setup.model.to(device)
+            method_config = TrainConfig(**{**asdict(train_config), "desc": method,
+                                           "lr": config.lr if method in ADAPTER_METHODS else config.full_lr})
+            result = train_method(setup, train_stream, val_stream, method_config, tokenizer, base_probes, domain_probes)
+            folder = tmp / SAVED_FOLDER[method]
+            if method in ADAPTER_METHODS:
+                save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, folder)
+            else:
+                save_model(setup.model, tokenizer, folder)
+            result.disk_bytes = folder_bytes(folder)
+            results.append(result)
+            trained[method] = setup.model
+            if method == "lora":
+                merged = merged_copy(setup.model)
+                save_model(merged, tokenizer, tmp / "lora_merged")
+                merged_difference = max_logit_difference(merged, setup.model, val_stream)
+                print(f"lora_merged vs base + lora_adapter: max |logit difference| = {merged_difference:.2e}")
+        table = comparison_table(results, base_accuracy)
+        plot_path = plot_comparison(results, base_accuracy, tmp / "comparison.png") if config.plot else None
+        summary = {"config": asdict(config), "base_accuracy": base_accuracy, "new_words": new_words,
+                   "steps": train_config.steps, "methods": [asdict(r) for r in results]}
+        (tmp / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    print(f"\n{len(train_stream):,} training tokens, {train_config.steps} steps of {config.batch_size} x "
+          f"{train_stream.context_length} tokens, seed {config.seed}, device {device}")
+    print(table)
+    models = {"base": (base_model, base_tokenizer)}
+    models.update({method: (trained[method], tokenizer) for method in trained})
+    domain_prompts = [probe.prompt for probe in domain_probes[:3]]
+    fact_prompts = [probe.prompt for probe in base_probes[:3]]
+    predictions = prediction_table(models, tokenizer, domain_prompts + fact_prompts)
+    print("\ntop-3 next words, before (base) and after:\n" + predictions)
+    wall_time = time.perf_counter() - start
+    print(f"\nwrote {out_dir}/ in {wall_time:.1f} s")
+    return {"out_dir": str(out_dir), "results": results, "base_accuracy": base_accuracy, "table": table,
+            "new_words": new_words, "steps": train_config.steps, "plot": str(out_dir / "comparison.png") if plot_path else None,
+            "merged_max_difference": merged_difference if "lora" in trained else None,
+            "predictions": predictions, "wall_time_s": wall_time}
+
+
+def fact_correction(config: FinetuneConfig) -> dict:
+    """LoRA on v_proj only vs on q, k, v, o: efficacy (edited facts) and locality (related facts)."""
+    start = time.perf_counter()
+    device = pick_device(config.device)
+    out_dir = Path(config.out or "dist/fact_correction")
+    base_model, base_tokenizer = load_or_pretrain_base(config, device)
+    edit_set = fact_correction_set()
+    new_words = new_words_in(base_tokenizer, edit_set.train)
+    model, tokenizer, _ = expand_vocabulary(base_model, base_tokenizer, new_words, seed=config.seed)
+    base_vocab_size = base_model.config.vocab_size
+    train_stream = TokenStream(edit_set.train, tokenizer, base_model.config.context_length)
+    reports = []
+    with atomic_directory(out_dir) as tmp:
+        for variant, targets in FACT_VARIANTS.items():
+            setup = setup_method("lora", model, base_vocab_size, lora_config_from(config, targets), lr=config.lr,
+                                 full_lr=config.full_lr, lora_plus_ratio=config.lora_plus_ratio, seed=config.seed)
+            setup.model.to(device)
+            train_model(setup.model, train_stream, None, train_config_for(config, train_stream, device, variant),
+                        optimizer=torch.optim.AdamW(setup.param_groups, lr=config.lr, betas=(0.9, 0.95)))
+            setup.model.cpu().eval()
+            reports.append(edit_report(variant, setup.trainable_params, model, setup.model, tokenizer, edit_set))
+            save_finetuned_adapter(setup.model, tokenizer, base_vocab_size,
+                                   tmp / ("v_proj_adapter" if targets == ("v_proj",) else "attention_adapter"))
+        table = edit_table(reports)
+        (tmp / "fact_correction.txt").write_text(table + "\n")
+    print(table)
+    wall_time = time.perf_counter() - start
+    print(f"\nwrote {out_dir}/ in {wall_time:.1f} s")
+    return {"out_dir": str(out_dir), "reports": reports, "table": table, "wall_time_s": wall_time}
+
+
+def parse_args(argv=None) -> FinetuneConfig:
+    return parse_config(FinetuneConfig, argv, description="Fine-tune MiniGPT with LoRA and compare methods.")
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    try:
+        main(config)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")

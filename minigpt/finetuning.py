@@ -1,0 +1,337 @@
+"""Fine-tuning methods side by side: what each one trains, and what it costs.
+
+Every method starts from the same expanded base model (new vocabulary rows included, see vocab.py),
+trains with the same loop (`minigpt.training.train_model`), the same data, steps and seed. They
+differ only in which parameters train:
+
+    method        trains                                                 stores
+    full          every parameter                                        the whole model
+    layer_frozen  the last block, ln_f, tok_emb and lm_head (all rows)    the whole model
+    lora          LoRA A, B on the targets (Hu et al., 2021) + new rows   adapter + new rows
+    dora          LoRA + a magnitude per output row (Liu et al., 2024)    adapter + new rows
+    qlora         LoRA on an NF4 4-bit frozen base (Dettmers et al., 2023) adapter + new rows
+
+"new rows" are the tok_emb / lm_head rows of the words the base model did not know; they train in
+every method (train_new_rows_only keeps the old rows bit-identical in the adapter methods).
+
+An adapter folder (what `save_finetuned_adapter` writes and `load_finetuned_adapter` reads):
+
+    lora_adapter/
+      lora_config.json      the LoRAConfig (lora.save_adapter)
+      lora_weights.pt       A [r, in], B [out, r] (and DoRA's magnitude [out]) per target
+      embedding_weights.pt  the new rows of tok_emb and lm_head, and the base vocabulary size
+      tokenizer.json        the expanded tokenizer (base vocabulary + new words)
+"""
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import lora
+from minigpt.atomic import atomic_directory
+from minigpt.model import MiniGPT
+from minigpt.predict import probability_of, probe_accuracy, top_next_words
+from minigpt.training import TrainConfig, train_model
+from minigpt.vocab import (EMBEDDING_FILE, check_tokenizer_extends, count_new_row_parameters, load_new_rows,
+                           new_rows_param_group, save_new_rows, train_new_rows_only, with_new_rows)
+
+METHODS = ("full", "layer_frozen", "lora", "dora", "qlora")
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+
+
+@dataclass
+class MethodSetup:
+    """A model ready to train with one method, and the optimizer groups that train it."""
+
+    method: str
+    model: MiniGPT  # the model to train (LoRA-wrapped and/or quantized for the adapter methods)
+    param_groups: list  # for torch.optim.AdamW: only the trainable parameters
+    trainable_params: int  # what actually changes (new rows only, for the adapter methods' embeddings)
+    total_params: int  # every parameter of the model as it trains (a 4-bit weight counts in * out)
+
+
+@dataclass
+class MethodResult:
+    """What one method did: the numbers of the comparison table."""
+
+    method: str
+    trainable_params: int
+    total_params: int
+    val_loss: float  # new-domain validation loss at the end
+    base_accuracy_after: float  # base-fact probe accuracy after fine-tuning (forgetting)
+    domain_accuracy_after: float  # new-domain probe accuracy after fine-tuning
+    weight_bytes: int  # parameters + buffers held while training (4-bit codes for QLoRA)
+    disk_bytes: int = 0  # the saved folder (adapter or whole model)
+    wall_time_s: float = 0.0  # the training loop only
+    val_curve: list = field(default_factory=list)  # [(step, val_loss)]
+    train_curve: list = field(default_factory=list)  # [(step, train_loss)]
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer: the weight memory a model holds."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def folder_bytes(folder) -> int:
+    """Total size of the files in a folder (what it costs on disk)."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lora_config: lora.LoRAConfig,
+                 lr: float, full_lr: float, weight_decay: float = 0.1, lora_plus_ratio: float = 1.0,
+                 seed: int = 0) -> MethodSetup:
+    """A deep copy of `expanded_model` prepared for `method` (the input is never changed).
+
+    Args:
+        method: one of METHODS.
+        expanded_model: the base model with its new vocabulary rows (vocab.expand_vocabulary).
+        base_vocab_size: rows below this index are the base vocabulary.
+        lora_config: the adapter for lora / dora / qlora (dora forces use_dora=True, the others False).
+        lr: learning rate of the adapter methods (A, B, magnitude, new rows).
+        full_lr: learning rate of full fine-tuning and layer freezing.
+        weight_decay: AdamW decay of the 2-D weights in full / layer_frozen (adapters use 0, as PEFT).
+        lora_plus_ratio: LoRA+: B (and DoRA's magnitude) learn lora_plus_ratio times faster; 1 is plain LoRA.
+        seed: seeds the adapter initialisation (A ~ kaiming uniform).
+
+    Returns:
+        MethodSetup with the model and its optimizer groups.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    model = copy.deepcopy(expanded_model)
+    torch.manual_seed(seed)
+    if method in ("full", "layer_frozen"):
+        for parameter in model.parameters():
+            parameter.requires_grad_(method == "full")
+        if method == "layer_frozen":
+            for module in (model.blocks[-1], model.ln_f, model.tok_emb, model.lm_head):
+                module.requires_grad_(True)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        param_groups = [{"params": [p for p in trainable if p.dim() >= 2], "lr": full_lr, "weight_decay": weight_decay},
+                        {"params": [p for p in trainable if p.dim() < 2], "lr": full_lr, "weight_decay": 0.0}]
+        total = sum(p.numel() for p in model.parameters())
+        return MethodSetup(method, model, param_groups, sum(p.numel() for p in trainable), total)
+
+    if method == "qlora":
+        from quant import quantize_model
+        quantize_model(model)  # every Linear but lm_head -> frozen NF4 (QLoRA section 3)
+    config = dataclasses.replace(lora_config, use_dora=(method == "dora"))
+    lora.apply_lora(model, config)  # freezes everything, adds A, B (B = 0: the start is the base model)
+    # subtle: groups first, while only the adapter trains; then the new rows get their own group
+    param_groups = lora.lora_plus_param_groups(model, lr=lr, ratio=lora_plus_ratio, weight_decay=0.0)
+    adapter_params = sum(p.numel() for group in param_groups for p in group["params"])
+    train_new_rows_only(model, base_vocab_size)
+    param_groups.append(new_rows_param_group(model, lr))
+    _, total = lora.count_parameters(model)
+    trainable = adapter_params + count_new_row_parameters(model, base_vocab_size)
+    return MethodSetup(method, model, param_groups, trainable, total)
+
+
+def train_method(setup: MethodSetup, train_stream, val_stream, train_config: TrainConfig, tokenizer,
+                 base_probes, domain_probes) -> MethodResult:
+    """Train `setup.model` with the shared loop and measure it (val loss, probe accuracy, memory, time)."""
+    optimizer = torch.optim.AdamW([group for group in setup.param_groups if group["params"]],
+                                  lr=train_config.lr, betas=(0.9, 0.95))
+    result = train_model(setup.model, train_stream, val_stream, train_config, optimizer=optimizer)
+    setup.model.cpu().eval()
+    return MethodResult(
+        method=setup.method, trainable_params=setup.trainable_params, total_params=setup.total_params,
+        val_loss=result.final_val_loss,
+        base_accuracy_after=probe_accuracy(setup.model, tokenizer, base_probes),
+        domain_accuracy_after=probe_accuracy(setup.model, tokenizer, domain_probes) if domain_probes else float("nan"),
+        weight_bytes=weight_bytes(setup.model), wall_time_s=result.wall_time_s,
+        val_curve=result.val_curve, train_curve=result.train_curve)
+
+
+# ---- adapter folders ------------------------------------------------------------------------------------
+
+def save_finetuned_adapter(model: torch.nn.Module, tokenizer, base_vocab_size: int, out_dir) -> Path:
+    """Write an adapter folder (lora files + new embedding rows + tokenizer), atomically."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        lora.save_adapter(model, tmp)  # lora_config.json + lora_weights.pt
+        save_new_rows(model, base_vocab_size, tmp / EMBEDDING_FILE)
+        tokenizer.save(tmp / "tokenizer.json")
+    return out_dir
+
+
+def load_finetuned_adapter(base_model: MiniGPT, base_tokenizer, adapter_dir, quantize_base: bool = False):
+    """Rebuild a fine-tuned model from its base and an adapter folder; returns (model, tokenizer).
+
+    Checks, before anything is built, that the adapter's tokenizer extends the base tokenizer and that
+    its embedding rows and LoRA tensors fit the base model; each mismatch is a ValueError naming it.
+
+    Args:
+        base_model, base_tokenizer: the base, as `load_model(base_dir)` returns them (not modified).
+        adapter_dir: a folder written by `save_finetuned_adapter`.
+        quantize_base: quantize the base to NF4 first, as a QLoRA adapter was trained (exact QLoRA
+            logits); False puts the adapter on the full-precision base (close, and faster).
+    """
+    from tokenizer import load_tokenizer
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist; finetune.py writes one, "
+                                f"e.g. dist/finetuning_results/lora_adapter")
+    tokenizer_path = adapter_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path} not found: an adapter folder holds lora_config.json, "
+                                f"lora_weights.pt, {EMBEDDING_FILE} and tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer_extends(base_tokenizer, tokenizer, str(adapter_dir))
+    new_rows = load_new_rows(adapter_dir / EMBEDDING_FILE, base_model)
+    if base_model.config.vocab_size + new_rows["tok_emb.weight"].size(0) != tokenizer.vocab_size:
+        raise ValueError(f"{adapter_dir}: {EMBEDDING_FILE} adds {new_rows['tok_emb.weight'].size(0)} rows to "
+                         f"{base_model.config.vocab_size}, but tokenizer.json has {tokenizer.vocab_size} tokens")
+    model = with_new_rows(base_model, new_rows)
+    if quantize_base:
+        from quant import quantize_model
+        quantize_model(model)
+    lora.load_adapter(model, adapter_dir)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def merged_copy(model: torch.nn.Module) -> MiniGPT:
+    """A plain MiniGPT with the active adapter folded into the weights (W' = W + s B A); `model` is kept."""
+    return lora.merge_and_unload(copy.deepcopy(model)).eval()
+
+
+@torch.no_grad()
+def max_logit_difference(model_a: torch.nn.Module, model_b: torch.nn.Module, stream, batch_size: int = 64) -> float:
+    """Largest |logit_a - logit_b| over one sweep of `stream` (e.g. merged vs base + adapter)."""
+    worst = 0.0
+    for x, _ in stream.iter_windows(batch_size):
+        logits_a, _ = model_a(x)  # (B, T, V)
+        logits_b, _ = model_b(x)  # (B, T, V)
+        worst = max(worst, float((logits_a - logits_b).abs().max()))
+    return worst
+
+
+# ---- what a person wants to see -------------------------------------------------------------------------
+
+def format_top_words(predictions: list[tuple[str, float]]) -> str:
+    """[("oven", 0.91), ("pot", 0.05)] -> "oven 91% | pot 5%"."""
+    return " | ".join(f"{word} {probability:.0%}" for word, probability in predictions)
+
+
+def prediction_table(models: dict, tokenizer, prompts: list[str], k: int = 3) -> str:
+    """A text table: one row per prompt, one column per model, the top-k next words with probabilities."""
+    lines = []
+    for prompt in prompts:
+        lines.append(f'"{prompt} ..."')
+        for name, (model, model_tokenizer) in models.items():
+            lines.append(f"    {name:<10} {format_top_words(top_next_words(model, model_tokenizer, prompt, k))}")
+    return "\n".join(lines)
+
+
+def comparison_table(results: list[MethodResult], base_accuracy: float) -> str:
+    """The methods table: trainable parameters, val loss, forgetting, bytes on disk and in memory, time."""
+    header = (f"{'method':<13}{'trainable':>10}{'%':>8}{'val loss':>10}{'base facts':>18}{'domain':>8}"
+              f"{'disk':>11}{'weights':>11}{'time':>8}")
+    lines = [header, "-" * len(header)]
+    for result in results:
+        facts = f"{base_accuracy:.0%}->{result.base_accuracy_after:.0%}"
+        lines.append(f"{result.method:<13}{result.trainable_params:>10,}{result.trainable_percent:>7.2f}%"
+                     f"{result.val_loss:>10.3f}{facts:>18}{result.domain_accuracy_after:>8.0%}"
+                     f"{_kilobytes(result.disk_bytes):>11}{_kilobytes(result.weight_bytes):>11}"
+                     f"{result.wall_time_s:>7.1f}s")
+    return "\n".join(lines)
+
+
+def _kilobytes(size: int) -> str:
+    return f"{size / 1024:,.1f} KB"
+
+
+def plot_comparison(results: list[MethodResult], base_accuracy: float, path) -> Path:
+    """Save a PNG: validation-loss curves, and bars for base-fact accuracy, trainable % and disk size."""
+    import matplotlib
+    matplotlib.use("Agg")  # subtle: no display needed (servers, CI)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    names = [result.method for result in results]
+    for result in results:
+        if result.val_curve:
+            axes[0].plot(*zip(*result.val_curve), "o-", label=result.method, markersize=3)
+    axes[0].set(title="new-domain validation loss", xlabel="step", ylabel="loss (nats/token)")
+    axes[0].legend()
+    axes[1].bar(names, [100 * result.base_accuracy_after for result in results], color="tab:green")
+    axes[1].axhline(100 * base_accuracy, color="black", linestyle="--", label="base model")
+    axes[1].set(title="base-fact accuracy after (forgetting)", ylabel="%", ylim=(0, 105))
+    axes[1].legend()
+    axes[2].bar(names, [result.trainable_percent for result in results], color="tab:orange")
+    axes[2].set(title="trainable parameters", ylabel="% of the model", yscale="log")
+    axes[3].bar(names, [result.disk_bytes / 1024 for result in results], color="tab:purple")
+    axes[3].set(title="saved folder", ylabel="KB", yscale="log")
+    for axis in axes[1:]:
+        axis.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---- fact correction ------------------------------------------------------------------------------------
+
+@dataclass
+class EditReport:
+    """Efficacy and locality of one fact-correction run."""
+
+    variant: str
+    trainable_params: int
+    edited: list  # (prompt, new_answer, p_new before, p_new after, top-1 after)
+    locality: list  # (prompt, answer, top-1 before, top-1 after)
+
+    @property
+    def efficacy(self) -> float:
+        """Fraction of edited facts whose top-1 is now the new answer."""
+        return sum(top == new for _, new, _, _, top in self.edited) / len(self.edited)
+
+    @property
+    def locality_kept(self) -> float:
+        """Fraction of related, unedited facts whose top-1 did not change."""
+        return sum(before == after for _, _, before, after in self.locality) / len(self.locality)
+
+
+def edit_report(variant: str, trainable_params: int, base_model, edited_model, tokenizer, edit_set) -> EditReport:
+    """Measure an edit: p(new answer) before/after for edited probes, top-1 before/after for locality probes."""
+    edited = []
+    for probe in edit_set.edited_probes:
+        before = probability_of(base_model, tokenizer, probe.prompt, probe.new_answer)
+        after = probability_of(edited_model, tokenizer, probe.prompt, probe.new_answer)
+        top = top_next_words(edited_model, tokenizer, probe.prompt, k=1)[0][0]
+        edited.append((probe.prompt, probe.new_answer, before, after, top))
+    locality = []
+    for probe in edit_set.locality_probes:
+        before = top_next_words(base_model, tokenizer, probe.prompt, k=1)[0][0]
+        after = top_next_words(edited_model, tokenizer, probe.prompt, k=1)[0][0]
+        locality.append((probe.prompt, probe.answer, before, after))
+    return EditReport(variant, trainable_params, edited, locality)
+
+
+def edit_table(reports: list[EditReport]) -> str:
+    """Efficacy per edited fact and locality per related fact, one column per variant."""
+    lines = [f"{'edited fact':<34}{'new':>8}{'p before':>10}" + "".join(f"{r.variant:>24}" for r in reports)]
+    for index, (prompt, new, before, _, _) in enumerate(reports[0].edited):
+        cells = "".join(f"{f'{r.edited[index][3]:.0%} (top: {r.edited[index][4]})':>24}" for r in reports)
+        lines.append(f"{prompt:<34}{new:>8}{before:>10.0%}{cells}")
+    lines.append("")
+    lines.append(f"{'locality fact':<34}{'answer':>8}{'base':>10}" + "".join(f"{r.variant:>24}" for r in reports))
+    for index, (prompt, answer, before, _) in enumerate(reports[0].locality):
+        cells = "".join(f"{r.locality[index][3]:>24}" for r in reports)
+        lines.append(f"{prompt:<34}{answer:>8}{before:>10}{cells}")
+    lines.append("")
+    for report in reports:
+        lines.append(f"{report.variant}: efficacy {report.efficacy:.0%}, locality kept {report.locality_kept:.0%}, "
+                     f"{report.trainable_params:,} trainable parameters")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Sample text from any saved MiniGPT: a base model, a merged or fully fine-tuned one, or base + adapter.
+
+    python -m minigpt.generate --model dist/base_model --prompt "the cat sits on the"
+    python -m minigpt.generate --model dist/finetuning_results/lora_merged --prompt "the soup"
+    python -m minigpt.generate --model dist/base_model --adapter dist/finetuning_results/lora_adapter --prompt "the soup"
+    python -m minigpt.generate --model dist/finetuning_results/lora_merged --prompt "the soup" --temperature 0
+
+Prints the top-3 next words after the prompt, then `--samples` continuations of it.
+"""
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from minigpt.checkpoint import load_model
+from minigpt.cli import parse_config
+from minigpt.predict import top_next_words
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str = "dist/base_model"  # a checkpoint folder (with --adapter: the base the adapter was made from)
+    adapter: str | None = None  # an adapter folder written by finetune.py, put on top of --model
+    prompt: str = "the"  # the text to continue
+    max_new_tokens: int = 12  # words to add (sentences here are short)
+    temperature: float = 0.8  # below 1 sharpens the distribution; 0 always picks the most likely word
+    top_k: int | None = 10  # sample only among the k most likely words
+    samples: int = 3  # how many continuations to print
+    seed: int = 0  # same seed, same samples
+    stop_at_eos: bool = True  # cut each sample at the end of its first sentence
+
+
+def main(config: GenerateConfig) -> dict:
+    """Load the model, return {"top_words": [(word, p), ...], "samples": [text, ...]}."""
+    if config.max_new_tokens < 1 or config.samples < 1:
+        raise ValueError(f"--max-new-tokens and --samples must be at least 1, got "
+                         f"{config.max_new_tokens} and {config.samples}")
+    model, tokenizer = load_model(config.model, adapter=config.adapter)
+    prompt_ids = tokenizer.encode(config.prompt, add_bos=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    idx = torch.tensor([prompt_ids] * config.samples, dtype=torch.long)  # (samples, T)
+    out = model.generate(idx[:, -model.config.context_length:], config.max_new_tokens,
+                         temperature=config.temperature, top_k=config.top_k, generator=generator)
+    texts = []
+    for row in out.tolist():
+        new_ids = row[min(len(prompt_ids), model.config.context_length):]
+        if config.stop_at_eos and tokenizer.eos_id in new_ids:
+            new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
+        texts.append((config.prompt + " " + tokenizer.decode(new_ids)).strip())
+    return {"top_words": top_next_words(model, tokenizer, config.prompt, k=3), "samples": texts}
+
+
+if __name__ == "__main__":
+    config = parse_config(GenerateConfig, description="Sample from a saved MiniGPT (optionally base + adapter).")
+    try:
+        results = main(config)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print("next word: " + " | ".join(f"{word} {p:.0%}" for word, p in results["top_words"]))
+    for text in results["samples"]:
+        print(text)
