@@ -211,9 +211,9 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _measure_cpu_quantize_memory(name: str, config: BenchmarkConfig) -> int:
+def _measure_cpu_quantize_memory(name: str, config: BenchmarkConfig, threads: int) -> int:
     """Runs in a fresh process: rise of peak RSS above the RSS before quantizing (bytes)."""
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(threads)  # as many as the parent uses (a spawned process starts at the default)
     bitsandbytes, _ = _import_bitsandbytes()
     quantize = _quantizers(config, bitsandbytes)[name]
     quantize(torch.randn(256, 256))  # load libraries and lookup tables before measuring
@@ -235,7 +235,7 @@ def ours_analytic_extra_bytes(numel: int, block_size: int, chunk_elements: int, 
     per chunk of c weights: scaled values (4c), int32 codes (4c), the shifted high nibbles (4 * c/2),
     and a float32 copy of the chunk (4c) when the weight is not float32.
     """
-    chunk = min(chunk_elements, numel)
+    chunk = min(chunk_elements, max(numel // 4, 1 << 16), numel)  # as quantize_nf4 picks it
     num_blocks = -(-numel // block_size)
     outputs = (numel + 1) // 2 + 4 * num_blocks + num_blocks
     temporaries = 4 * chunk + 4 * chunk + 2 * chunk + (4 * chunk if weight_element_size != 4 else 0)
@@ -267,7 +267,7 @@ def measure_quantize_memory(config: BenchmarkConfig, names, notes) -> dict:
     for name in names:
         try:
             with context.Pool(1) as pool:
-                results[name] = pool.apply(_measure_cpu_quantize_memory, (name, config))
+                results[name] = pool.apply(_measure_cpu_quantize_memory, (name, config, torch.get_num_threads()))
         except Exception as error:
             notes.append(f"memory measurement failed for {name}: {type(error).__name__}: {error}")
     return results

@@ -314,8 +314,10 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
     packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=device)  # [ceil(n/2)]
     absmax = torch.empty(num_blocks, dtype=torch.float32, device=device)  # [num_blocks]
 
-    # Full blocks, a chunk at a time so that every temporary stays small.
-    blocks_per_chunk = max(1, _chunk_elements(device) // block_size)
+    # Full blocks, a chunk at a time so that every temporary stays small: at most a quarter of the
+    # weight (above 64K elements) per step keeps the peak extra memory well under the weight's own size.
+    chunk_elements = min(_chunk_elements(device), max(numel // 4, 1 << 16))
+    blocks_per_chunk = max(1, chunk_elements // block_size)
     full_blocks = flat[:num_full_blocks * block_size].view(num_full_blocks, block_size)  # [blocks, bs]
     packed_full = packed[:num_full_blocks * block_size // 2].view(num_full_blocks, block_size // 2)
     for start in range(0, num_full_blocks, blocks_per_chunk):

@@ -86,6 +86,18 @@ def test_double_quant_fields(shape, dtype, block_size):
     assert torch.all(ours_error <= bnb_error + 1e-7 * exact)
 
 
+@pytest.mark.parametrize("block_size", [64, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_weight_processed_in_several_chunks(dtype, block_size):
+    # 700,000 elements: several chunks, a ragged last chunk and a partial last block
+    weight = torch.randn(700, 1000, generator=torch.Generator().manual_seed(3)).to(dtype)
+    bnb_packed, bnb_state = bnb_quantize(weight, block_size, double_quant=False)
+    ours = quantize_nf4(weight, block_size=block_size, double_quant=False)
+    assert torch.equal(ours.packed, bnb_packed.reshape(-1))
+    assert torch.equal(ours.absmax, bnb_state.absmax)
+    assert torch.equal(ours.dequantize().reshape(-1), bnbF.dequantize_4bit(bnb_packed, bnb_state).reshape(-1))
+
+
 def test_dequantize_absmax_equals_bitsandbytes_dequantize_blockwise():
     weight = torch.randn(700, 64, generator=torch.Generator().manual_seed(0))  # 700 blocks: 2 full + partial
     _, bnb_state = bnb_quantize(weight, 64, double_quant=True)
@@ -99,6 +111,7 @@ def test_double_quant_codes_differ_rarely_and_only_by_lookup_resolution(dtype):
     weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1)).to(dtype)  # 16384 blocks
     bnb_packed, bnb_state = bnb_quantize(weight, 64, double_quant=True)
     ours = quantize_nf4(weight, block_size=64, double_quant=True)
+    assert torch.equal(ours.packed, bnb_packed.reshape(-1))  # 1M elements: several chunks
     differ = ours.absmax_q != bnb_state.absmax
     fraction = differ.float().mean().item()
     assert fraction < 0.01, f"{fraction:.4%} of the 8-bit absmax codes differ"
