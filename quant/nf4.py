@@ -328,11 +328,12 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         # subtle: bitsandbytes multiplies full blocks by a float32 reciprocal (not a division); the
         # last bit of the scaled value, and so a code on a midpoint, depends on it.
         reciprocal = 1.0 / block_absmax.clamp(min=ABSMAX_FLOOR)  # [b]
-        scaled = (blocks * reciprocal[:, None]).clamp_(-1.0, 1.0)  # [b, bs], in [-1, 1]
+        scaled = blocks * reciprocal[:, None]  # [b, bs], in [-1, 1] up to rounding
+        # subtle: no clamp to [-1, 1] needed here: a value just past +-1 (x * (1/x) can round up)
+        # already gets code 15 or 0, since no midpoint lies beyond +-1. One pass less per chunk.
         codes = nearest_codes(scaled, midpoints)  # [b, bs] int32, 0..15
-        # Pack two codes per byte, first element high (step 6): [b, bs] -> [b, bs/2].
-        torch.bitwise_or(codes[:, 0::2] << 4, codes[:, 1::2], out=codes[:, 0::2])
-        packed_full[start:end] = codes[:, 0::2]  # int32 -> uint8, values 0..255
+        # Pack two codes per byte, first element high (step 6): byte = 16 * first + second.
+        torch.add(codes[:, 1::2], codes[:, 0::2], alpha=16, out=packed_full[start:end])  # [b, bs/2] uint8
         del blocks, scaled, codes  # free this chunk's temporaries before the next one allocates its own
 
     # The partial last block, if any: bitsandbytes divides it by its (clamped, stored) absmax.
