@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 
 from lora.config import LoRAConfig
-from lora.embedding import LoRAEmbedding
 from lora.model import (_lora_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
                         set_adapter)
 
@@ -121,10 +120,9 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> Dict[str, torch.Si
     for path in find_targets(model, config):
         module = model.get_submodule(path)
         rank = _pattern_value(path, config.rank_pattern, config.r)
-        if isinstance(module, (nn.Embedding, LoRAEmbedding)):
-            size_in = module.num_embeddings if isinstance(module, nn.Embedding) else module.in_features
-            size_out = module.embedding_dim if isinstance(module, nn.Embedding) else module.out_features
-        else:
+        if isinstance(module, nn.Embedding):
+            size_in, size_out = module.num_embeddings, module.embedding_dim  # A [r, vocab], B [dim, r]
+        else:  # nn.Linear, 4-bit linear, or a LoRA wrapper (LoRAEmbedding: in = vocab, out = dim)
             size_in, size_out = module.in_features, module.out_features
         expected[f"{path}.lora_A"] = torch.Size((rank, size_in))
         expected[f"{path}.lora_B"] = torch.Size((size_out, rank))

@@ -166,9 +166,10 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
         module = model.get_submodule(name)
         rank = _pattern_value(name, config.rank_pattern, config.r)
         alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
-        size = (module.in_features, module.out_features) if _is_linear_target(module) else \
-            (module.num_embeddings, module.embedding_dim) if isinstance(module, nn.Embedding) else \
-            (module.in_features, module.out_features)
+        if isinstance(module, nn.Embedding):
+            size = (module.num_embeddings, module.embedding_dim)
+        else:  # nn.Linear, a 4-bit linear, or a LoRA wrapper getting one more adapter
+            size = (module.in_features, module.out_features)
         if rank > min(size):
             raise ValueError(f"r={rank} for {name!r} is larger than min(in, out) = {min(size)} of that layer "
                              f"{size}; use r <= {min(size)} (or a rank_pattern entry for it)")

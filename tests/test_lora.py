@@ -278,7 +278,9 @@ def test_apply_lora_on_sequential_and_trainable_line(capsys):
 
 
 def test_target_matching_rules():
-    names = lambda config: lora.find_targets(tiny_lm(), config)  # noqa: E731
+    def names(config):
+        return lora.find_targets(tiny_lm(), config)
+
     assert names(LoRAConfig(target_modules=["q_proj"])) == ["blocks.0.q_proj", "blocks.1.q_proj"]
     assert names(LoRAConfig(target_modules=["1.v_proj"])) == ["blocks.1.v_proj"]
     assert names(LoRAConfig(r=4, target_modules=r"blocks\.0\.[qk]_proj")) == ["blocks.0.q_proj", "blocks.0.k_proj"]

@@ -8,7 +8,6 @@ different order of operations.
 
 import pytest
 import torch
-import torch.nn as nn
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 import lora
