@@ -542,3 +542,13 @@ def test_4bit_base_merge_refused_and_merge_and_unload(use_dora):
 def test_4bit_base_rejects_pissa():
     with pytest.raises(ValueError, match="4-bit"):
         lora.apply_lora(fake_qlora_model(), LoRAConfig(r=2, target_modules=["q_proj"], init="pissa"))
+
+
+def test_rank_and_alpha_patterns_by_suffix_or_regex():
+    model = tiny_lm()
+    config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"blocks.1.q_proj": 2}, alpha_pattern={r"blocks\.\d\.v_proj": 1.0})
+    lora.apply_lora(model, config)
+    assert model.blocks[0].q_proj.scaling["default"] == 2.0 and model.blocks[1].q_proj.rank["default"] == 2
+    assert model.blocks[1].q_proj.scaling["default"] == 4.0  # alpha 8 / r 2
+    assert model.blocks[0].v_proj.scaling["default"] == 0.25 and model.blocks[1].v_proj.scaling["default"] == 0.25
