@@ -5,6 +5,7 @@ Run from the repository root:
     python -m benchmarks.nf4                  # CPU, a 4096x4096 float32 weight (about a minute)
     python -m benchmarks.nf4 --quick          # CPU, 1024x1024, few repeats (a few seconds)
     python -m benchmarks.nf4 --device cuda    # GPU: also bitsandbytes' CUDA kernels and torch.compile
+    python -m benchmarks.nf4 --threads 1      # one CPU thread: steadier figures on a busy machine
 
 What it measures, all in one run, each implementation timed in turn within every round so that a
 busy machine slows them all alike (medians over the rounds are reported):
@@ -49,6 +50,7 @@ class BenchmarkConfig:
     batch_tokens: int = 64  # rows of x in the QLoRA linear forward+backward (CPU); 4x that on CUDA
     lora_rank: int = 16  # rank of the LoRA branch in the QLoRA linear
     measure_memory: bool = True  # run the peak-memory measurement (fresh processes on CPU)
+    threads: int = 0  # torch CPU threads (0: torch's default); 1 is steadier on a busy machine
     seed: int = 0  # the weight is torch.randn with this seed, times 0.02 (a typical init scale)
 
 
@@ -286,6 +288,8 @@ def main(config: BenchmarkConfig) -> dict:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch.cuda.is_available() is False; use --device cpu")
     device = torch.device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     notes = []
     bitsandbytes, note = _import_bitsandbytes()
     if note:
@@ -403,11 +407,12 @@ def parse_args(argv=None) -> BenchmarkConfig:
     parser.add_argument("--quick", action="store_true", help="1024x1024 weight, fewer repeats")
     parser.add_argument("--repeats", type=int, help="timed rounds (default 7)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        valid = "--device {cpu,cuda}, --quick, --repeats N, --no-memory"
+        valid = "--device {cpu,cuda}, --quick, --repeats N, --no-memory, --threads N"
         parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: {valid}")
-    config = BenchmarkConfig(device=args.device, measure_memory=not args.no_memory)
+    config = BenchmarkConfig(device=args.device, measure_memory=not args.no_memory, threads=args.threads)
     if args.quick:
         config = replace(config, **QUICK)
     if args.repeats is not None:
