@@ -1,0 +1,181 @@
+"""finetune.py end to end on a tiny base: folders and files, merged == base + adapter, the adapter folder
+reloads onto a fresh base, old vocabulary rows untouched, fact correction works, bad inputs are clear
+errors, an interrupted write keeps the previous results, same seed gives the same numbers."""
+
+import json
+
+import pytest
+import torch
+
+import finetune
+import train
+from minigpt import load_model
+from minigpt.data import TokenStream, new_domain_corpus
+
+# A base that knows some facts (fact correction needs something to correct) in a few seconds.
+TINY_BASE = dict(steps=200, embed_dim=32, n_layers=1, n_heads=2, context_length=16, batch_size=16, lr=1e-2,
+                 warmup_steps=5, eval_interval=200, plot=False, progress=False, device="cpu")
+ADAPTER_FILES = ["embedding_weights.pt", "lora_config.json", "lora_weights.pt", "tokenizer.json"]
+MODEL_FILES = ["config.json", "model.pt", "tokenizer.json"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "base_model"
+    train.main(train.PretrainConfig(out=str(folder), **TINY_BASE))
+    return folder
+
+
+def tiny_config(base_dir, out, **changes) -> finetune.FinetuneConfig:
+    fields = dict(base=str(base_dir), out=str(out), steps=3, batch_size=4, warmup_steps=1, rank=2, alpha=4.0,
+                  plot=False, progress=False, device="cpu")
+    fields.update(changes)
+    return finetune.FinetuneConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def run(base_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "finetuning_results"
+    return finetune.main(tiny_config(base_dir, out, plot=True)), out
+
+
+def names(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_default_run_writes_every_folder_and_file(run):
+    results, out = run
+    assert names(out) == ["comparison.png", "dora_adapter", "full_finetuned", "layer_frozen", "lora_adapter",
+                          "lora_merged", "qlora_adapter", "results.json"]
+    for adapter in ("lora_adapter", "dora_adapter", "qlora_adapter"):
+        assert names(out / adapter) == ADAPTER_FILES
+    for model in ("lora_merged", "full_finetuned", "layer_frozen"):
+        assert names(out / model) == MODEL_FILES
+    assert [result.method for result in results["results"]] == list(finetune.METHODS)
+    summary = json.loads((out / "results.json").read_text())
+    assert [entry["method"] for entry in summary["methods"]] == list(finetune.METHODS)
+    assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]  # no temp folders left
+
+
+def test_merged_model_equals_base_plus_adapter(run, base_dir):
+    results, out = run
+    assert results["merged_max_difference"] < 1e-5
+    adapted, tokenizer = load_model(base_dir, adapter=out / "lora_adapter")  # a freshly loaded base
+    merged, merged_tokenizer = load_model(out / "lora_merged")
+    assert tokenizer.to_dict() == merged_tokenizer.to_dict()
+    stream = TokenStream(new_domain_corpus().val, tokenizer, context_length=16)
+    x, _ = next(stream.iter_windows(8))
+    torch.testing.assert_close(adapted(x)[0], merged(x)[0], atol=1e-5, rtol=0)
+    assert adapted.config.vocab_size == merged.config.vocab_size > tokenizer.vocab_size - len(results["new_words"]) - 1
+
+
+def test_adapter_methods_leave_old_vocabulary_rows_bit_identical(run, base_dir):
+    _, out = run
+    base, base_tokenizer = load_model(base_dir)
+    old = base.config.vocab_size
+    merged, _ = load_model(out / "lora_merged")
+    assert torch.equal(merged.tok_emb.weight[:old], base.tok_emb.weight)
+    assert torch.equal(merged.lm_head.weight[:old], base.lm_head.weight)
+    assert not torch.equal(merged.tok_emb.weight[old:], base.tok_emb.weight.mean(0).expand_as(merged.tok_emb.weight[old:]))
+    full, _ = load_model(out / "full_finetuned")  # full fine-tuning changes them: the test can see a change
+    assert not torch.equal(full.tok_emb.weight[:old], base.tok_emb.weight)
+
+
+def test_adapter_folder_is_small_and_qlora_loads_on_a_quantized_base(run, base_dir):
+    _, out = run
+    table = {result.method: result for result in run[0]["results"]}
+    assert table["lora"].disk_bytes < table["full"].disk_bytes
+    assert table["lora"].trainable_params < table["layer_frozen"].trainable_params < table["full"].trainable_params
+    assert table["qlora"].weight_bytes < table["lora"].weight_bytes
+    model, _ = load_model(base_dir, adapter=out / "qlora_adapter", quantize_base=True)
+    assert any(type(module).__name__ == "Linear4bit" for module in model.modules())
+
+
+def test_methods_subset_and_same_seed_same_numbers(base_dir, tmp_path):
+    first = finetune.main(tiny_config(base_dir, tmp_path / "a", methods="lora"))
+    second = finetune.main(tiny_config(base_dir, tmp_path / "b", methods="lora"))
+    assert names(tmp_path / "a") == ["lora_adapter", "lora_merged", "results.json"]
+    assert first["results"][0].val_curve == second["results"][0].val_curve
+    assert first["results"][0].train_curve == second["results"][0].train_curve
+
+
+def test_fact_correction_raises_the_edited_facts_probability(base_dir, tmp_path):
+    results = finetune.main(tiny_config(base_dir, tmp_path / "facts", task="fact-correction", steps=100, rank=4,
+                                        alpha=8.0, lr=3e-2, batch_size=16))
+    assert names(tmp_path / "facts") == ["attention_adapter", "fact_correction.txt", "v_proj_adapter"]
+    for report in results["reports"]:
+        before = sum(p_before for _, _, p_before, _, _ in report.edited)
+        after = sum(p_after for _, _, _, p_after, _ in report.edited)
+        assert after > before + 0.1  # five edited facts, summed (a 1-layer 32-dim base learns slowly)
+        assert 0.0 <= report.locality_kept <= 1.0
+    assert "efficacy" in results["table"] and "locality" in results["table"]
+
+
+def test_interrupted_write_keeps_the_previous_results(run, base_dir, monkeypatch):
+    _, out = run
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C in the middle of writing
+
+    monkeypatch.setattr(finetune, "save_finetuned_adapter", crash)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(tiny_config(base_dir, out, methods="full,lora"))
+    after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert after == before
+    assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]
+
+
+def test_missing_or_invalid_base_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        finetune.main(tiny_config(tmp_path / "nowhere", tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a MiniGPT checkpoint"):
+        finetune.main(tiny_config(tmp_path / "empty", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_files_are_clear_errors(base_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="empty"):
+        finetune.main(tiny_config(base_dir, tmp_path / "out", data=str(empty)))
+    known = tmp_path / "known.txt"
+    known.write_text("the cat sits on the table .\n" * 12)
+    with pytest.raises(ValueError, match="no words the base model does not know"):
+        finetune.main(tiny_config(base_dir, tmp_path / "out", data=str(known)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        finetune.main(tiny_config(base_dir, tmp_path / "out", data=str(tmp_path / "missing.txt")))
+
+
+def test_own_data_file_runs(base_dir, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("".join(f"the zorblax sits on the table {i % 3} .\n" for i in range(20)))
+    results = finetune.main(tiny_config(base_dir, tmp_path / "out", data=str(text), methods="lora"))
+    assert "zorblax" in results["new_words"]
+    model, tokenizer = load_model(base_dir, adapter=tmp_path / "out" / "lora_adapter")
+    assert tokenizer.token_to_id("zorblax") is not None
+
+
+def test_adapter_from_a_different_base_is_refused(run, tmp_path):
+    _, out = run
+    other = tmp_path / "other_base"
+    train.main(train.PretrainConfig(out=str(other), **{**TINY_BASE, "steps": 1, "embed_dim": 8}))
+    with pytest.raises(ValueError, match="embed_dim|shape"):
+        load_model(other, adapter=out / "lora_adapter")
+    text = tmp_path / "small.txt"
+    text.write_text("".join(f"a b c d e f {i} .\n" for i in range(40)))
+    small = tmp_path / "small_base"
+    train.main(train.PretrainConfig(out=str(small), data=str(text), **{**TINY_BASE, "steps": 1}))
+    with pytest.raises(ValueError, match="different base|tokens"):
+        load_model(small, adapter=out / "lora_adapter")
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--rnak", "4"])
+    assert finetune.parse_args(["--rank", "4", "--no-plot", "--methods", "lora,qlora"]).rank == 4
+    with pytest.raises(ValueError, match="choose a comma-separated subset"):
+        finetune.main(finetune.FinetuneConfig(methods="lora,sgd"))
+    with pytest.raises(ValueError, match="--task"):
+        finetune.main(finetune.FinetuneConfig(task="translate"))
