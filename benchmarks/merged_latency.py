@@ -18,7 +18,9 @@ Run from the repository root:
 
 Two input shapes: a long prompt batch (prefill, compute-bound on a GPU) and one short sequence (the
 decoding-like case, where launch overhead dominates). Each variant runs side by side in every round;
-a merged/base ratio's spread shows what the machine's noise is.
+a merged/base ratio's spread shows what the machine's noise is. On CUDA every forward is also captured
+once in a CUDA graph and the graph's replays are timed: that is the GPU's own time, free of the host's
+Python and kernel-launch jitter, which on a small model is most of the eager time.
 """
 
 import argparse
@@ -49,6 +51,7 @@ class BenchmarkConfig:
     warmup: int = 3  # untimed rounds
     repeats: int = 15  # timed rounds (ratios near 1.00 need many to see past noise)
     min_sample_ms: float = 5.0  # a sample repeats the forward until it lasts about this long
+    cuda_graphs: bool = True  # CUDA: also time CUDA-graph replays (GPU time without Python launch jitter)
     seed: int = 0
 
 
@@ -90,11 +93,25 @@ def build_variants(config: BenchmarkConfig) -> dict:
     return variants
 
 
+def graph_replay(model, idx):
+    """A zero-argument function replaying `model(idx)` captured in a CUDA graph (PyTorch's recipe)."""
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):  # warm up on a side stream: allocator and cuBLAS settle first
+        for _ in range(3):
+            model(idx)
+    torch.cuda.current_stream().wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(idx)
+    return graph.replay
+
+
 def main(config: BenchmarkConfig) -> dict:
     """Time every variant side by side on each input shape; ratios against the base model."""
     check_device(config.device)
     variants = build_variants(config)
-    per_shape, ratios, agreement = {}, {}, {}
+    per_shape, ratios, agreement, notes = {}, {}, {}, []
     generator = torch.Generator().manual_seed(config.seed + 1)
     for batch_size, tokens in config.shapes:
         if tokens > config.context_length:
@@ -108,17 +125,28 @@ def main(config: BenchmarkConfig) -> dict:
             functions = {name: (lambda model=model: model(idx)) for name, model in variants.items()}
             timings = time_side_by_side(functions, config.device, warmup=config.warmup, repeats=config.repeats,
                                         calls_per_sample=calls)
+            modes = {"": timings}
+            if config.device == "cuda" and config.cuda_graphs:
+                try:
+                    replays = {name: graph_replay(model, idx) for name, model in variants.items()}
+                    modes[", CUDA graph"] = time_side_by_side(replays, config.device, warmup=config.warmup,
+                                                              repeats=config.repeats, calls_per_sample=calls)
+                except Exception as error:  # capture can fail on some builds; the eager figures still stand
+                    notes.append(f"CUDA graph timing skipped: {type(error).__name__}: {error}")
+        for mode, mode_timings in modes.items():
+            shape_key = f"batch {batch_size} x {tokens} tokens{mode}"
+            per_shape[shape_key] = {"calls_per_sample": calls,
+                                    "time": {name: timing.as_dict() for name, timing in mode_timings.items()}}
+            for name in variants:
+                if name != "base":
+                    ratios[f"{shape_key} latency {name}/base"] = Ratio.paired(mode_timings[name],
+                                                                              mode_timings["base"]).as_dict()
         shape_key = f"batch {batch_size} x {tokens} tokens"
-        per_shape[shape_key] = {"calls_per_sample": calls,
-                                "time": {name: timing.as_dict() for name, timing in timings.items()}}
-        for name in variants:
-            if name != "base":
-                ratios[f"{shape_key} latency {name}/base"] = Ratio.paired(timings[name], timings["base"]).as_dict()
         for kind in ("lora", "dora"):  # merging must not change the outputs (beyond rounding)
             difference = (logits[f"{kind}_merged"] - logits[f"{kind}_unmerged"]).abs().max().item()
             agreement[f"{shape_key} {kind} max |merged - unmerged| logit"] = difference
     results = {"config": asdict(config), "machine": machine_info(config.device), "per_shape": per_shape,
-               "ratios": ratios, "merged_vs_unmerged_max_abs_logit_difference": agreement, "notes": []}
+               "ratios": ratios, "merged_vs_unmerged_max_abs_logit_difference": agreement, "notes": notes}
     del variants
     release_memory(config.device)
     print_report(results)
