@@ -30,7 +30,7 @@ from minigpt.data import base_corpus, base_fact_probes
 from tokenizer import BPETokenizer, WordTokenizer
 
 BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"  # the base model every later notebook loads
-torch.manual_seed(0)
+torch.manual_seed(0);  # the ';' keeps Jupyter from echoing the returned generator
 
 # %% [markdown]
 # ## 1. The corpus and two tokenizers
