@@ -375,23 +375,31 @@ def main(config: RunConfig) -> dict:
     for name in progress:
         progress.set_postfix_str(name)
         all_results[name] = run_benchmark(name, config)
+        # rewrite the (complete, consistent) output folder after every benchmark: a run cut short by a
+        # time limit still leaves the figures measured so far
+        results = write_outputs(all_results, machine, config)
+    print_table(results["table"], all_results)
+    out_dir = Path(config.out_dir)
+    print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
+          + "".join(f", {out_dir / name}" for name in results.get("plots", [])))
+    return results
+
+
+def write_outputs(all_results: dict, machine: dict, config: RunConfig) -> dict:
+    """Write results.json, results.md and the plots into config.out_dir, all at once; return the results."""
     rows = summary_rows(all_results, config.device)
-    print_table(rows, all_results)
     results = {"machine": machine, "run_config": dataclasses.asdict(config), "table": rows,
                "benchmarks": all_results}
-    out_dir = Path(config.out_dir)
-    with atomic_directory(out_dir) as tmp_dir:
-        with open(tmp_dir / "results.json", "w") as file:
-            json.dump(results, file, indent=1, default=str)
-        with open(tmp_dir / "results.md", "w") as file:
-            file.write(markdown_report(all_results, rows, machine, config))
+    with atomic_directory(Path(config.out_dir)) as tmp_dir:
         if config.plots:
             try:
                 results["plots"] = write_plots(all_results, tmp_dir)
             except ImportError as error:
-                print(f"note: plots skipped ({error})")
-    print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
-          + "".join(f", {out_dir / name}" for name in results.get("plots", [])))
+                results["plots_skipped"] = str(error)
+        with open(tmp_dir / "results.json", "w") as file:
+            json.dump(results, file, indent=1, default=str)
+        with open(tmp_dir / "results.md", "w") as file:
+            file.write(markdown_report(all_results, rows, machine, config))
     return results
 
 
