@@ -1,0 +1,111 @@
+"""Vocabulary expansion: old rows copied exactly, new rows at the mean (+ small noise), only new rows train,
+the saved rows reload, and mismatched tokenizers / files are refused with clear errors."""
+
+import pytest
+import torch
+
+from minigpt import GPTConfig, MiniGPT
+from minigpt.finetuning import load_finetuned_adapter, save_finetuned_adapter, setup_method
+from minigpt.vocab import (expand_vocabulary, load_new_rows, new_rows_param_group, new_words_in, save_new_rows,
+                           train_new_rows_only)
+from tokenizer import WordTokenizer
+import lora
+
+SENTENCES = ["the cat sits on the table .", "the dog sits on the rug ."]
+
+
+@pytest.fixture
+def base():
+    tokenizer = WordTokenizer.from_corpus(SENTENCES)
+    torch.manual_seed(0)
+    model = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=8, embed_dim=16, n_heads=2, n_layers=1))
+    return model.eval(), tokenizer
+
+
+def test_new_words_in_order_of_first_appearance(base):
+    _, tokenizer = base
+    assert new_words_in(tokenizer, ["the oven is hot .", "the pan is hot"]) == ["oven", "is", "hot", "pan"]
+
+
+def test_expand_copies_old_rows_and_puts_new_rows_near_the_mean(base):
+    model, tokenizer = base
+    expanded, expanded_tokenizer, new_ids = expand_vocabulary(model, tokenizer, ["oven", "pan", "cat"])
+    old = model.config.vocab_size
+    assert new_ids == [old, old + 1]  # "cat" is known: skipped
+    assert tokenizer.vocab_size == old  # the input tokenizer is untouched
+    assert expanded_tokenizer.token_to_id("oven") == old
+    for name in ("tok_emb", "lm_head"):
+        weight, base_weight = getattr(expanded, name).weight, getattr(model, name).weight
+        assert torch.equal(weight[:old], base_weight)
+        spread = base_weight.std(dim=0)  # (C,)
+        assert torch.all((weight[old:] - base_weight.mean(dim=0)).abs() <= 5 * 0.02 * spread + 1e-7)
+        assert not torch.equal(weight[old], weight[old + 1])  # the noise separates the new words
+    idx = torch.tensor([tokenizer.encode("the cat sits on the", add_bos=True)])
+    torch.testing.assert_close(expanded(idx)[0][..., :old], model(idx)[0], atol=0, rtol=0)
+
+
+def test_only_new_rows_change_after_training_steps(base):
+    model, tokenizer = base
+    expanded, _, _ = expand_vocabulary(model, tokenizer, ["oven", "pan"])
+    old = model.config.vocab_size
+    lora.apply_lora(expanded, lora.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    train_new_rows_only(expanded, old)
+    before = {name: p.detach().clone() for name, p in expanded.named_parameters()}
+    # weight decay 0.1 for the adapter, 0 for the embedding group: old rows get a zero gradient -> no update
+    optimizer = torch.optim.AdamW([new_rows_param_group(expanded, 1e-2)]
+                                  + [{"params": [p for n, p in expanded.named_parameters() if "lora_" in n]}],
+                                  lr=1e-2, weight_decay=0.1)
+    idx = torch.randint(0, old + 2, (4, 8))
+    for _ in range(3):
+        _, loss = expanded(idx, idx)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = dict(expanded.named_parameters())
+    for name in ("tok_emb.weight", "lm_head.weight"):
+        assert torch.equal(after[name][:old], before[name][:old])  # bit-identical
+        assert not torch.equal(after[name][old:], before[name][old:])
+    frozen = [n for n in before if "lora_" not in n and n not in ("tok_emb.weight", "lm_head.weight")]
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
+
+
+def test_setup_method_counts_and_freezes(base):
+    model, tokenizer = base
+    expanded, _, _ = expand_vocabulary(model, tokenizer, ["oven", "pan"])
+    old, width = model.config.vocab_size, model.config.embed_dim
+    config = lora.LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    setup = setup_method("lora", expanded, old, config, lr=1e-2, full_lr=1e-3)
+    assert setup.trainable_params == 2 * (2 * 16 + 16 * 2) + 2 * 2 * width  # A, B on q, v + two new rows twice
+    assert setup.param_groups[-1]["weight_decay"] == 0.0
+    full = setup_method("full", expanded, old, config, lr=1e-2, full_lr=1e-3)
+    assert full.trainable_params == full.total_params == expanded.num_parameters()
+    assert not hasattr(expanded, "lora_configs")  # the shared starting model is never modified
+    with pytest.raises(ValueError, match="unknown method"):
+        setup_method("adapter", expanded, old, config, lr=1e-2, full_lr=1e-3)
+
+
+def test_saved_rows_reload_and_mismatches_are_refused(base, tmp_path):
+    model, tokenizer = base
+    expanded, expanded_tokenizer, _ = expand_vocabulary(model, tokenizer, ["oven"])
+    old = model.config.vocab_size
+    setup = setup_method("lora", expanded, old, lora.LoRAConfig(r=2, target_modules=["v_proj"]), 1e-2, 1e-3)
+    save_finetuned_adapter(setup.model, expanded_tokenizer, old, tmp_path / "adapter")
+    loaded, loaded_tokenizer = load_finetuned_adapter(model, tokenizer, tmp_path / "adapter")
+    idx = torch.tensor([[2, old, 4, 5]])
+    assert torch.equal(loaded(idx)[0], setup.model.eval()(idx)[0])
+    assert loaded_tokenizer.token_to_id("oven") == old
+
+    other_tokenizer = WordTokenizer.from_corpus(["a b c d e f g h i j k l m"])  # same size would not be enough
+    torch.manual_seed(1)
+    other = MiniGPT(GPTConfig(vocab_size=other_tokenizer.vocab_size, context_length=8, embed_dim=16, n_heads=2,
+                              n_layers=1))
+    with pytest.raises(ValueError, match="different base|does not extend"):
+        load_finetuned_adapter(other, other_tokenizer, tmp_path / "adapter")
+    save_new_rows(expanded, old - 1, tmp_path / "rows.pt")
+    with pytest.raises(ValueError, match="base model with"):
+        load_new_rows(tmp_path / "rows.pt", model)
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="could not be read"):
+        load_new_rows(tmp_path / "bad.pt", model)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_finetuned_adapter(model, tokenizer, tmp_path / "nowhere")
