@@ -129,6 +129,9 @@ def run_benchmark(name: str, config: RunConfig) -> dict:
     module, reason = load_benchmark(module_name)
     if module is None:
         return {"skipped": reason}
+    if not hasattr(module, "default_config") and not hasattr(module, "BenchmarkConfig"):
+        return {"skipped": f"benchmarks/{module_name}.py has no BenchmarkConfig / main(config) -> results yet; "
+                           f"run it on its own: python -m benchmarks.{module_name}"}
     try:
         overrides = {**changes, **config.overrides.get(name, {})}
         benchmark_settings = benchmark_config(module, config.device, config.quick, overrides)
