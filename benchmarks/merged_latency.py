@@ -39,12 +39,12 @@ from minigpt import GPTConfig, MiniGPT
 @dataclass(frozen=True)
 class BenchmarkConfig:
     device: str = "cpu"  # "cpu" or "cuda"
-    embed_dim: int = 256  # the model of benchmarks/training_step.py for this device
+    embed_dim: int = 512  # the model of benchmarks/training_step.py for this device
     n_layers: int = 4
-    n_heads: int = 4
+    n_heads: int = 8
     vocab_size: int = 2048
     context_length: int = 128
-    shapes: Tuple[Tuple[int, int], ...] = ((8, 128), (1, 16))  # (batch, tokens) inputs: prefill, short
+    shapes: Tuple[Tuple[int, int], ...] = ((2, 128), (1, 16))  # (batch, tokens) inputs: prefill, short
     rank: int = 16  # adapter rank r
     alpha: float = 32.0  # adapter alpha
     target_modules: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")

@@ -28,7 +28,7 @@ class BenchmarkConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     ranks: Tuple[int, ...] = (1, 4, 16, 64)  # LoRA ranks r to measure (each at most the layer width)
     method: str = "lora"  # "lora" or "qlora" (see benchmarks/training_step.py)
-    batch_size: int = 8  # sequences per step (tokens = batch_size * the model's context_length)
+    batch_size: int = 2  # sequences per step (tokens = batch_size * the model's context_length); 8 on CUDA
     measure_memory: bool = True  # peak memory per rank (fresh process per rank on CPU)
     fresh_process_memory: bool = True
     warmup: int = 2

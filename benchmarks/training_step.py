@@ -10,7 +10,7 @@ layer's input is still needed to compute the gradient that flows through it).
 
 Run from the repository root:
 
-    python -m benchmarks.training_step                  # CPU: a 256-dim, 4-layer MiniGPT (about a minute)
+    python -m benchmarks.training_step                  # CPU: a 512-dim, 4-layer MiniGPT (a minute or two)
     python -m benchmarks.training_step --quick          # CPU: tiny model, a few seconds per method
     python -m benchmarks.training_step --device cuda    # GPU: embed_dim 1024, 8 layers, 1k/4k/16k tokens a step
 
@@ -56,12 +56,12 @@ CUDA_ONLY_METHODS = ("full_amp", "bnb_qlora")
 @dataclass(frozen=True)
 class BenchmarkConfig:
     device: str = "cpu"  # "cpu" or "cuda"
-    embed_dim: int = 256  # C; the GPU preset uses 1024 (the "scaled-up MiniGPT")
+    embed_dim: int = 512  # C; the GPU preset uses 1024 (the "scaled-up MiniGPT")
     n_layers: int = 4  # transformer blocks; 8 on the GPU
-    n_heads: int = 4  # head size C / n_heads; 16 heads of 64 on the GPU
+    n_heads: int = 8  # head size C / n_heads = 64, as on the GPU
     vocab_size: int = 2048  # rows of tok_emb and lm_head; kept small so the blocks, not the head, dominate
     context_length: int = 128  # T of every sequence in the batch
-    batch_sizes: Tuple[int, ...] = (4, 16)  # sequences per step, one measurement each (tokens = B * T)
+    batch_sizes: Tuple[int, ...] = (1, 4)  # sequences per step, one measurement each (tokens = B * T)
     methods: Tuple[str, ...] = ("full", "lora", "peft_lora", "qlora")  # see the module docstring
     rank: int = 16  # LoRA rank r (QLoRA's paper uses 16 to 64 on every linear layer)
     alpha: float = 32.0  # LoRA alpha; scaling alpha / r = 2
