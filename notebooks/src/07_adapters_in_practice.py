@@ -1,0 +1,269 @@
+# %% [markdown]
+# # 07 · Adapters in practice
+#
+# An adapter is a small file that turns one base model into a specialised one. This notebook does what
+# people do with adapters every day, with the project's `lora` API and `finetune.py`'s functions:
+#
+# 1. save and load an adapter, and compare its size with the model's;
+# 2. keep several adapters on one base, switch between them, disable them, scale them;
+# 3. combine two adapters into one (`cat`, `linear`, `svd`) and measure each method's error;
+# 4. catastrophic forgetting: full fine-tuning versus LoRA on the base facts;
+# 5. fact correction: LoRA on `v_proj` only versus all attention projections.
+#
+# Two adapters are trained on small jobs (about 3 s each on a laptop CPU): **domain** (weather and
+# cooking, 40 new words, as in notebooks 02-06) and **edit** (five base facts changed on purpose, e.g.
+# "the capital of france is lyon").
+
+# %%
+import copy
+import pathlib
+import sys
+import tempfile
+
+ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
+sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
+
+import matplotlib.pyplot as plt
+import torch
+
+import finetune
+import lora
+import train
+from minigpt import load_model, probe_accuracy, save_model, top_next_words
+from minigpt.data import TokenStream, base_fact_probes, fact_correction_set, new_domain_corpus, new_domain_probes
+from minigpt.finetuning import (edit_report, folder_bytes, load_finetuned_adapter, save_finetuned_adapter,
+                                setup_method, train_method)
+from minigpt.predict import probability_of
+from minigpt.training import TrainConfig, train_model
+from minigpt.vocab import expand_vocabulary, new_words_in
+
+BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
+if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
+    print("no base model yet: pretraining one as in notebook 01 (about 30 s)")
+    train.main(train.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
+base_model, base_tokenizer = load_model(BASE_DIR)
+WORK_DIR = pathlib.Path(tempfile.mkdtemp(prefix="minilora_07_"))  # adapter folders written below
+
+domain = new_domain_corpus()
+expanded_model, tokenizer, new_ids = expand_vocabulary(
+    base_model, base_tokenizer, new_words_in(base_tokenizer, domain.train + domain.val))
+base_vocab_size = base_model.config.vocab_size
+context_length = base_model.config.context_length
+train_stream = TokenStream(domain.train, tokenizer, context_length)
+val_stream = TokenStream(domain.val, tokenizer, context_length)
+edit_set = fact_correction_set()
+edit_stream = TokenStream(edit_set.train, tokenizer, context_length)
+base_probes, domain_probes = base_fact_probes(), new_domain_probes()
+TRAIN_CONFIG = TrainConfig(steps=150, batch_size=16, lr=5e-3, warmup_steps=10, eval_interval=50, progress=False)
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# %% [markdown]
+# ## 1. Save and load
+#
+# Train the domain adapter (LoRA r = 8 on q, k, v, o, plus the 40 new embedding rows), then save it
+# with `save_finetuned_adapter`: the LoRA files (`lora_config.json`, `lora_weights.pt`), the new rows
+# and the expanded tokenizer. Compare with saving the whole merged model.
+
+# %%
+setup = setup_method("lora", expanded_model, base_vocab_size, lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION),
+                     lr=5e-3, full_lr=1e-3)
+lora_result = train_method(setup, train_stream, val_stream, TRAIN_CONFIG, tokenizer, base_probes, domain_probes)
+domain_model = setup.model
+print(f"domain adapter: validation loss {lora_result.val_loss:.3f}, new-domain probes {lora_result.domain_accuracy_after:.0%}")
+
+adapter_dir = save_finetuned_adapter(domain_model, tokenizer, base_vocab_size, WORK_DIR / "domain_adapter")
+merged_dir = save_model(lora.merge_and_unload(copy.deepcopy(domain_model)), tokenizer, WORK_DIR / "domain_merged")
+for folder in (adapter_dir, merged_dir):
+    print(f"\n{folder.name}/  {folder_bytes(folder) / 1024:.1f} KiB")
+    for path in sorted(folder.iterdir()):
+        print(f"   {path.name:<22}{path.stat().st_size / 1024:>8.1f} KiB")
+print(f"\nthe adapter folder is {folder_bytes(merged_dir) / folder_bytes(adapter_dir):.1f}x smaller than the model")
+
+# %% [markdown]
+# For a 7B model the same adapter (r = 8 on the 4 attention projections of 32 layers) would be
+# about 17 MB in bf16, against 13 GB of bf16 weights. Loading rebuilds the fine-tuned model from the *unchanged* base folder and
+# the adapter folder; the logits match exactly:
+
+# %%
+loaded_model, loaded_tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter_dir)
+x_val, _ = next(val_stream.iter_windows(64))  # (B, T)
+with torch.no_grad():
+    difference = (loaded_model(x_val)[0] - domain_model(x_val)[0]).abs().max()
+print(f"max |loaded - trained| logits: {difference:.1e}; same tokenizer: {loaded_tokenizer.to_dict() == tokenizer.to_dict()}")
+
+# %% [markdown]
+# ## 2. Several adapters on one base
+#
+# One base in memory, many adapters next to it: each `LoRALinear` keeps its adapters in dicts keyed
+# by name, and `set_adapter` picks the ones that run. We load the domain adapter under the name
+# "domain", add a second one, "edit", on the same modules, and train only "edit" on the fact-edit
+# sentences (`set_adapter` freezes everything but the active adapters).
+
+# %%
+model = lora.unload(copy.deepcopy(domain_model))  # a plain MiniGPT again, keeping the trained new rows
+lora.load_adapter(model, adapter_dir, adapter_name="domain")
+lora.add_adapter(model, lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION), "edit")
+lora.set_adapter(model, "edit")
+print(model.blocks[0].attn.v_proj.extra_repr())
+lora.print_trainable_parameters(model)
+edit_training = train_model(model, edit_stream, None, TrainConfig(steps=100, batch_size=16, lr=5e-3, warmup_steps=10,
+                                                                  progress=False))
+print(f"edit adapter trained in {edit_training.wall_time_s:.1f} s, final training loss "
+      f"{edit_training.history[-1]['train_loss']:.3f}")
+
+# %% [markdown]
+# Now switch. `lora.disable_adapters(model)` runs the bare base; `set_adapter` with a list runs
+# several adapters at once (their updates add up: `W + s₁B₁A₁ + s₂B₂A₂`).
+
+
+# %%
+def describe(model, label: str) -> None:
+    """One line: new-domain probes, edited facts, untouched base facts, and two sample predictions."""
+    domain_accuracy = probe_accuracy(model, tokenizer, domain_probes)
+    edits = edit_report(label, 0, expanded_model, model, tokenizer, edit_set)
+    facts = probe_accuracy(model, tokenizer, base_probes)
+    bread = top_next_words(model, tokenizer, "you bake bread in the", k=1)[0]
+    france = top_next_words(model, tokenizer, "the capital of france is", k=1)[0]
+    print(f"{label:<16}{domain_accuracy:>8.0%}{edits.efficacy:>8.0%}{facts:>8.0%}   "
+          f"bread -> {bread[0]} {bread[1]:.0%}, france -> {france[0]} {france[1]:.0%}")
+
+
+print(f"{'active':<16}{'domain':>8}{'edits':>8}{'facts':>8}   (probe accuracies; edits = edited facts now answered the new way)")
+with lora.disable_adapters(model):
+    describe(model, "none (base)")
+for active in (["domain"], ["edit"], ["domain", "edit"]):
+    lora.set_adapter(model, active)
+    describe(model, " + ".join(active))
+
+# %% [markdown]
+# Each adapter does its own job on its own, and the base is there unchanged underneath. Switching
+# costs nothing but a few pointer changes, which is how one server can host many fine-tunes of one base.
+#
+# Stacking both is another matter: their updates add up, but each was trained with the other absent,
+# so together they push the activations somewhere neither was trained for. Here the stack keeps only
+# part of each skill. Adapters trained separately are not guaranteed to compose; to get both, train the
+# second one on top of the first (`set_adapter(model, ["domain", "edit"])` and freeze "domain" by hand)
+# or train one adapter on both data sets.
+#
+# **Scaling** an adapter multiplies its update: `W + f · s B A`. A factor between 0 and 1 blends the
+# behaviour; above 1 it exaggerates it.
+
+# %%
+lora.set_adapter(model, "edit")
+factors = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
+p_lyon, p_paris = [], []
+for factor in factors:
+    lora.set_adapter_scale(model, "edit", factor)
+    p_lyon.append(probability_of(model, tokenizer, "the capital of france is", "lyon"))
+    p_paris.append(probability_of(model, tokenizer, "the capital of france is", "paris"))
+lora.set_adapter_scale(model, "edit", 1.0)
+
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(factors, p_paris, "o-", label="p(paris)  the base fact")
+ax.plot(factors, p_lyon, "o-", label="p(lyon)  the edited fact")
+ax.set(xlabel="scale factor f of the edit adapter", ylabel="probability",
+       title='"the capital of france is ..."')
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## 3. Combining adapters
+#
+# `lora.combine_adapters` builds one new adapter from several, weighted (PEFT's `add_weighted_adapter`).
+# With weights `w_i` and scalings `s_i`, the update we want is `ΔW = Σ w_i s_i B_i A_i`:
+#
+# * `cat`: stack `A' = [w₁s₁A₁; w₂s₂A₂]`, `B' = [B₁ B₂]`, rank r₁ + r₂: **exact**.
+# * `linear`: `A' = Σ √(w_i s_i) A_i`, `B' = Σ √(w_i s_i) B_i`, rank r: has cross terms `B₁A₂`, not exact.
+# * `svd`: the best rank-k approximation of `ΔW`: exact only if k ≥ rank(ΔW).
+#
+# We combine "domain" and "edit" with weights 1 and 1 and measure, per layer, the relative error
+# `‖ΔW' − ΔW‖ / ‖ΔW‖`.
+
+# %%
+print(f"{'method':<8}{'rank':>6}{'relative error of ΔW':>22}      {'domain':>8}{'edits':>8}{'facts':>8}")
+for method in ("cat", "linear", "svd"):
+    name = f"combined_{method}"
+    lora.combine_adapters(model, ["domain", "edit"], [1.0, 1.0], method=method, new_name=name, svd_rank=8)
+    errors = []
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            exact = layer.lora_delta("domain") + layer.lora_delta("edit")  # Σ w_i s_i B_i A_i, w = 1   [out, in]
+            errors.append(float((layer.lora_delta(name) - exact).norm() / exact.norm()))
+    lora.set_adapter(model, name)
+    rank = model.blocks[0].attn.q_proj.rank[name]
+    domain_accuracy = probe_accuracy(model, tokenizer, domain_probes)
+    edits = edit_report(method, 0, expanded_model, model, tokenizer, edit_set).efficacy
+    facts = probe_accuracy(model, tokenizer, base_probes)
+    print(f"{method:<8}{rank:>6}{max(errors):>14.1e} (max){'':>6}{domain_accuracy:>8.0%}{edits:>8.0%}{facts:>8.0%}")
+lora.set_adapter(model, ["domain", "edit"])
+print(f"{'both active (reference)':<42}{probe_accuracy(model, tokenizer, domain_probes):>14.0%}"
+      f"{edit_report('both', 0, expanded_model, model, tokenizer, edit_set).efficacy:>8.0%}"
+      f"{probe_accuracy(model, tokenizer, base_probes):>8.0%}")
+
+# %% [markdown]
+# `cat` reproduces running both adapters to float rounding (same accuracies as the stack), at twice
+# the rank. `svd` at rank 8 keeps the 8 strongest of up to 16 directions of the sum: half the rank, at
+# the price of a visible error. `linear` is cheap and keeps the rank, but its cross terms `B₁A₂` make
+# a different update altogether, and the model behaves like neither adapter. Prefer `cat`, or `svd` with
+# enough rank when the rank must stay small. (None of them can fix the interference seen in section 2:
+# they only reproduce, or approximate, the sum of the two updates.)
+
+# %% [markdown]
+# ## 4. Catastrophic forgetting
+#
+# Fine-tuning on the new domain only, the model can forget what it knew. Compare full fine-tuning
+# (every weight trains) with the LoRA domain adapter on the 82 base-fact probes, same data and steps.
+
+# %%
+full_setup = setup_method("full", expanded_model, base_vocab_size, lora.LoRAConfig(), lr=5e-3, full_lr=1e-3)
+full_result = train_method(full_setup, train_stream, val_stream, TRAIN_CONFIG, tokenizer, base_probes, domain_probes)
+base_accuracy = probe_accuracy(expanded_model, tokenizer, base_probes)
+with lora.disable_adapters(domain_model):
+    disabled_accuracy = probe_accuracy(domain_model, tokenizer, base_probes)
+bars = {"base": base_accuracy, "full fine-tuning": full_result.base_accuracy_after,
+        "LoRA": lora_result.base_accuracy_after, "LoRA, adapter off": disabled_accuracy}
+for label, accuracy in bars.items():
+    print(f"{label:<20} base-fact accuracy {accuracy:6.1%}")
+print(f"new-domain validation loss: full {full_result.val_loss:.3f}, LoRA {lora_result.val_loss:.3f}")
+
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.bar(list(bars), [100 * value for value in bars.values()], color=["grey", "black", "tab:blue", "tab:green"])
+ax.set(ylabel="base-fact probe accuracy (%)", ylim=(0, 105), title="what survives fine-tuning on the new domain")
+plt.show()
+
+# %% [markdown]
+# Both methods lose base facts while learning the new domain, because the fine-tuning data never
+# mentions them: the next-word distribution is pulled towards weather and cooking. LoRA, with far fewer
+# trainable parameters, forgets less than full fine-tuning here. And LoRA has a way back that full
+# fine-tuning does not: switch the adapter off and the base is bit-for-bit what it was. (Mixing some
+# base sentences into the fine-tuning data, "replay", is the usual cure for both; exercise 2.)
+
+# %% [markdown]
+# ## 5. Fact correction: which projections to adapt?
+#
+# To change a few facts ("the capital of france is lyon"), must LoRA adapt every projection, or does
+# one suffice? `finetune.py --task fact-correction` trains LoRA on `v_proj` only and on q, k, v, o, and
+# reports **efficacy** (edited facts now answered the new way, with their probabilities) and
+# **locality** (related facts that must not change). We call its `main` with our base model.
+
+# %%
+edit_results = finetune.main(finetune.FinetuneConfig(task="fact-correction", base=str(BASE_DIR),
+                                                     out=str(WORK_DIR / "fact_correction"), plot=False, progress=False))
+
+# %% [markdown]
+# Adapting `v_proj` alone, with a quarter of the parameters, already installs the edits (the
+# values carry "what to say" once attention has found the subject); adapting all projections
+# pushes the new answers' probabilities higher. Neither is perfectly local: some related facts
+# move too, the usual trade-off of editing by fine-tuning. Count how many locality facts each variant
+# kept and weigh that against its efficacy.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Combine "domain" and "edit" with weights 1 and 0.5 using `cat`. How do p(lyon) and the domain
+#    probes compare with `set_adapter_scale(model, "edit", 0.5)` on the stacked adapters?
+# 2. Fight forgetting with replay: fine-tune with `domain.train + base_corpus().train[:100]`
+#    (`minigpt.data.base_corpus`) for both full fine-tuning and LoRA. How much base-fact accuracy comes back,
+#    and what happens to the new-domain validation loss?
+# 3. Save the edit adapter with `lora.save_adapter(model, folder, adapter_name="edit")`, corrupt
+#    `lora_weights.pt` (write a few bytes into it) and load it back. What does the error say?
