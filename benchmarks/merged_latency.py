@@ -49,7 +49,7 @@ class BenchmarkConfig:
     alpha: float = 32.0  # adapter alpha
     target_modules: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
     warmup: int = 3  # untimed rounds
-    repeats: int = 15  # timed rounds (ratios near 1.00 need many to see past noise)
+    repeats: int = 30  # timed rounds (ratios near 1.00 need many to see past noise)
     min_sample_ms: float = 5.0  # a sample repeats the forward until it lasts about this long
     cuda_graphs: bool = True  # CUDA: also time CUDA-graph replays (GPU time without Python launch jitter)
     seed: int = 0
