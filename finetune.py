@@ -37,15 +37,15 @@ from pathlib import Path
 import torch
 
 import lora
-from minigpt import load_model, probe_accuracy, save_model
+from minigpt import load_model, save_model
 from minigpt.atomic import atomic_directory
 from minigpt.checkpoint import check_model_dir
 from minigpt.cli import parse_config
 from minigpt.data import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
                           new_domain_probes, read_text_file)
-from minigpt.finetuning import (ADAPTER_METHODS, METHODS, comparison_table, edit_report, edit_table, folder_bytes,
-                                max_logit_difference, merged_copy, plot_comparison, prediction_table,
-                                save_finetuned_adapter, setup_method, train_method)
+from minigpt.finetuning import (ADAPTER_METHODS, METHODS, batched_probe_accuracy, comparison_table, edit_report,
+                                edit_table, folder_bytes, max_logit_difference, merged_copy, plot_comparison,
+                                prediction_table, save_finetuned_adapter, setup_method, train_method)
 from minigpt.training import TrainConfig, pick_device, train_model
 from minigpt.vocab import expand_vocabulary, new_words_in
 
@@ -171,7 +171,7 @@ def new_domain(config: FinetuneConfig) -> dict:
     train_config = train_config_for(config, train_stream, device, desc="")
     base_probes = known_probes(base_fact_probes(), base_tokenizer)
     domain_probes = known_probes(new_domain_probes(), tokenizer) if config.data is None else []
-    base_accuracy = probe_accuracy(base_model, base_tokenizer, base_probes) if base_probes else float("nan")
+    base_accuracy = batched_probe_accuracy(base_model, base_tokenizer, base_probes) if base_probes else float("nan")
 
     results, trained = [], {}
     with atomic_directory(out_dir) as tmp:

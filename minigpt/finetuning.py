@@ -33,7 +33,7 @@ import torch
 import lora
 from minigpt.atomic import atomic_directory
 from minigpt.model import MiniGPT
-from minigpt.predict import probability_of, probe_accuracy, top_next_words
+from minigpt.predict import probability_of, top_next_words
 from minigpt.training import TrainConfig, train_model
 from minigpt.vocab import (EMBEDDING_FILE, check_tokenizer_extends, count_new_row_parameters, load_new_rows,
                            new_rows_param_group, save_new_rows, train_new_rows_only, with_new_rows)
@@ -83,6 +83,37 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def folder_bytes(folder) -> int:
     """Total size of the files in a folder (what it costs on disk)."""
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+@torch.no_grad()
+def batched_probe_accuracy(model: MiniGPT, tokenizer, probes) -> float:
+    """`minigpt.predict.probe_accuracy` in one forward pass: the same number, ~50x fewer model calls.
+
+    Prompts are right-padded to one (P, T) batch; causal attention means a position never sees the
+    padding after it, so the logits at each prompt's last real token are those of the prompt alone.
+
+    Example:
+        probes "the cat sits on the" -> table, "the dog says" -> woof: ids (2, 6) with the second padded
+        after its 4 tokens; logits[0, 5] and logits[1, 3] are compared with the answers' ids.
+    """
+    if len(probes) == 0:
+        raise ValueError("probe accuracy needs at least one probe")
+    context = model.config.context_length
+    prompts = [tokenizer.encode(probe.prompt, add_bos=True)[-context:] for probe in probes]
+    lengths = torch.tensor([len(ids) for ids in prompts])  # (P,)
+    idx = torch.full((len(prompts), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)  # (P, T)
+    for row, ids in enumerate(prompts):
+        idx[row, :len(ids)] = torch.tensor(ids)
+    answers = torch.tensor([tokenizer.token_to_id(probe.answer) if tokenizer.token_to_id(probe.answer) is not None
+                            else -1 for probe in probes])  # (P,), -1 never matches
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, _ = model(idx.to(device))  # (P, T, V)
+    model.train(was_training)
+    last = logits[torch.arange(len(prompts)), (lengths - 1).to(device)]  # (P, V): each prompt's last real token
+    hits = int((last.argmax(dim=-1).cpu() == answers).sum())
+    return hits / len(probes)
 
 
 def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lora_config: lora.LoRAConfig,
@@ -145,8 +176,8 @@ def train_method(setup: MethodSetup, train_stream, val_stream, train_config: Tra
     return MethodResult(
         method=setup.method, trainable_params=setup.trainable_params, total_params=setup.total_params,
         val_loss=result.final_val_loss,
-        base_accuracy_after=probe_accuracy(setup.model, tokenizer, base_probes),
-        domain_accuracy_after=probe_accuracy(setup.model, tokenizer, domain_probes) if domain_probes else float("nan"),
+        base_accuracy_after=batched_probe_accuracy(setup.model, tokenizer, base_probes) if base_probes else float("nan"),
+        domain_accuracy_after=batched_probe_accuracy(setup.model, tokenizer, domain_probes) if domain_probes else float("nan"),
         weight_bytes=weight_bytes(setup.model), wall_time_s=result.wall_time_s,
         val_curve=result.val_curve, train_curve=result.train_curve)
 

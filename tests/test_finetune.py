@@ -81,6 +81,18 @@ def test_adapter_methods_leave_old_vocabulary_rows_bit_identical(run, base_dir):
     assert not torch.equal(full.tok_emb.weight[:old], base.tok_emb.weight)
 
 
+def test_batched_probe_accuracy_equals_probe_accuracy(run, base_dir):
+    from minigpt import probe_accuracy
+    from minigpt.data import base_fact_probes, new_domain_probes
+    from minigpt.finetuning import batched_probe_accuracy
+
+    _, out = run
+    for folder, probes in ((base_dir, base_fact_probes()), (out / "lora_merged", new_domain_probes())):
+        model, tokenizer = load_model(folder)
+        assert batched_probe_accuracy(model, tokenizer, probes) == probe_accuracy(model, tokenizer, probes)
+    assert probe_accuracy(*load_model(base_dir), base_fact_probes()) > 0  # a base that knows something
+
+
 def test_adapter_folder_is_small_and_qlora_loads_on_a_quantized_base(run, base_dir):
     _, out = run
     table = {result.method: result for result in run[0]["results"]}
