@@ -10,7 +10,7 @@ Run from the repository root:
 
     python -m benchmarks.rank_sweep                    # CPU
     python -m benchmarks.rank_sweep --quick            # CPU, tiny model (seconds)
-    python -m benchmarks.rank_sweep --device cuda      # GPU, the scaled-up model, 4k tokens a step
+    python -m benchmarks.rank_sweep --device cuda      # GPU, the scaled-up model, 16k tokens a step
 """
 
 import argparse
@@ -37,7 +37,7 @@ class BenchmarkConfig:
 
 
 QUICK = dict(ranks=(1, 4, 16), batch_size=8, repeats=3, warmup=1, quick=True)
-CUDA = dict(ranks=(1, 4, 16, 64, 256), batch_size=8, repeats=10, warmup=3)
+CUDA = dict(ranks=(1, 4, 16, 64, 256), batch_size=32, repeats=10, warmup=3)
 
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
