@@ -2,7 +2,11 @@
 
 import sys
 
-from benchmarks.run import main, parse_args
+from benchmarks.run import main, parse_args, rerender
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    cli_config, from_json = parse_args(sys.argv[1:])
+    if from_json:
+        rerender(from_json, cli_config.out_dir)
+    else:
+        main(cli_config)

@@ -226,7 +226,8 @@ def _training_step_markdown(results: dict) -> list:
                                 if memory else "")
             lines.append([method, f"{timing['median_ms']:.2f}", f"{timing['p25_ms']:.2f}-{timing['p75_ms']:.2f}",
                           _mebibytes(memory, "peak_bytes"), _mebibytes(memory, "weight_bytes"), grads_and_states,
-                          _mebibytes(memory, "activation_and_other_bytes"), f"{memory.get('trainable_params', 0):,}"])
+                          _mebibytes(memory, "activation_and_other_bytes"),
+                          f"{memory['trainable_params']:,}" if memory else ""])
         out.append(f"**{batch_key} per step** (batch {per_batch['batch_size']})\n")
         out += _markdown_table(["method", "step ms", "p25-p75", "peak MiB", "weights MiB", "grads+AdamW MiB",
                                 "activations+other MiB", "trainable params"], lines)
@@ -406,6 +407,24 @@ def write_outputs(all_results: dict, machine: dict, config: RunConfig) -> dict:
     return results
 
 
+def rerender(results_json: str, out_dir: str) -> dict:
+    """Rebuild results.md and the plots (and the ratios) from a saved results.json; nothing is re-measured.
+
+    Useful after a GPU run, when the ratio table or the Markdown layout changed: the samples in the
+    JSON are the measurements, the rest is arithmetic on them.
+    """
+    with open(results_json) as file:
+        saved = json.load(file)
+    run_config = RunConfig(**{**saved["run_config"], "out_dir": out_dir,
+                              "only": tuple(saved["run_config"]["only"])})
+    all_results = saved["benchmarks"]
+    from benchmarks import training_step
+    for name, results in all_results.items():
+        if name.startswith("training_step") and "per_batch" in results:
+            results["ratios"] = training_step.ratio_rows(results)
+    return write_outputs(all_results, saved["machine"], run_config)
+
+
 def parse_args(argv=None) -> RunConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -414,17 +433,23 @@ def parse_args(argv=None) -> RunConfig:
     parser.add_argument("--out", default="dist/benchmarks", help="output folder (default dist/benchmarks)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--from-json", help="re-render results.md, plots and ratios from a saved results.json "
+                                            "into --out (measures nothing)")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, --quick, "
-                     f"--only a,b, --out DIR, --threads N, --no-plots")
+                     f"--only a,b, --out DIR, --threads N, --no-plots, --from-json PATH")
     only = tuple(name for name in (args.only or "").split(",") if name)
     bad = [name for name in only if name not in BENCHMARKS]
     if bad:
         parser.error(f"unknown benchmark(s) {bad} in --only; valid names are: {', '.join(BENCHMARKS)}")
     return RunConfig(device=args.device, quick=args.quick, only=only, out_dir=args.out, threads=args.threads,
-                     plots=not args.no_plots)
+                     plots=not args.no_plots), args.from_json
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    cli_config, from_json = parse_args(sys.argv[1:])
+    if from_json:
+        rerender(from_json, cli_config.out_dir)
+    else:
+        main(cli_config)

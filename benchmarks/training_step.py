@@ -275,13 +275,15 @@ def available_methods(config: BenchmarkConfig, notes: list) -> list:
     return methods
 
 
-def _ratio_rows(results: dict, config: BenchmarkConfig) -> dict:
+def ratio_rows(results: dict) -> dict:
     """The ratios the issue's goals ask for, per batch size."""
     ratios = {}
     for batch_key, per_batch in results["per_batch"].items():
         timings, memory = per_batch["time"], per_batch["memory"]
         pairs = [("lora", "full"), ("lora", "full_amp"), ("qlora", "full"), ("qlora", "lora"), ("lora", "peft_lora"),
-                 ("qlora", "bnb_qlora"), ("lora+ckpt", "full+ckpt"), ("qlora+ckpt", "full+ckpt")]
+                 ("qlora", "bnb_qlora"), ("lora+ckpt", "full+ckpt"), ("qlora+ckpt", "full+ckpt"),
+                 ("lora+compile", "full+compile"), ("lora+compile", "full_amp+compile"),
+                 ("qlora+compile", "full+compile"), ("qlora+compile", "lora+compile"), ("qlora+compile", "qlora")]
         for ours, reference in pairs:
             if ours in timings and reference in timings:
                 ratios[f"{batch_key} step time {ours}/{reference}"] = Ratio.paired(
@@ -343,7 +345,7 @@ def main(config: BenchmarkConfig) -> dict:
         release_memory(config.device)
     results = {"config": asdict(config), "machine": machine_info(config.device), "per_batch": per_batch,
                "notes": notes}
-    results["ratios"] = _ratio_rows(results, config)
+    results["ratios"] = ratio_rows(results)
     print_report(results)
     return results
 

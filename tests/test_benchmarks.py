@@ -62,6 +62,7 @@ def test_unknown_method_and_option_are_rejected_with_the_valid_ones():
         training_step.split_method("lorra")
     with pytest.raises(SystemExit):
         run.parse_args(["--bogus"])
+    assert run.parse_args(["--quick", "--only", "nf4"])[0] == run.RunConfig(quick=True, only=("nf4",))
     with pytest.raises(ValueError, match="valid names"):
         run.main(run.RunConfig(only=("nope",)))
 
@@ -89,6 +90,9 @@ def test_quick_suite_writes_json_and_markdown(tmp_path):
     markdown = (out_dir / "results.md").read_text()
     assert "## training_step" in markdown and "lora_merged/base" in markdown
     assert not list(tmp_path.glob(".benchmarks.tmp-*"))  # the temporary folder was renamed into place
+    rerendered = run.rerender(str(out_dir / "results.json"), str(tmp_path / "again"))  # measures nothing
+    assert rerendered["table"] == saved["table"]
+    assert (tmp_path / "again" / "results.md").read_text() == markdown
 
 
 def test_missing_benchmark_is_skipped_not_fatal(monkeypatch, tmp_path):
