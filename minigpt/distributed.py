@@ -127,6 +127,11 @@ class DistributedContext:
         dist.broadcast(tensor, src=0)
         return float(tensor.item())
 
+    def print(self, *args, **kwargs) -> None:
+        """print() on rank 0 only: one copy of every message, not one per process."""
+        if self.is_main:
+            print(*args, **kwargs)
+
     def barrier(self) -> None:
         """Wait until every rank gets here (e.g. until rank 0 finished writing the output folder)."""
         if self.enabled:

@@ -100,6 +100,12 @@ def test_single_process_context_does_nothing_distributed():
     context.barrier()
 
 
+def test_only_rank_0_prints(capsys):
+    DistributedContext(rank=0, world_size=2).print("from rank 0")
+    DistributedContext(rank=1, world_size=2).print("from rank 1")
+    assert capsys.readouterr().out == "from rank 0\n"
+
+
 def test_process_group_inside_a_running_group_joins_it_and_leaves_it_open(one_rank_group):
     # what finetune.py does under torchrun when it pretrains its missing base with train.py's main()
     with distributed.process_group("cpu") as context:
