@@ -77,6 +77,7 @@ class FinetuneConfig:
     steps: int | None = None  # set to train exactly this many steps instead of epochs
     batch_size: int = 16  # windows per step
     warmup_steps: int = 10  # linear warmup before the cosine decay
+    shuffled_copies: int = 8  # train stream = 8 differently shuffled copies: no memorised sentence order
     early_stopping_patience: int | None = None  # stop after this many epochs without a better val loss
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -88,7 +89,8 @@ def parse_methods(text: str) -> list[str]:
     methods = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
     if not methods or unknown:
-        raise ValueError(f"--methods {text!r}: unknown or empty; choose a comma-separated subset of {','.join(METHODS)}")
+        raise ValueError(f"--methods {text!r}: unknown or empty; "
+                         f"choose a comma-separated subset of {','.join(METHODS)}")
     return [name for name in METHODS if name in methods]
 
 
@@ -101,6 +103,8 @@ def check_config(config: FinetuneConfig) -> None:
         raise ValueError(f"--steps must be at least 1, got {config.steps}")
     if not config.epochs > 0:
         raise ValueError(f"--epochs must be positive, got {config.epochs}")
+    if config.shuffled_copies < 0:
+        raise ValueError(f"--shuffled-copies must be >= 0 (0 keeps the file's order), got {config.shuffled_copies}")
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
     if not (config.lr > 0 and config.full_lr > 0):
@@ -124,9 +128,16 @@ def load_or_pretrain_base(config: FinetuneConfig, device: str):
     return load_model(config.base)
 
 
+def train_stream_for(config: FinetuneConfig, sentences: list[str], tokenizer, context_length: int) -> TokenStream:
+    """The fine-tuning stream: `shuffled_copies` seeded shuffles of the sentences (see TokenStream)."""
+    return TokenStream(sentences, tokenizer, context_length, shuffled_copies=config.shuffled_copies,
+                       shuffle_seed=config.seed)
+
+
 def train_config_for(config: FinetuneConfig, stream: TokenStream, device: str, desc: str) -> TrainConfig:
-    """Steps from --steps, or from --epochs; validation once per epoch."""
-    steps_per_epoch = max(1, math.ceil(len(stream) / (config.batch_size * stream.context_length)))
+    """Steps from --steps, or from --epochs (one epoch = the sentences' tokens once); validation each epoch."""
+    tokens_once = len(stream) / max(1, config.shuffled_copies)
+    steps_per_epoch = max(1, math.ceil(tokens_once / (config.batch_size * stream.context_length)))
     steps = config.steps or max(1, round(config.epochs * steps_per_epoch))
     return TrainConfig(steps=steps, batch_size=config.batch_size, lr=config.lr,
                        warmup_steps=min(config.warmup_steps, steps // 2), eval_interval=steps_per_epoch,
@@ -166,7 +177,7 @@ def new_domain(config: FinetuneConfig) -> dict:
     base_vocab_size = base_model.config.vocab_size
     print(f"base {config.base}: {base_model.num_parameters():,} parameters, vocabulary {base_vocab_size} "
           f"+ {len(new_ids)} new words ({', '.join(new_words[:8])}{', ...' if len(new_words) > 8 else ''})")
-    train_stream = TokenStream(corpus.train, tokenizer, base_model.config.context_length)
+    train_stream = train_stream_for(config, corpus.train, tokenizer, base_model.config.context_length)
     val_stream = TokenStream(corpus.val, tokenizer, base_model.config.context_length)
     train_config = train_config_for(config, train_stream, device, desc="")
     base_probes = known_probes(base_fact_probes(), base_tokenizer)
@@ -201,7 +212,8 @@ def new_domain(config: FinetuneConfig) -> dict:
                    "steps": train_config.steps, "methods": [asdict(r) for r in results]}
         (tmp / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-    print(f"\n{len(train_stream):,} training tokens, {train_config.steps} steps of {config.batch_size} x "
+    tokens_once = len(train_stream) // max(1, config.shuffled_copies)
+    print(f"\n{tokens_once:,} training tokens, {train_config.steps} steps of {config.batch_size} x "
           f"{train_stream.context_length} tokens, seed {config.seed}, device {device}")
     print(table)
     models = {"base": (base_model, base_tokenizer)}
@@ -213,7 +225,8 @@ def new_domain(config: FinetuneConfig) -> dict:
     wall_time = time.perf_counter() - start
     print(f"\nwrote {out_dir}/ in {wall_time:.1f} s")
     return {"out_dir": str(out_dir), "results": results, "base_accuracy": base_accuracy, "table": table,
-            "new_words": new_words, "steps": train_config.steps, "plot": str(out_dir / "comparison.png") if plot_path else None,
+            "new_words": new_words, "steps": train_config.steps,
+            "plot": str(out_dir / "comparison.png") if plot_path else None,
             "merged_max_difference": merged_difference if "lora" in trained else None,
             "predictions": predictions, "wall_time_s": wall_time}
 
@@ -228,7 +241,7 @@ def fact_correction(config: FinetuneConfig) -> dict:
     new_words = new_words_in(base_tokenizer, edit_set.train)
     model, tokenizer, _ = expand_vocabulary(base_model, base_tokenizer, new_words, seed=config.seed)
     base_vocab_size = base_model.config.vocab_size
-    train_stream = TokenStream(edit_set.train, tokenizer, base_model.config.context_length)
+    train_stream = train_stream_for(config, edit_set.train, tokenizer, base_model.config.context_length)
     reports = []
     with atomic_directory(out_dir) as tmp:
         for variant, targets in FACT_VARIANTS.items():

@@ -173,11 +173,13 @@ def train_method(setup: MethodSetup, train_stream, val_stream, train_config: Tra
                                   lr=train_config.lr, betas=(0.9, 0.95))
     result = train_model(setup.model, train_stream, val_stream, train_config, optimizer=optimizer)
     setup.model.cpu().eval()
+    def accuracy(probes) -> float:  # NaN when there are no probes (a user's own --data has none)
+        return batched_probe_accuracy(setup.model, tokenizer, probes) if probes else float("nan")
+
     return MethodResult(
         method=setup.method, trainable_params=setup.trainable_params, total_params=setup.total_params,
-        val_loss=result.final_val_loss,
-        base_accuracy_after=batched_probe_accuracy(setup.model, tokenizer, base_probes) if base_probes else float("nan"),
-        domain_accuracy_after=batched_probe_accuracy(setup.model, tokenizer, domain_probes) if domain_probes else float("nan"),
+        val_loss=result.final_val_loss, base_accuracy_after=accuracy(base_probes),
+        domain_accuracy_after=accuracy(domain_probes),
         weight_bytes=weight_bytes(setup.model), wall_time_s=result.wall_time_s,
         val_curve=result.val_curve, train_curve=result.train_curve)
 
