@@ -18,7 +18,6 @@
 import copy
 import pathlib
 import sys
-import tempfile
 
 ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
 sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
@@ -42,7 +41,7 @@ if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here
     print("no base model yet: pretraining one as in notebook 01 (about 30 s)")
     train.main(train.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
 base_model, base_tokenizer = load_model(BASE_DIR)
-WORK_DIR = pathlib.Path(tempfile.mkdtemp(prefix="minilora_07_"))  # adapter folders written below
+WORK_DIR = ROOT / "dist" / "notebooks" / "07_adapters"  # the folders written below (dist/ is git-ignored)
 
 domain = new_domain_corpus()
 expanded_model, tokenizer, new_ids = expand_vocabulary(
@@ -140,8 +139,8 @@ for active in (["domain"], ["edit"], ["domain", "edit"]):
 # costs nothing but a few pointer changes, which is how one server can host many fine-tunes of one base.
 #
 # Stacking both is another matter: their updates add up, but each was trained with the other absent,
-# so together they push the activations somewhere neither was trained for. Here the stack keeps only
-# part of each skill. Adapters trained separately are not guaranteed to compose; to get both, train the
+# so together they push the activations somewhere neither was trained for. Here the stack keeps half
+# of the domain probes and none of the edits. Adapters trained separately are not guaranteed to compose; to get both, train the
 # second one on top of the first (`set_adapter(model, ["domain", "edit"])` and freeze "domain" by hand)
 # or train one adapter on both data sets.
 #
