@@ -25,6 +25,7 @@ Python and kernel-launch jitter, which on a small model is most of the eager tim
 
 import argparse
 import copy
+import functools
 import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Tuple
@@ -120,9 +121,9 @@ def main(config: BenchmarkConfig) -> dict:
         with torch.inference_mode():
             logits = {name: model(idx)[0].float() for name, model in variants.items()}  # (B, T, V)
             # how many forwards make one sample last min_sample_ms (timed once, after a first call)
-            timings = time_side_by_side({"base": lambda: variants["base"](idx)}, config.device, warmup=1, repeats=1)
+            functions = {name: functools.partial(model, idx) for name, model in variants.items()}  # name -> forward
+            timings = time_side_by_side({"base": functions["base"]}, config.device, warmup=1, repeats=1)
             calls = max(1, int(config.min_sample_ms / max(timings["base"].median_ms, 1e-3)))
-            functions = {name: (lambda model=model: model(idx)) for name, model in variants.items()}
             timings = time_side_by_side(functions, config.device, warmup=config.warmup, repeats=config.repeats,
                                         calls_per_sample=calls)
             modes = {"": timings}
