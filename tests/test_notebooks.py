@@ -9,8 +9,8 @@ whole set runs in a few minutes on a 2-core CPU.
     python -m pytest tests/test_notebooks.py -q -k 04_nf4     # one of them
 """
 
+import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import nbformat
@@ -21,8 +21,11 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 CELL_TIMEOUT_S = 300  # one cell; generous because other jobs may share the CPU (the notebooks aim at < 90 s each)
 
-sys.path.insert(0, str(NOTEBOOK_DIR))
-import build  # noqa: E402  (notebooks/build.py: the .py sources -> .ipynb converter)
+# notebooks/build.py (the .py sources -> .ipynb converter), loaded under its own name so that it can
+# never shadow another module called "build"
+_spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOK_DIR / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 
 def test_the_course_has_its_seven_notebooks():
