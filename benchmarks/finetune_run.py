@@ -17,6 +17,7 @@ a lot), the wall time, and each target with its measured figures:
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,10 @@ def main() -> int:
         completed = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--no-progress"], cwd=work,
                                    capture_output=True, text=True)
         wall_time = time.perf_counter() - start
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         print(f"load average after: {load_average()}")
+        print(f"wall {wall_time:.1f} s, CPU {usage.ru_utime + usage.ru_stime:.1f} s (user + sys of finetune.py; "
+              f"other jobs on the machine inflate wall time, not this)")
         if completed.returncode != 0:
             print(completed.stdout + completed.stderr)
             return completed.returncode
