@@ -280,7 +280,8 @@ def markdown_report(all_results: dict, rows: list, machine: dict, config: RunCon
            f"1-min load average at the start {machine['load_average_1min']})",
            f"- python {machine['python']}, torch {machine['torch']}, "
            + ", ".join(f"{name} {version or 'not installed'}" for name, version in machine["versions"].items()),
-           f"- command: `python -m benchmarks --device {config.device}{' --quick' if config.quick else ''}`", "",
+           f"- command: `python -m benchmarks --device {config.device}{' --quick' if config.quick else ''}"
+           f"{f' --threads {config.threads}' if config.threads else ''}`", "",
            "## Ratios", "",
            "Ours divided by the reference, measured side by side in one run; median over rounds and the",
            "25th-75th percentile of the per-round ratios. Below 1: ours takes less time or memory.", ""]
