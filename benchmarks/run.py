@@ -277,7 +277,7 @@ def markdown_report(all_results: dict, rows: list, machine: dict, config: RunCon
            f"- date: {machine['date_utc']}",
            f"- device: {machine.get('gpu', machine['cpu'])}" + (f", CUDA {machine['cuda']}" if "cuda" in machine else ""),
            f"- CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']}, "
-           f"1-min load average at the start {machine['load_average_1min']})",
+           f"1-min load average at the start {machine['load_average_1min'] or 0:.2f})",
            f"- python {machine['python']}, torch {machine['torch']}, "
            + ", ".join(f"{name} {version or 'not installed'}" for name, version in machine["versions"].items()),
            f"- command: `python -m benchmarks --device {config.device}{' --quick' if config.quick else ''}"
