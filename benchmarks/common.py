@@ -70,6 +70,11 @@ class Timing:
         return cls(median_ms=statistics.median(samples_ms), p25_ms=percentile(samples_ms, 0.25),
                    p75_ms=percentile(samples_ms, 0.75), min_ms=min(samples_ms), samples_ms=tuple(samples_ms))
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> "Timing":
+        """The inverse of `as_dict` (after a JSON round trip, which turns the samples into a list)."""
+        return cls(**{**saved, "samples_ms": tuple(saved["samples_ms"])})
+
     def as_dict(self) -> dict:
         return asdict(self)
 

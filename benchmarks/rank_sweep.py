@@ -106,9 +106,9 @@ def print_report(results: dict) -> None:
     print(f"rank sweep: {config['method']} on MiniGPT embed_dim {model['embed_dim']}, {model['n_layers']} layers, "
           f"{results['tokens_per_step']} tokens a step; {config['device']}, median of {config['repeats']}")
     print(f"  {'variant':<10}{'step ms':>10}{'vs full':>9}{'peak':>14}{'vs full':>9}{'trainable':>14}")
-    full = Timing(**{**results["time"]["full"], "samples_ms": tuple(results["time"]["full"]["samples_ms"])})
+    full = Timing.from_dict(results["time"]["full"])
     for name, timing_dict in results["time"].items():
-        timing = Timing(**{**timing_dict, "samples_ms": tuple(timing_dict["samples_ms"])})
+        timing = Timing.from_dict(timing_dict)
         line = f"  {name:<10}{timing.median_ms:10.2f}{Ratio.paired(timing, full).median:8.3f}x"
         memory = results["memory"].get(name)
         if memory:

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from benchmarks.common import (PeakMemory, Ratio, check_device, machine_info, mib, release_memory,
+from benchmarks.common import (PeakMemory, Ratio, Timing, check_device, machine_info, mib, release_memory,
                                run_in_fresh_process, tensor_bytes, time_side_by_side)
 from minigpt import GPTConfig, MiniGPT
 from quant import Linear4bit, quantize_model
@@ -275,19 +275,25 @@ def available_methods(config: BenchmarkConfig, notes: list) -> list:
     return methods
 
 
+# (ours, reference) pairs reported as ratios whenever both methods ran
+RATIO_PAIRS = (("lora", "full"), ("lora", "full_amp"), ("qlora", "full"), ("qlora", "lora"), ("lora", "peft_lora"),
+               ("qlora", "bnb_qlora"), ("lora+ckpt", "full+ckpt"), ("qlora+ckpt", "full+ckpt"),
+               ("lora+compile", "full+compile"), ("qlora+compile", "full+compile"), ("qlora+compile", "lora+compile"),
+               ("qlora+compile", "qlora"))
+
+
 def ratio_rows(results: dict) -> dict:
-    """The ratios the issue's goals ask for, per batch size."""
+    """Per batch size: step time and peak memory of each RATIO_PAIRS pair, and QLoRA's weight memory.
+
+    Works on the dict `main` returns, also after a JSON round trip (see run.py --from-json).
+    """
     ratios = {}
     for batch_key, per_batch in results["per_batch"].items():
         timings, memory = per_batch["time"], per_batch["memory"]
-        pairs = [("lora", "full"), ("lora", "full_amp"), ("qlora", "full"), ("qlora", "lora"), ("lora", "peft_lora"),
-                 ("qlora", "bnb_qlora"), ("lora+ckpt", "full+ckpt"), ("qlora+ckpt", "full+ckpt"),
-                 ("lora+compile", "full+compile"), ("lora+compile", "full_amp+compile"),
-                 ("qlora+compile", "full+compile"), ("qlora+compile", "lora+compile"), ("qlora+compile", "qlora")]
-        for ours, reference in pairs:
+        for ours, reference in RATIO_PAIRS:
             if ours in timings and reference in timings:
                 ratios[f"{batch_key} step time {ours}/{reference}"] = Ratio.paired(
-                    _timing(timings[ours]), _timing(timings[reference])).as_dict()
+                    Timing.from_dict(timings[ours]), Timing.from_dict(timings[reference])).as_dict()
             if ours in memory and reference in memory and memory[reference]["peak_bytes"] > 0:
                 ratios[f"{batch_key} peak memory {ours}/{reference}"] = Ratio.exact(
                     memory[ours]["peak_bytes"], memory[reference]["peak_bytes"]).as_dict()
@@ -301,13 +307,8 @@ def ratio_rows(results: dict) -> dict:
     return ratios
 
 
-def _timing(as_dict: dict):
-    from benchmarks.common import Timing
-    return Timing(**{**as_dict, "samples_ms": tuple(as_dict["samples_ms"])})
-
-
 def main(config: BenchmarkConfig) -> dict:
-    """Measure every (batch size, method): step time side by side, then peak memory one at a time."""
+    """Measure every (batch size, method): peak memory one method at a time, then step time side by side."""
     check_device(config.device)
     for method in config.methods:
         split_method(method)
