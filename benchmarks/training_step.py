@@ -21,6 +21,7 @@ Methods (all train with AdamW; on CUDA the weights are bfloat16, on CPU float32)
     lora        ours: lora.apply_lora on q/k/v/o/up/down projections (rank 16, alpha 32), base frozen
     peft_lora   the same adapters made by Hugging Face PEFT (skipped with a note if peft is missing)
     qlora       ours: quant.quantize_model (NF4 + double quantization, lm_head kept) then lora.apply_lora
+    qlora_bf16  the same with the adapters cast to the compute dtype (bf16 on CUDA) instead of float32
     bnb_qlora   CUDA only: bitsandbytes.nn.Linear4bit base + PEFT adapters, the reference QLoRA stack
     <m>+ckpt    the same with gradient checkpointing (MiniGPT recomputes each block in backward)
     <m>+compile the same under torch.compile (fuses the LoRA branch's small element-wise kernels)
@@ -49,7 +50,7 @@ from benchmarks.common import (PeakMemory, Ratio, Timing, check_device, machine_
 from minigpt import GPTConfig, MiniGPT
 from quant import Linear4bit, quantize_model
 
-ALL_METHODS = ("full", "full_amp", "lora", "peft_lora", "qlora", "bnb_qlora")
+ALL_METHODS = ("full", "full_amp", "lora", "peft_lora", "qlora", "qlora_bf16", "bnb_qlora")
 CUDA_ONLY_METHODS = ("full_amp", "bnb_qlora")
 
 
@@ -152,13 +153,17 @@ def build_method(method: str, config: BenchmarkConfig):
     use_autocast = base_method == "full_amp"
     if not use_autocast:
         model.to(dtype)
-    if base_method == "qlora":
+    if base_method in ("qlora", "qlora_bf16"):
         quantize_model(model, target_modules=list(config.target_modules), compute_dtype=dtype)
     if base_method == "bnb_qlora":
         _swap_in_bitsandbytes_4bit(model, dtype, device)
-    if base_method in ("lora", "qlora"):
+    if base_method in ("lora", "qlora", "qlora_bf16"):
         lora.apply_lora(model, lora.LoRAConfig(r=config.rank, alpha=config.alpha,
                                                target_modules=list(config.target_modules)))
+    if base_method == "qlora_bf16":
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.to(dtype)  # the LoRA branch then runs in bf16, like LoRA's
     elif base_method in ("peft_lora", "bnb_qlora"):
         _inject_peft_lora(model, config, torch.float32 if base_method == "bnb_qlora" else dtype)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -279,7 +284,7 @@ def available_methods(config: BenchmarkConfig, notes: list) -> list:
 RATIO_PAIRS = (("lora", "full"), ("lora", "full_amp"), ("qlora", "full"), ("qlora", "lora"), ("lora", "peft_lora"),
                ("qlora", "bnb_qlora"), ("lora+ckpt", "full+ckpt"), ("qlora+ckpt", "full+ckpt"),
                ("lora+compile", "full+compile"), ("qlora+compile", "full+compile"), ("qlora+compile", "lora+compile"),
-               ("qlora+compile", "qlora"))
+               ("qlora+compile", "qlora"), ("qlora_bf16", "lora"), ("qlora_bf16", "qlora"))
 
 
 def ratio_rows(results: dict) -> dict:
@@ -297,7 +302,7 @@ def ratio_rows(results: dict) -> dict:
             if ours in memory and reference in memory and memory[reference]["peak_bytes"] > 0:
                 ratios[f"{batch_key} peak memory {ours}/{reference}"] = Ratio.exact(
                     memory[ours]["peak_bytes"], memory[reference]["peak_bytes"]).as_dict()
-        for ours, reference in (("qlora", "lora"), ("bnb_qlora", "peft_lora")):
+        for ours, reference in (("qlora", "lora"), ("qlora_bf16", "lora"), ("bnb_qlora", "peft_lora")):
             if ours in memory and reference in memory:
                 ratios[f"{batch_key} weight memory {ours}/{reference}"] = Ratio.exact(
                     memory[ours]["weight_bytes"], memory[reference]["weight_bytes"]).as_dict()
