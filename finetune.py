@@ -7,6 +7,7 @@
     python finetune.py --task fact-correction       # LoRA on v_proj only vs on all attention projections
     python -m minigpt.generate --model dist/finetuning_results/lora_merged --prompt "the soup"
     python -m minigpt.generate --model dist/base_model --adapter dist/finetuning_results/lora_adapter --prompt "the soup"
+    torchrun --standalone --nproc_per_node=2 finetune.py --device cpu   # 2 processes (docs/distributed.md)
 
 The default run (task "new-domain"):
   1. loads dist/base_model/ (pretraining it first with train.py's main if it does not exist);
@@ -38,9 +39,9 @@ import torch
 
 import lora
 from minigpt import load_model, save_model
-from minigpt.atomic import atomic_directory
 from minigpt.checkpoint import check_model_dir
 from minigpt.cli import parse_config
+from minigpt.distributed import SINGLE_PROCESS, RendezvousError, main_process_directory, process_group
 from minigpt.data import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
                           new_domain_probes, read_text_file)
 from minigpt.finetuning import (ADAPTER_METHODS, METHODS, batched_probe_accuracy, comparison_table, edit_report,
@@ -117,11 +118,15 @@ def lora_config_from(config: FinetuneConfig, targets=None) -> lora.LoRAConfig:
                            use_dora=config.dora, use_rslora=config.rslora, init=config.init)
 
 
-def load_or_pretrain_base(config: FinetuneConfig, device: str):
-    """(model, tokenizer) of --base; the default base is pretrained first if it does not exist yet."""
+def load_or_pretrain_base(config: FinetuneConfig, device: str, distributed=SINGLE_PROCESS):
+    """(model, tokenizer) of --base; the default base is pretrained first if it does not exist yet.
+
+    Under torchrun every rank pretrains together (train.main joins the running process group); rank 0
+    writes the folder and the others wait for it before loading.
+    """
     if config.base == DEFAULT_BASE and not Path(DEFAULT_BASE).exists():
         import train
-        print(f"no base model at {DEFAULT_BASE}/: pretraining one first (python train.py)")
+        distributed.print(f"no base model at {DEFAULT_BASE}/: pretraining one first (python train.py)")
         train.main(train.PretrainConfig(out=DEFAULT_BASE, device=device, seed=config.seed, progress=config.progress,
                                         plot=config.plot))
     check_model_dir(config.base)
@@ -153,19 +158,25 @@ def known_probes(probes, tokenizer):
 
 
 def main(config: FinetuneConfig) -> dict:
-    """Run the task of `config`; returns its figures (see the module docstring)."""
+    """Run the task of `config`; returns its figures (see the module docstring).
+
+    Under torchrun every rank runs this with its share of each --batch-size (minigpt/distributed.py);
+    only rank 0 prints and writes the results folder.
+    """
     check_config(config)
-    if config.task == "fact-correction":
-        return fact_correction(config)
-    return new_domain(config)
+    with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
+        distributed.local_batch_size(config.batch_size)  # fail before any work if the ranks cannot share it
+        if config.task == "fact-correction":
+            return fact_correction(config, distributed)
+        return new_domain(config, distributed)
 
 
-def new_domain(config: FinetuneConfig) -> dict:
+def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     start = time.perf_counter()
-    device = pick_device(config.device)
+    device = distributed.device
     methods = parse_methods(config.methods)
     out_dir = Path(config.out or "dist/finetuning_results")
-    base_model, base_tokenizer = load_or_pretrain_base(config, device)
+    base_model, base_tokenizer = load_or_pretrain_base(config, device, distributed)
     lora_config = lora_config_from(config)
 
     corpus = read_text_file(config.data) if config.data else new_domain_corpus()
@@ -175,7 +186,7 @@ def new_domain(config: FinetuneConfig) -> dict:
                          f"this run teaches new words, so give it text with a new vocabulary")
     model, tokenizer, new_ids = expand_vocabulary(base_model, base_tokenizer, new_words, seed=config.seed)
     base_vocab_size = base_model.config.vocab_size
-    print(f"base {config.base}: {base_model.num_parameters():,} parameters, vocabulary {base_vocab_size} "
+    distributed.print(f"base {config.base}: {base_model.num_parameters():,} parameters, vocabulary {base_vocab_size} "
           f"+ {len(new_ids)} new words ({', '.join(new_words[:8])}{', ...' if len(new_words) > 8 else ''})")
     train_stream = train_stream_for(config, corpus.train, tokenizer, base_model.config.context_length)
     val_stream = TokenStream(corpus.val, tokenizer, base_model.config.context_length)
@@ -184,46 +195,52 @@ def new_domain(config: FinetuneConfig) -> dict:
     domain_probes = known_probes(new_domain_probes(), tokenizer) if config.data is None else []
     base_accuracy = batched_probe_accuracy(base_model, base_tokenizer, base_probes) if base_probes else float("nan")
 
-    results, trained = [], {}
-    with atomic_directory(out_dir) as tmp:
+    results, trained, plot_path = [], {}, None
+    with main_process_directory(out_dir, distributed) as tmp:  # rank 0: atomic_directory; other ranks: None
         for method in methods:
             setup = setup_method(method, model, base_vocab_size, lora_config, lr=config.lr, full_lr=config.full_lr,
                                  lora_plus_ratio=config.lora_plus_ratio, seed=config.seed)
+            torch.manual_seed(config.seed + distributed.rank)  # torchrun: dropout differs between ranks
             setup.model.to(device)
             method_config = TrainConfig(**{**asdict(train_config), "desc": method,
                                            "lr": config.lr if method in ADAPTER_METHODS else config.full_lr})
-            result = train_method(setup, train_stream, val_stream, method_config, tokenizer, base_probes, domain_probes)
-            folder = tmp / SAVED_FOLDER[method]
-            if method in ADAPTER_METHODS:
-                save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, folder)
-            else:
-                save_model(setup.model, tokenizer, folder)
-            result.disk_bytes = folder_bytes(folder)
+            result = train_method(setup, train_stream, val_stream, method_config, tokenizer, base_probes, domain_probes,
+                                  distributed)
+            if tmp is not None:  # rank 0 writes
+                folder = tmp / SAVED_FOLDER[method]
+                if method in ADAPTER_METHODS:
+                    save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, folder)
+                else:
+                    save_model(setup.model, tokenizer, folder)
+                result.disk_bytes = folder_bytes(folder)
             results.append(result)
             trained[method] = setup.model
             if method == "lora":
                 merged = merged_copy(setup.model)
-                save_model(merged, tokenizer, tmp / "lora_merged")
+                if tmp is not None:
+                    save_model(merged, tokenizer, tmp / "lora_merged")
                 merged_difference = max_logit_difference(merged, setup.model, val_stream)
-                print(f"lora_merged vs base + lora_adapter: max |logit difference| = {merged_difference:.2e}")
+                distributed.print(f"lora_merged vs base + lora_adapter: max |logit difference| = "
+                                  f"{merged_difference:.2e}")
         table = comparison_table(results, base_accuracy)
-        plot_path = plot_comparison(results, base_accuracy, tmp / "comparison.png") if config.plot else None
-        summary = {"config": asdict(config), "base_accuracy": base_accuracy, "new_words": new_words,
-                   "steps": train_config.steps, "methods": [asdict(r) for r in results]}
-        (tmp / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if tmp is not None:
+            plot_path = plot_comparison(results, base_accuracy, tmp / "comparison.png") if config.plot else None
+            summary = {"config": asdict(config), "base_accuracy": base_accuracy, "new_words": new_words,
+                       "steps": train_config.steps, "methods": [asdict(r) for r in results]}
+            (tmp / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     tokens_once = len(train_stream) // max(1, config.shuffled_copies)
-    print(f"\n{tokens_once:,} training tokens, {train_config.steps} steps of {config.batch_size} x "
+    distributed.print(f"\n{tokens_once:,} training tokens, {train_config.steps} steps of {config.batch_size} x "
           f"{train_stream.context_length} tokens, seed {config.seed}, device {device}")
-    print(table)
+    distributed.print(table)
     models = {"base": (base_model, base_tokenizer)}
     models.update({method: (trained[method], tokenizer) for method in trained})
     domain_prompts = [probe.prompt for probe in domain_probes[:3]]
     fact_prompts = [probe.prompt for probe in base_probes[:3]]
     predictions = prediction_table(models, tokenizer, domain_prompts + fact_prompts)
-    print("\ntop-3 next words, before (base) and after:\n" + predictions)
+    distributed.print("\ntop-3 next words, before (base) and after:\n" + predictions)
     wall_time = time.perf_counter() - start
-    print(f"\nwrote {out_dir}/ in {wall_time:.1f} s")
+    distributed.print(f"\nwrote {out_dir}/ in {wall_time:.1f} s")
     return {"out_dir": str(out_dir), "results": results, "base_accuracy": base_accuracy, "table": table,
             "new_words": new_words, "steps": train_config.steps,
             "plot": str(out_dir / "comparison.png") if plot_path else None,
@@ -231,34 +248,39 @@ def new_domain(config: FinetuneConfig) -> dict:
             "predictions": predictions, "wall_time_s": wall_time}
 
 
-def fact_correction(config: FinetuneConfig) -> dict:
+def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     """LoRA on v_proj only vs on q, k, v, o: efficacy (edited facts) and locality (related facts)."""
     start = time.perf_counter()
-    device = pick_device(config.device)
+    device = distributed.device
     out_dir = Path(config.out or "dist/fact_correction")
-    base_model, base_tokenizer = load_or_pretrain_base(config, device)
+    base_model, base_tokenizer = load_or_pretrain_base(config, device, distributed)
     edit_set = fact_correction_set()
     new_words = new_words_in(base_tokenizer, edit_set.train)
     model, tokenizer, _ = expand_vocabulary(base_model, base_tokenizer, new_words, seed=config.seed)
     base_vocab_size = base_model.config.vocab_size
     train_stream = train_stream_for(config, edit_set.train, tokenizer, base_model.config.context_length)
     reports = []
-    with atomic_directory(out_dir) as tmp:
+    with main_process_directory(out_dir, distributed) as tmp:  # rank 0: atomic_directory; other ranks: None
         for variant, targets in FACT_VARIANTS.items():
             setup = setup_method("lora", model, base_vocab_size, lora_config_from(config, targets), lr=config.lr,
                                  full_lr=config.full_lr, lora_plus_ratio=config.lora_plus_ratio, seed=config.seed)
+            torch.manual_seed(config.seed + distributed.rank)  # torchrun: dropout differs between ranks
             setup.model.to(device)
-            train_model(setup.model, train_stream, None, train_config_for(config, train_stream, device, variant),
-                        optimizer=torch.optim.AdamW(setup.param_groups, lr=config.lr, betas=(0.9, 0.95)))
+            train_model(distributed.wrap(setup.model), train_stream, None,
+                        train_config_for(config, train_stream, device, variant),
+                        optimizer=torch.optim.AdamW(setup.param_groups, lr=config.lr, betas=(0.9, 0.95)),
+                        distributed=distributed)
             setup.model.cpu().eval()
             reports.append(edit_report(variant, setup.trainable_params, model, setup.model, tokenizer, edit_set))
-            save_finetuned_adapter(setup.model, tokenizer, base_vocab_size,
-                                   tmp / ("v_proj_adapter" if targets == ("v_proj",) else "attention_adapter"))
+            if tmp is not None:  # rank 0 writes
+                save_finetuned_adapter(setup.model, tokenizer, base_vocab_size,
+                                       tmp / ("v_proj_adapter" if targets == ("v_proj",) else "attention_adapter"))
         table = edit_table(reports)
-        (tmp / "fact_correction.txt").write_text(table + "\n")
-    print(table)
+        if tmp is not None:
+            (tmp / "fact_correction.txt").write_text(table + "\n")
+    distributed.print(table)
     wall_time = time.perf_counter() - start
-    print(f"\nwrote {out_dir}/ in {wall_time:.1f} s")
+    distributed.print(f"\nwrote {out_dir}/ in {wall_time:.1f} s")
     return {"out_dir": str(out_dir), "reports": reports, "table": table, "wall_time_s": wall_time}
 
 
@@ -270,5 +292,5 @@ if __name__ == "__main__":
     config = parse_args()
     try:
         main(config)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, RendezvousError) as error:
         sys.exit(f"error: {error}")

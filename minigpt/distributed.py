@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from minigpt.atomic import atomic_directory
+
 RENDEZVOUS_TIMEOUT_S = 60.0  # how long a rank waits for the others to show up before giving up, clearly
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # collectives, once started: PyTorch's own default
 LAUNCH_HINT = "launch with: torchrun --standalone --nproc_per_node=N <script>.py ..."
@@ -157,6 +159,26 @@ def wrap_model(model: torch.nn.Module, device: str) -> DistributedDataParallel:
     """
     device_ids = [torch.device(device).index or 0] if device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_sync())
+
+
+@contextlib.contextmanager
+def main_process_directory(final_dir, context: DistributedContext):
+    """atomic_directory(final_dir) on rank 0; None on the other ranks, which write nothing.
+
+    On leaving the block every rank waits until rank 0's folder is complete (on success; an error on
+    one rank ends the whole torchrun job anyway).
+
+        with main_process_directory("dist/results", distributed) as tmp:
+            ...train on every rank...
+            if tmp is not None:                  # rank 0 only
+                save_model(model, tokenizer, tmp / "model")
+    """
+    if context.is_main:
+        with atomic_directory(final_dir) as tmp_dir:
+            yield tmp_dir
+    else:
+        yield None
+    context.barrier()
 
 
 def _no_buffer_sync() -> dict:

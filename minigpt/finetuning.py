@@ -34,6 +34,7 @@ import lora
 from minigpt.atomic import atomic_directory
 from minigpt.model import MiniGPT
 from minigpt.predict import probability_of, top_next_words
+from minigpt.distributed import SINGLE_PROCESS, DistributedContext
 from minigpt.training import TrainConfig, train_model
 from minigpt.vocab import (EMBEDDING_FILE, check_tokenizer_extends, count_new_row_parameters, load_new_rows,
                            new_rows_param_group, save_new_rows, train_new_rows_only, with_new_rows)
@@ -167,11 +168,16 @@ def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lor
 
 
 def train_method(setup: MethodSetup, train_stream, val_stream, train_config: TrainConfig, tokenizer,
-                 base_probes, domain_probes) -> MethodResult:
-    """Train `setup.model` with the shared loop and measure it (val loss, probe accuracy, memory, time)."""
+                 base_probes, domain_probes, distributed: DistributedContext = SINGLE_PROCESS) -> MethodResult:
+    """Train `setup.model` with the shared loop and measure it (val loss, probe accuracy, memory, time).
+
+    Under torchrun (`distributed` from minigpt.distributed.process_group) the model trains wrapped in
+    DistributedDataParallel, which all-reduces only the trainable parameters (adapters, new rows).
+    """
     optimizer = torch.optim.AdamW([group for group in setup.param_groups if group["params"]],
                                   lr=train_config.lr, betas=(0.9, 0.95))
-    result = train_model(setup.model, train_stream, val_stream, train_config, optimizer=optimizer)
+    result = train_model(distributed.wrap(setup.model), train_stream, val_stream, train_config, optimizer=optimizer,
+                         distributed=distributed)
     setup.model.cpu().eval()
     def accuracy(probes) -> float:  # NaN when there are no probes (a user's own --data has none)
         return batched_probe_accuracy(setup.model, tokenizer, probes) if probes else float("nan")

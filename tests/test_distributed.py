@@ -5,6 +5,7 @@ The torchrun tests start 2 CPU processes (gloo) with `python -m torch.distribute
 cost a few seconds each (process start-up and imports), the rest of the file runs in-process.
 """
 
+import json
 import os
 import runpy
 import socket
@@ -223,3 +224,29 @@ def test_train_py_under_torchrun_matches_one_process_with_the_same_global_batch(
     assert f"train {single['final_train_loss']:.3f}, validation {single['final_val_loss']:.3f}" in printed
     for (name, a), b in zip(ddp_model.state_dict().items(), single_model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- finetune.py under torchrun ----------------------------------------------------------------------------
+
+def test_finetune_py_under_torchrun_matches_one_process_for_lora_and_qlora(tmp_path):
+    import finetune  # imported here: the rest of the file does not need it
+
+    base = train.main(train.PretrainConfig(out=str(tmp_path / "base"), **TINY_TRAIN))["out_dir"]
+    options = dict(base=base, methods="lora,qlora", steps=4, batch_size=4, warmup_steps=1, rank=2, alpha=4.0,
+                   device="cpu", plot=False, progress=False)
+    result = torchrun("finetune.py", {**options, "out": str(tmp_path / "ddp" / "results")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone prints
+    assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == ["results"]  # one folder, no leftovers
+    assert sorted(path.name for path in (tmp_path / "ddp" / "results").iterdir()) == [
+        "lora_adapter", "lora_merged", "qlora_adapter", "results.json"]
+
+    single = finetune.main(finetune.FinetuneConfig(**options, out=str(tmp_path / "single" / "results")))
+    summary = json.loads((tmp_path / "ddp" / "results" / "results.json").read_text())
+    assert [entry["method"] for entry in summary["methods"]] == ["lora", "qlora"]
+    for ddp_method, single_method in zip(summary["methods"], single["results"]):
+        assert ddp_method["method"] == single_method.method
+        assert ddp_method["val_loss"] == pytest.approx(single_method.val_loss, rel=LOSS_RTOL)
+        ddp_losses = [loss for _, loss in ddp_method["train_curve"]]
+        single_losses = [loss for _, loss in single_method.train_curve]
+        assert ddp_losses == pytest.approx(single_losses, rel=LOSS_RTOL)  # step by step, global batch means
