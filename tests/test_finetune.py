@@ -191,3 +191,19 @@ def test_bad_options_are_rejected():
         finetune.main(finetune.FinetuneConfig(methods="lora,sgd"))
     with pytest.raises(ValueError, match="--task"):
         finetune.main(finetune.FinetuneConfig(task="translate"))
+    with pytest.raises(ValueError, match="--replay must be >= 0"):
+        finetune.main(finetune.FinetuneConfig(replay=-0.5))
+
+
+def test_replay_mixes_known_base_sentences_without_changing_the_step_count(base_dir):
+    _, tokenizer = load_model(base_dir)
+    config = finetune.FinetuneConfig(replay=0.5, seed=3)
+    picked = finetune.replay_sentences(config, tokenizer, n_finetune_sentences=10)
+    assert len(picked) == 5 and len(set(picked)) == 5
+    assert all(not tokenizer.unknown_words(sentence) for sentence in picked)
+    assert picked == finetune.replay_sentences(config, tokenizer, 10)  # seeded
+    assert finetune.replay_sentences(finetune.FinetuneConfig(replay=0.0), tokenizer, 10) == []
+    many = finetune.replay_sentences(finetune.FinetuneConfig(replay=100.0), tokenizer, 10)
+    assert len(many) == 1000  # more than the corpus holds: whole passes, then a sample
+    steps = {finetune.train_config_for(finetune.FinetuneConfig(replay=r), 1000, 32, "cpu", "").steps for r in (0, 1)}
+    assert steps == {round(50 * 2)}  # 1000 tokens / (16 x 32) -> 2 steps an epoch, 50 epochs, with or without replay

@@ -235,7 +235,8 @@ plt.show()
 # mentions them: the next-word distribution is pulled towards weather and cooking. LoRA, with far fewer
 # trainable parameters, forgets less than full fine-tuning here. And LoRA has a way back that full
 # fine-tuning does not: switch the adapter off and the base is bit-for-bit what it was. (Mixing some
-# base sentences into the fine-tuning data, "replay", is the usual cure for both; exercise 2.)
+# base sentences into the fine-tuning data, "replay", is the usual cure for both; `finetune.py` mixes
+# in one base sentence per new-domain sentence by default, `--replay 0` turns it off; exercise 2.)
 
 # %% [markdown]
 # ## 5. Fact correction: which projections to adapt?
