@@ -21,13 +21,14 @@ Methods (all train with AdamW; on CUDA the weights are bfloat16, on CPU float32)
     lora        ours: lora.apply_lora on q/k/v/o/up/down projections (rank 16, alpha 32), base frozen
     peft_lora   the same adapters made by Hugging Face PEFT (skipped with a note if peft is missing)
     qlora       ours: quant.quantize_model (NF4 + double quantization, lm_head kept) then lora.apply_lora
-    qlora_bf16  the same with the adapters cast to the compute dtype (bf16 on CUDA) instead of float32
+    qlora_bf16  the same with the adapters in the compute dtype (bf16 on CUDA), lora/'s default (REFERENCE.md)
     bnb_qlora   CUDA only: bitsandbytes.nn.Linear4bit base + PEFT adapters, the reference QLoRA stack
     <m>+ckpt    the same with gradient checkpointing (MiniGPT recomputes each block in backward)
     <m>+compile the same under torch.compile (fuses the LoRA branch's small element-wise kernels)
 
-QLoRA adapters are float32 (lora/ keeps adapters on a 4-bit base in float32, as PEFT does by default),
-so bnb_qlora's PEFT adapters are float32 too; LoRA adapters on a bf16 base are bf16 in both libraries.
+"qlora" casts its adapters to float32, as PEFT does by default (autocast_adapter_dtype), so it compares
+like for like with bnb_qlora, whose PEFT adapters are float32 too; lora/ itself keeps adapters on a
+4-bit base in the compute dtype (qlora_bf16). LoRA adapters on a bf16 base are bf16 in both libraries.
 
 Peak memory: CUDA max_memory_allocated during the steps (absolute: weights included); CPU the peak
 resident memory above the resident size before the model was built, each method in a fresh process
@@ -160,10 +161,10 @@ def build_method(method: str, config: BenchmarkConfig):
     if base_method in ("lora", "qlora", "qlora_bf16"):
         lora.apply_lora(model, lora.LoRAConfig(r=config.rank, alpha=config.alpha,
                                                target_modules=list(config.target_modules)))
-    if base_method == "qlora_bf16":
+    if base_method == "qlora":
         for name, parameter in model.named_parameters():
             if "lora_" in name:
-                parameter.data = parameter.data.to(dtype)  # the LoRA branch then runs in bf16, like LoRA's
+                parameter.data = parameter.data.float()  # PEFT's autocast_adapter_dtype: float32 adapters
     elif base_method in ("peft_lora", "bnb_qlora"):
         _inject_peft_lora(model, config, torch.float32 if base_method == "bnb_qlora" else dtype)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]

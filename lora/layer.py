@@ -63,13 +63,16 @@ def _device_of(layer: nn.Module) -> torch.device:
 
 
 def _adapter_dtype(layer: nn.Module) -> torch.dtype:
-    """LoRA parameters live in the base weight's dtype; on a 4-bit base, in float32.
+    """LoRA parameters live in the base weight's dtype; on a 4-bit base, in its compute dtype.
 
-    subtle: float32 adapters on a 4-bit base are what PEFT does by default (`autocast_adapter_dtype=True`
-    upcasts bf16/fp16 adapters): the tiny A and B cost little memory and train more stably in full precision.
+    REFERENCE.md NF4 step 10 (QLoRA, Dettmers et al. 2023, section 3): the LoRA branch stays in the
+    compute dtype, so a bf16-compute 4-bit base gets bf16 adapters; with no compute dtype, float32.
+    subtle: PEFT differs by default: `get_peft_model(..., autocast_adapter_dtype=True)` upcasts bf16/fp16
+    adapters to float32. To train that way here, cast them after apply_lora:
+    `for n, p in model.named_parameters(): p.data = p.data.float() if "lora_" in n else p.data`.
     """
     if is_4bit_linear(layer):
-        return torch.float32
+        return getattr(layer, "compute_dtype", None) or torch.float32
     return layer.weight.dtype
 
 
@@ -459,9 +462,11 @@ class LoRALinear(LoRALayerBase):
         """The plain layer that replaces this wrapper in `merge_and_unload` / `unload`.
 
         merge=False: the base layer as it is. merge=True on an nn.Linear: the base with every active
-        adapter merged in. On a 4-bit base: a new full-precision nn.Linear holding dequantize(W) + updates
-        (dtype = compute_dtype or float32), or, with requantize=True, that layer quantized again with the
-        base's own settings (lossy: REFERENCE.md NF4 step 10).
+        adapter merged in. On a 4-bit base: a new full-precision nn.Linear holding dequantize(W) + updates,
+        computed in float32 and stored in the dtype the weight had before it was quantized (weight_dtype,
+        not the compute dtype: a bf16-compute base quantized from float32 merges back to float32), or,
+        with requantize=True, that layer quantized again with the base's own settings (lossy:
+        REFERENCE.md NF4 step 10).
         """
         if not merge:
             return self.base_layer
@@ -469,7 +474,7 @@ class LoRALinear(LoRALayerBase):
             self.merge()
             return self.base_layer
         base = self.base_layer
-        dtype = getattr(base, "compute_dtype", None) or torch.float32
+        dtype = getattr(base, "weight_dtype", None) or torch.float32  # full precision: the original dtype
         weight, _ = self.merged_weight(dtype=torch.float32)
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=dtype)
