@@ -74,6 +74,11 @@ GOALS = (
     ("training_step", "peak memory lora/full", "max", 0.5, ("cuda",), "LoRA peak <= 0.5x full"),
     ("training_step", "weight memory qlora/lora", "max", 0.3, ("cuda",), "QLoRA weights <= 0.3x bf16 LoRA's"),
     ("nf4", "dequantize: ours", "max", 2.0, ("cuda",), "NF4 dequantize within 2x bitsandbytes"),
+    # issue #5's targets for the default `python finetune.py` (one run, so no spread)
+    ("finetune_run", "val loss lora/full", "max", 1.10, ("cpu", "cuda"), "LoRA val loss within 10% of full"),
+    ("finetune_run", "val loss qlora/lora", "max", 1.05, ("cpu", "cuda"), "QLoRA val loss within 5% of LoRA"),
+    ("finetune_run", "disk lora_adapter/lora_merged", "max", 0.05, ("cpu", "cuda"), "adapter >= 20x smaller"),
+    ("finetune_run", "wall time default run/60 s", "max", 1.0, ("cpu",), "default run <= 60 s on a 2-core CPU"),
 )
 
 
