@@ -48,7 +48,10 @@ class LinearNF4Function(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             weight = dequantize_nf4(packed, absmax, ctx.shape, ctx.block_size, ctx.compute_dtype)  # [out, in]
-            grad_input = grad_output @ weight  # (…, out) @ [out, in] -> (…, in)
+            # subtle: under autocast the forward matmul ran in bf16/fp16, so dy arrives in that dtype while W
+            # is in compute_dtype; multiply in dy's dtype (as bitsandbytes' MatMul4Bit does), and autograd
+            # casts dx back to x's dtype
+            grad_input = grad_output @ weight.to(grad_output.dtype)  # (…, out) @ [out, in] -> (…, in)
         return grad_input, None, None, None, None, None
 
 

@@ -134,3 +134,16 @@ def test_from_linear_rejects_other_modules():
 
 def test_repr_names_the_settings():
     assert "block_size=64, double_quant=True" in repr(Linear4bit.from_linear(make_linear()))
+
+
+def test_backward_under_bf16_autocast():
+    """finetune.py trains QLoRA under bf16 autocast on GPUs: dy comes back in bf16 while W is float32."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(64, 32))
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    expected = torch.ones(4, 32) @ layer.dequantize_weight(torch.float32)  # dy = 1 -> dx = 1 · W
+    assert torch.allclose(x.grad, expected, rtol=1e-2, atol=1e-2)  # bf16 matmul in backward
