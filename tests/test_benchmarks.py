@@ -99,3 +99,26 @@ def test_missing_benchmark_is_skipped_not_fatal(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "load_benchmark", lambda name: (None, f"benchmarks/{name}.py is not in this checkout"))
     results = run.main(run.RunConfig(only=("finetune_run",), out_dir=str(tmp_path / "out"), plots=False))
     assert "not in this checkout" in results["benchmarks"]["finetune_run"]["skipped"]
+
+
+def test_nf4_code_comparison_tells_ties_from_real_differences():
+    from benchmarks.nf4 import compare_codes
+    from quant import NF4_CODE, quantize_nf4
+    from quant.nf4_code import code_midpoints
+
+    midpoint = code_midpoints(NF4_CODE)[14]  # between codes 14 and 15; a tie goes to 14
+    weight = torch.zeros(2, 64)
+    weight[0, 0], weight[0, 1] = 1.0, midpoint  # absmax 1: the scaled value is exactly the midpoint
+    weight[1] = torch.linspace(-1, 1, 64)
+    ours = quantize_nf4(weight, double_quant=True)
+    assert compare_codes(ours, ours.packed.clone(), weight) == ""
+
+    tie_rounded_up = ours.packed.clone()
+    assert tie_rounded_up[0] == 15 << 4 | 14  # elements 0 and 1: codes 15 (1.0) and 14 (the tie)
+    tie_rounded_up[0] = 15 << 4 | 15
+    note = compare_codes(ours, tie_rounded_up, weight)
+    assert note.startswith("1 of 128 4-bit codes differ") and "all on a midpoint" in note
+
+    wrong = ours.packed.clone()
+    wrong[40] ^= 0x10  # element 80, in the linspace row: no tie there
+    assert "WARNING: 1 of them are not ties" in compare_codes(ours, wrong, weight)
