@@ -7,7 +7,8 @@ Run from the repository root:
     python -m benchmarks.lora_layers --device cuda   # GPU: same shapes, 4096 rows
 
 What it measures, for each shape and rank 16, all in one run, each layer timed in turn within every
-round so that a busy machine slows them all alike (medians over the rounds are reported):
+round so that a busy machine slows them all alike (medians over the rounds are reported, and the
+ratios are medians of the per-round ratios with their 25th-75th percentile):
 
 - train : forward + backward of y.sum() in training mode (only A, B, and DoRA's magnitude get grads)
 - eval  : forward under torch.no_grad() in eval mode (DoRA's norm is cached by our layer)
@@ -20,15 +21,15 @@ within 10% of LoRA.
 """
 
 import argparse
-import statistics
+import functools
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 
+from benchmarks.common import Ratio, Timing, time_side_by_side
 from lora import LoRALinear
 
 
@@ -39,13 +40,14 @@ class BenchmarkConfig:
     rows: int = 512  # tokens in the batch: rows of x (B * T); modest, so 4096x4096 stays quick on a CPU
     rank: int = 16  # LoRA rank r
     alpha: float = 32.0  # scaling 2, as in many recipes (does not change the speed)
-    repeats: int = 7  # timed rounds; medians reported
+    repeats: int = 15  # timed rounds; medians reported (7 left the ratios within a few percent of noise)
     warmup: int = 2  # untimed rounds first (allocator, caches, lazy initialisation)
     seed: int = 0
 
 
 QUICK = dict(shapes=((1024, 1024),), rows=256, repeats=5, warmup=1)
 CUDA_ROWS = 4096
+CUDA_REPEATS = 30  # a GPU round takes milliseconds: more rounds cost nothing and steady the medians
 
 
 def peft_layers(base: nn.Linear, config: BenchmarkConfig) -> Dict[str, nn.Module]:
@@ -91,11 +93,6 @@ def build_layers(in_features: int, out_features: int, config: BenchmarkConfig) -
     return layers
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _train_step(layer: nn.Module, x: torch.Tensor) -> None:
     y = layer(x)  # (rows, out)
     if y.requires_grad:  # the frozen base alone has nothing to train: its "train" is forward only
@@ -109,32 +106,31 @@ def _eval_forward(layer: nn.Module, x: torch.Tensor) -> None:
         layer(x)
 
 
-def time_layers(layers: Dict[str, nn.Module], x: torch.Tensor, config: BenchmarkConfig) -> Dict[str, dict]:
-    """{layer: {"train": median s, "eval": median s, "train_min": fastest s, "eval_min": ...}}.
+def time_layers(layers: Dict[str, nn.Module], x: torch.Tensor, config: BenchmarkConfig) -> Dict[str, Dict[str, Timing]]:
+    """{mode: {layer: Timing}} for mode "train" and "eval", every layer timed in turn within each round.
 
-    Layers are interleaved within each round. The fastest round is reported too: on a machine shared
-    with other jobs it is the figure least disturbed by them.
+    The per-round samples give paired ratios (`Ratio.paired`): ours and the reference ran seconds
+    apart, so a machine that gets busier mid-run slows both alike.
     """
-    times = {name: {"train": [], "eval": []} for name in layers}
+    timings = {}
     for mode, step in (("train", _train_step), ("eval", _eval_forward)):
         for layer in layers.values():
             layer.train(mode == "train")  # once per mode, as in real use (our DoRA caches its norm in eval)
-        names = list(layers)
-        for round_index in range(config.warmup + config.repeats):
-            shift = round_index % len(names)  # rotate the order, so no layer always runs right after another
-            for name in names[shift:] + names[:shift]:
-                layer = layers[name]
-                _synchronize(config.device)
-                start = time.perf_counter()
-                step(layer, x)
-                _synchronize(config.device)
-                if round_index >= config.warmup:
-                    times[name][mode].append(time.perf_counter() - start)
-    summary = {}
-    for name, modes in times.items():
-        summary[name] = {mode: statistics.median(values) for mode, values in modes.items()}
-        summary[name].update({f"{mode}_min": min(values) for mode, values in modes.items()})
-    return summary
+        functions = {name: functools.partial(step, layer, x) for name, layer in layers.items()}
+        timings[mode] = time_side_by_side(functions, config.device, warmup=config.warmup, repeats=config.repeats)
+    return timings
+
+
+def ratio_pairs(names) -> list:
+    """(mode, ours, reference) for every ratio reported: ours vs the base layer, vs PEFT, DoRA vs LoRA."""
+    pairs = []
+    for mode in ("train", "eval"):
+        for ours in ("lora", "dora"):
+            pairs.append((mode, ours, "base"))
+            if f"peft-{ours}" in names:
+                pairs.append((mode, ours, f"peft-{ours}"))
+    pairs.append(("eval", "dora", "lora"))
+    return pairs
 
 
 def main(config: BenchmarkConfig) -> dict:
@@ -148,28 +144,22 @@ def main(config: BenchmarkConfig) -> dict:
         if "peft-lora" not in layers and not results["notes"]:
             results["notes"].append("peft is not importable: PEFT columns skipped (pip install peft==0.21.2)")
         x = torch.randn(config.rows, in_features, device=config.device)
-        medians = time_layers(layers, x, config)
+        timings = time_layers(layers, x, config)
         shape = f"{in_features}x{out_features}"
-        results["shapes"][shape] = medians
-        print(f"\n{shape}: {'layer':<10}{'train fwd+bwd (ms)':>20}{'eval fwd (ms)':>16}"
-              f"{'fastest train':>16}{'fastest eval':>14}")
-        for name, timing in medians.items():
-            print(f"{'':>{len(shape) + 2}}{name:<10}{timing['train'] * 1e3:>20.2f}{timing['eval'] * 1e3:>16.2f}"
-                  f"{timing['train_min'] * 1e3:>16.2f}{timing['eval_min'] * 1e3:>14.2f}")
-        pairs = []
-        for mode in ("train", "eval"):
-            for ours in ("lora", "dora"):
-                pairs.append((mode, ours, "base"))
-                if f"peft-{ours}" in medians:
-                    pairs.append((mode, ours, f"peft-{ours}"))
-        pairs.append(("eval", "dora", "lora"))
-        for mode, numerator, denominator in pairs:
-            results["ratios"][f"{shape} {mode} {numerator}/{denominator}"] = {
-                "median": medians[numerator][mode] / medians[denominator][mode],
-                "min": medians[numerator][f"{mode}_min"] / medians[denominator][f"{mode}_min"]}
-    print(f"\nratios (below 1: ours is faster){'median':>14}{'fastest':>10}")
+        # seconds, the layout results.md renders: {layer: {"train", "eval", "train_min", "eval_min"}}
+        results["shapes"][shape] = {name: {key: value for mode in ("train", "eval")
+                                           for key, value in ((mode, timings[mode][name].median_ms / 1e3),
+                                                              (f"{mode}_min", timings[mode][name].min_ms / 1e3))}
+                                    for name in layers}
+        print(f"\n{shape}: {'layer':<10}{'train fwd+bwd (ms)':>32}{'eval fwd (ms)':>32}")
+        for name in layers:
+            print(f"{'':>{len(shape) + 2}}{name:<10}{str(timings['train'][name]):>32}{str(timings['eval'][name]):>32}")
+        for mode, numerator, denominator in ratio_pairs(layers):
+            ratio = Ratio.paired(timings[mode][numerator], timings[mode][denominator])
+            results["ratios"][f"{shape} {mode} {numerator}/{denominator}"] = ratio.as_dict()
+    print("\nratios (below 1: ours is faster), median of the per-round ratios [25th-75th percentile]")
     for name, ratio in results["ratios"].items():
-        print(f"  {name:<40}{ratio['median']:7.2f}x{ratio['min']:9.2f}x")
+        print(f"  {name:<40}{Ratio(**ratio)}")
     for note in results["notes"]:
         print(f"note: {note}")
     return results
@@ -179,14 +169,14 @@ def parse_args(argv=None) -> BenchmarkConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="1024x1024 only, 256 rows, fewer repeats")
-    parser.add_argument("--repeats", type=int, help="timed rounds (default 7)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 15 on CPU, 30 on CUDA)")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, --quick, "
                      f"--repeats N")
     config = BenchmarkConfig(device=args.device)
     if args.device == "cuda":
-        config = replace(config, rows=CUDA_ROWS)
+        config = replace(config, rows=CUDA_ROWS, repeats=CUDA_REPEATS)
     if args.quick:
         config = replace(config, **QUICK)
     if args.repeats is not None:

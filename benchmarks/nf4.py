@@ -330,6 +330,8 @@ def main(config: BenchmarkConfig) -> dict:
     analytic = ours_analytic_extra_bytes(weight.numel(), config.block_size, chunk)
 
     ratios = _ratios({"quantize": quantize_ms, "dequantize": dequantize_ms, "qlora_fwd_bwd": qlora_ms})
+    for name, value in memory.items():  # a size ratio: the peak extra bytes over the weight's own bytes
+        ratios[f"quantize peak extra memory/weight: {name}"] = value / weight_bytes
     ratios_fastest = _ratios({"quantize": quantize_fastest, "dequantize": dequantize_fastest,
                               "qlora_fwd_bwd": qlora_fastest})
     results = {
@@ -427,7 +429,8 @@ def print_report(results: dict) -> None:
         print(f"  {'ours (analytic)':<24}{results['ours_analytic_peak_extra_bytes'] / 2**20:10.1f} MiB")
     print(f"\n{'ratios (below 1: ours is faster)':<50}{'median':>8}{'fastest':>10}")
     for name, ratio in results["ratios"].items():
-        print(f"  {name:<48}{ratio:7.2f}x{results['ratios_fastest'][name]:9.2f}x")
+        fastest = results["ratios_fastest"].get(name)  # a memory ratio has no fastest round
+        print(f"  {name:<48}{ratio:7.2f}x" + (f"{fastest:9.2f}x" if fastest is not None else ""))
     for note in results["notes"]:
         print(f"note: {note}")
 
