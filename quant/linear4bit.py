@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from quant.nf4 import DEFAULT_BLOCK_SIZE, DEFAULT_DQ_BLOCK_SIZE, NF4Weight, dequantize_absmax, dequantize_nf4, quantize_nf4
+from quant.nf4 import (DEFAULT_BLOCK_SIZE, DEFAULT_DQ_BLOCK_SIZE, NF4Weight, check_block_size, dequantize_absmax,
+                       dequantize_nf4, quantize_nf4)
 
 _QUANT_BUFFERS = ("packed", "absmax", "absmax_q", "absmax_scale", "absmax_offset")
 _FLOAT_QUANT_BUFFERS = ("absmax", "absmax_scale", "absmax_offset")  # float32, must survive .half()
@@ -86,15 +87,15 @@ class Linear4bit(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.block_size = block_size
+        self.block_size = check_block_size(block_size)  # a plain int, even from np.int64(64)
         self.double_quant = double_quant
         self.compute_dtype = compute_dtype
         self.weight_dtype = weight_dtype
-        self.dq_block_size = dq_block_size
+        self.dq_block_size = check_block_size(dq_block_size, "dq_block_size")
         # Placeholder buffers with the exact shapes quantize_nf4 produces, so that a state_dict saved
         # from one Linear4bit loads into a freshly constructed one.
-        placeholder = quantize_nf4(torch.zeros(out_features, in_features, device=device), block_size,
-                                   double_quant, dq_block_size)
+        placeholder = quantize_nf4(torch.zeros(out_features, in_features, device=device), self.block_size,
+                                   double_quant, self.dq_block_size)
         self._store(placeholder)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device),
@@ -123,6 +124,7 @@ class Linear4bit(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"Linear4bit.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        block_size = check_block_size(block_size)  # before any work, and a plain int from here on
         weight = linear.weight.detach()  # [out, in]
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)

@@ -22,6 +22,7 @@ the temporaries stay small (and in cache) whatever the weight's size, and dequan
 byte into its two code values with one 256-entry lookup table instead of unpacking nibbles one by one.
 """
 
+import operator
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -29,7 +30,7 @@ import torch
 
 from quant.nf4_code import DYNAMIC_MAP_SIGNED, NF4_CODE, code_midpoints
 
-VALID_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the sizes bitsandbytes accepts
+VALID_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the sizes bitsandbytes accepts, both levels
 DEFAULT_BLOCK_SIZE = 64  # QLoRA's choice: 0.5 bit of absmax per weight before double quantization
 DEFAULT_DQ_BLOCK_SIZE = 256  # QLoRA's block size for the absmax values themselves
 ZERO_CODE = 7  # NF4_CODE[7] == 0.0; pads an odd element count
@@ -68,6 +69,42 @@ def _chunk_elements(device: torch.device) -> int:
     never needs more than a small fraction of the weight's own size in extra memory.
     """
     return CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+
+
+def check_block_size(block_size, name: str = "block_size") -> int:
+    """Validate a block size (`block_size` or `dq_block_size`) and return it as a plain int.
+
+    Both levels accept the same sizes, VALID_BLOCK_SIZES (32 ... 4096, powers of two). For `block_size`
+    that is bitsandbytes' rule. For `dq_block_size` bitsandbytes always uses 256, but its blockwise
+    kernels accept the same powers of two, so with any size allowed here our fields can still be handed
+    to bitsandbytes; other sizes would work arithmetically but match nothing a learner can compare with.
+    Integer-like values (`np.int64(64)`, a 0-d integer tensor) are accepted through `operator.index`.
+
+    Raises:
+        ValueError: a bool, a non-integer (64.0, "64"), or an integer outside VALID_BLOCK_SIZES.
+
+    Example:
+        >>> import numpy as np
+        >>> check_block_size(np.int64(64)), check_block_size(256, "dq_block_size")
+        (64, 256)
+        >>> check_block_size(0, "dq_block_size")
+        Traceback (most recent call last):
+        ...
+        ValueError: dq_block_size must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096) (as in bitsandbytes), got 0
+    """
+    valid = f"{name} must be one of {VALID_BLOCK_SIZES} (as in bitsandbytes)"
+    # subtle: bool is a subclass of int (True == 1) and operator.index accepts it; a block size of True
+    # is always a slip (block_size=double_quant?), so refuse it by name
+    if isinstance(block_size, bool):
+        raise ValueError(f"{valid}, got the bool {block_size!r}")
+    try:
+        value = operator.index(block_size)
+    except TypeError:
+        raise ValueError(f"{valid}, got {block_size!r} of type {type(block_size).__name__}, which is not an "
+                         f"integer; pass e.g. {name}=64") from None
+    if value not in VALID_BLOCK_SIZES:
+        raise ValueError(f"{valid}, got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,6 +194,9 @@ class NF4Weight:
     dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE  # absmax values sharing one absmax_scale
 
     def __post_init__(self):
+        # subtle: the dataclass is frozen, so the normalised ints (np.int64(64) -> 64) go in through object
+        object.__setattr__(self, "block_size", check_block_size(self.block_size))
+        object.__setattr__(self, "dq_block_size", check_block_size(self.dq_block_size, "dq_block_size"))
         has_plain = self.absmax is not None
         has_double = self.absmax_q is not None and self.absmax_scale is not None and self.absmax_offset is not None
         if has_plain == has_double:
@@ -223,14 +263,12 @@ class NF4Weight:
 # Quantize
 # ----------------------------------------------------------------------------------------------------
 
-def _check_weight(weight: torch.Tensor, block_size: int) -> None:
+def _check_weight(weight: torch.Tensor) -> None:
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"quantize_nf4 expects a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"quantize_nf4 expects a float32, float16 or bfloat16 tensor, got {weight.dtype}; "
                          f"convert it first, e.g. weight.float()")
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size not in VALID_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {VALID_BLOCK_SIZES} (as in bitsandbytes), got {block_size!r}")
     if weight.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(weight.shape)})")
 
@@ -285,15 +323,17 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
 
     Args:
         weight: float32, float16 or bfloat16 tensor of any shape and element count, on any device.
-        block_size: weights per absmax block, one of 32, 64, ..., 4096.
+        block_size: weights per absmax block, one of 32, 64, ..., 4096 (an int, or int-like such as np.int64).
         double_quant: also quantize the absmax values to 8 bits (4.127 instead of 4.5 bits per weight).
-        dq_block_size: absmax values per second-level block (256 in QLoRA and bitsandbytes).
+        dq_block_size: absmax values per second-level block (256 in QLoRA and bitsandbytes); one of the
+            same sizes, checked even when double_quant is False so that a typo never waits to surface.
 
     Returns:
         NF4Weight on the weight's device.
 
     Raises:
-        ValueError: a non-float tensor, an invalid block size, or NaN/inf in the weight (naming the block).
+        ValueError: a non-float tensor, an invalid block_size or dq_block_size, or NaN/inf in the weight
+            (naming the block).
 
     Example:
         >>> weight = torch.tensor([[0.6, -1.0, 0.0, 0.25]])
@@ -303,7 +343,9 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         >>> nf4.dequantize()
         tensor([[ 0.5626, -1.0000,  0.0000,  0.2461]])
     """
-    _check_weight(weight, block_size)
+    block_size = check_block_size(block_size)
+    dq_block_size = check_block_size(dq_block_size, "dq_block_size")
+    _check_weight(weight)
     device = weight.device
     flat = weight.detach().reshape(-1)  # [n], row-major; blocks may cross row boundaries (step 2)
     numel = flat.numel()
@@ -366,7 +408,7 @@ def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_
 
     Args:
         absmax: float32 [num_blocks].
-        dq_block_size: values per second-level block.
+        dq_block_size: values per second-level block, one of VALID_BLOCK_SIZES (bitsandbytes uses 256).
 
     Returns:
         (absmax_q uint8 [num_blocks], absmax_scale float32 [ceil(num_blocks / dq_block_size)],
@@ -377,6 +419,7 @@ def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_
         >>> q.tolist(), scale.tolist(), offset.item()     # -1, 0, +1 times scale 1.0, plus 2.0
         ([0, 127, 255], [1.0], 2.0)
     """
+    dq_block_size = check_block_size(dq_block_size, "dq_block_size")
     absmax_offset = absmax.mean()  # [] float32, the same reduction as bitsandbytes
     centered = absmax - absmax_offset  # [num_blocks]
     num_values = centered.numel()
@@ -409,6 +452,7 @@ def dequantize_absmax(absmax_q: torch.Tensor, absmax_scale: torch.Tensor, absmax
         >>> dequantize_absmax(torch.tensor([0, 127, 255], dtype=torch.uint8), torch.tensor([1.0]), torch.tensor(2.0))
         tensor([1.0070, 2.0000, 3.0000])
     """
+    dq_block_size = check_block_size(dq_block_size, "dq_block_size")
     dynamic_map = _cached_table("dynamic_map", absmax_q.device)  # [256]
     values = dynamic_map[absmax_q.long()]  # [num_blocks]
     return _scale_blocks(values, absmax_scale, dq_block_size) + absmax_offset  # QLoRA eq. 6, inner part
@@ -452,6 +496,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size
         >>> dequantize_nf4(packed, torch.tensor([2.0]), (4,), block_size=64)
         tensor([ 2., -2.,  0.,  2.])
     """
+    block_size = check_block_size(block_size)
     shape = torch.Size(shape)
     numel = shape.numel()
     device = packed.device

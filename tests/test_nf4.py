@@ -247,6 +247,42 @@ def test_invalid_block_size(block_size):
         quantize_nf4(torch.randn(64), block_size=block_size)
 
 
+@pytest.mark.parametrize("dq_block_size", [0, -1, 16, 100, 8192, 256.0, True])
+def test_invalid_dq_block_size(dq_block_size):
+    # 0 used to raise ZeroDivisionError and -1 a RuntimeError from deep inside quantize_absmax
+    with pytest.raises(ValueError, match="dq_block_size must be one of"):
+        quantize_nf4(torch.randn(64 * 300), dq_block_size=dq_block_size)
+    with pytest.raises(ValueError, match="dq_block_size must be one of"):
+        quantize_absmax(torch.rand(300), dq_block_size)
+    codes, scale, offset = quantize_absmax(torch.rand(300))
+    with pytest.raises(ValueError, match="dq_block_size must be one of"):
+        dequantize_absmax(codes, scale, offset, dq_block_size)
+
+
+def test_bools_and_non_integers_are_named_in_the_message():
+    with pytest.raises(ValueError, match="got the bool True"):
+        quantize_nf4(torch.randn(64), block_size=True)
+    with pytest.raises(ValueError, match="64.0 of type float, which is not an integer"):
+        quantize_nf4(torch.randn(64), block_size=64.0)
+    with pytest.raises(ValueError, match="'256' of type str"):
+        quantize_nf4(torch.randn(64), dq_block_size="256")
+    with pytest.raises(ValueError, match="dq_block_size must be one of"):
+        NF4Weight(packed=torch.zeros(1, dtype=torch.uint8), shape=torch.Size([2]), dtype=torch.float32,
+                  block_size=64, absmax=torch.ones(1), dq_block_size=0)
+
+
+def test_integer_like_block_sizes_are_accepted_as_plain_ints():
+    numpy = pytest.importorskip("numpy")
+    weight = torch.randn(64 * 300 + 5, generator=torch.Generator().manual_seed(0))
+    reference = quantize_nf4(weight, block_size=64, dq_block_size=256)
+    for block_size, dq_block_size in [(numpy.int64(64), numpy.int32(256)), (torch.tensor(64), torch.tensor(256))]:
+        nf4 = quantize_nf4(weight, block_size=block_size, dq_block_size=dq_block_size)
+        assert type(nf4.block_size) is int and type(nf4.dq_block_size) is int
+        assert (nf4.block_size, nf4.dq_block_size) == (64, 256)
+        assert torch.equal(nf4.packed, reference.packed) and torch.equal(nf4.absmax_q, reference.absmax_q)
+        assert torch.equal(nf4.dequantize(), reference.dequantize())
+
+
 @pytest.mark.parametrize("weight", [torch.ones(64, dtype=torch.int64), torch.ones(64, dtype=torch.float64),
                                     torch.ones(64, dtype=torch.bool)])
 def test_non_float_tensor(weight):

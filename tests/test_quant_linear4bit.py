@@ -147,3 +147,18 @@ def test_backward_under_bf16_autocast():
     assert x.grad.dtype == torch.float32
     expected = torch.ones(4, 32) @ layer.dequantize_weight(torch.float32)  # dy = 1 -> dx = 1 · W
     assert torch.allclose(x.grad, expected, rtol=1e-2, atol=1e-2)  # bf16 matmul in backward
+
+
+def test_block_sizes_are_validated_and_normalised():
+    numpy = pytest.importorskip("numpy")
+    for bad in (0, -1, 48, True, 64.0):
+        with pytest.raises(ValueError, match="block_size must be one of"):
+            Linear4bit(64, 24, block_size=bad)
+        with pytest.raises(ValueError, match="block_size must be one of"):
+            Linear4bit.from_linear(make_linear(), block_size=bad)
+        with pytest.raises(ValueError, match="dq_block_size must be one of"):
+            Linear4bit(64, 24, dq_block_size=bad)
+    layer = Linear4bit.from_linear(make_linear(), block_size=numpy.int64(32))
+    fresh = Linear4bit(64, 24, block_size=numpy.int64(32), dq_block_size=numpy.int64(256))
+    assert type(layer.block_size) is int and type(fresh.block_size) is int and type(fresh.dq_block_size) is int
+    assert torch.equal(layer.dequantize_weight(), Linear4bit.from_linear(make_linear(), block_size=32).dequantize_weight())
