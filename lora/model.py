@@ -324,8 +324,10 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by a plain layer; no adapter parameters remain.
 
     An nn.Linear base keeps its dtype. A 4-bit base becomes a full-precision nn.Linear holding
-    dequantize(W) + update (dtype = its compute_dtype or float32), or, with requantize=True, a 4-bit
-    layer of the same type holding the merged weight re-quantized (lossy).
+    dequantize(W) + update, computed in float32 and stored in the dtype the weight had before it was
+    quantized (its `weight_dtype`, float32 if it has none; not the compute dtype: a bf16-compute base
+    quantized from float32 merges back to float32), or, with requantize=True, a 4-bit layer of the same
+    type holding the merged weight re-quantized (lossy).
     """
     return _replace_wrappers(model, merge_first=True, requantize=requantize)
 
