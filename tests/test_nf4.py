@@ -114,6 +114,32 @@ def test_values_exactly_on_midpoints_go_to_the_lower_code():
     assert codes_above[:15].tolist() == list(range(1, 16))
 
 
+# A value where REFERENCE.md step 4's two rules disagree: x / absmax lands exactly on midpoint 12
+# (between codes 12 and 13; a tie goes to the lower code), while x * float32(1 / absmax) is one float32
+# step above it. So the same two values give code 13 in a full block and 12 in the partial last block.
+RULE_ABSMAX, RULE_X = 1.1976676, 0.6008261
+
+
+def test_the_constructed_values_split_the_two_scaling_rules():
+    absmax, x = torch.tensor(RULE_ABSMAX), torch.tensor(RULE_X)  # float32
+    assert x / absmax == MIDPOINTS[12]  # the true division hits the midpoint exactly
+    assert x * (1.0 / absmax) == torch.nextafter(MIDPOINTS[12], torch.tensor(1.0))  # one ulp above it
+
+
+def test_full_blocks_multiply_by_the_reciprocal_and_the_partial_last_block_divides():
+    full_block = torch.zeros(64)
+    full_block[:2] = torch.tensor([RULE_ABSMAX, RULE_X])
+    tail = torch.tensor([RULE_ABSMAX, RULE_X, 0.0])  # 3 elements after the full block: a partial block
+    weight = torch.cat([full_block, tail])  # [67]: one full block, one partial
+    codes = unpack_nibbles(quantize_nf4(weight, double_quant=False).packed, 67).long()
+    assert codes[:2].tolist() == [15, 13]  # full block: x * (1 / absmax) is above midpoint 12
+    assert codes[64:].tolist() == [15, 12, 7]  # partial block: x / absmax is on it, the tie goes down
+    assert torch.equal(codes, reference_quantize(weight, 64)[0])  # and the oracle says the same
+    # the same values alone: a single full block (64) and a weight that is one partial block (3)
+    assert unpack_nibbles(quantize_nf4(full_block, double_quant=False).packed, 2).tolist() == [15, 13]
+    assert unpack_nibbles(quantize_nf4(tail, double_quant=False).packed, 3).tolist() == [15, 12, 7]
+
+
 def test_zero_blocks():
     weight = torch.zeros(2, 64)  # two full blocks of zeros
     nf4 = quantize_nf4(weight, double_quant=False)

@@ -22,7 +22,7 @@ import torch
 import bitsandbytes.functional as bnbF
 from bitsandbytes.functional import QuantState
 
-from quant import DYNAMIC_MAP_SIGNED, NF4_CODE, NF4Weight, dequantize_absmax, quantize_nf4
+from quant import DYNAMIC_MAP_SIGNED, NF4_CODE, NF4Weight, dequantize_absmax, quantize_nf4, unpack_nibbles
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,6 +125,23 @@ def test_double_quant_codes_differ_rarely_and_only_by_lookup_resolution(dtype):
     assert torch.all(ours_distance[differ] <= bnb_distance[differ])
     assert torch.all(bnb_distance[differ] - ours_distance[differ] <= LUT_SPACING * 1.001)
     assert torch.all((bnb_state.absmax.long() - ours.absmax_q.long())[differ].abs() <= 4)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_full_block_reciprocal_and_partial_block_division_agree_with_bitsandbytes(double_quant):
+    # REFERENCE.md step 4 on values where the two rules differ (see tests/test_nf4.py): x / absmax is
+    # exactly midpoint 12, x * float32(1 / absmax) one ulp above it. bitsandbytes gives 13 in a full
+    # block and 12 in the partial last block; swapping the rules in quant/nf4.py breaks this test.
+    absmax, x = 1.1976676, 0.6008261
+    full_block = torch.zeros(64)
+    full_block[:2] = torch.tensor([absmax, x])
+    weight = torch.cat([full_block, torch.tensor([absmax, x, 0.0])])  # [67]: one full block, one partial
+    bnb_packed, bnb_state = bnb_quantize(weight, 64, double_quant)
+    ours = quantize_nf4(weight, block_size=64, double_quant=double_quant)
+    bnb_codes = unpack_nibbles(bnb_packed.reshape(-1), 67)
+    assert bnb_codes[:2].tolist() == [15, 13] and bnb_codes[64:].tolist() == [15, 12, 7]
+    assert torch.equal(ours.packed, bnb_packed.reshape(-1))
+    assert torch.equal(ours.dequantize(), bnbF.dequantize_4bit(bnb_packed, bnb_state))
 
 
 def test_bitsandbytes_dequantizes_our_fields():
