@@ -14,6 +14,7 @@ knows how to rebuild itself.
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Tuple, Union
 
@@ -37,28 +38,25 @@ class LoRAConfig:
 
     def __post_init__(self):
         # subtle: lists are accepted for convenience but stored as tuples so the config stays immutable
-        if not isinstance(self.target_modules, str):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        object.__setattr__(self, "target_modules", _target_modules(self.target_modules))
+        object.__setattr__(self, "modules_to_save", _module_names(self.modules_to_save))
+        object.__setattr__(self, "rank_pattern", _pattern(self.rank_pattern, "rank_pattern"))
+        object.__setattr__(self, "alpha_pattern", _pattern(self.alpha_pattern, "alpha_pattern"))
         check_rank(self.r, "LoRAConfig.r")
         check_alpha(self.alpha, "LoRAConfig.alpha")
         for name, rank in self.rank_pattern.items():
             check_rank(rank, f"LoRAConfig.rank_pattern[{name!r}]")
         for name, alpha in self.alpha_pattern.items():
             check_alpha(alpha, f"LoRAConfig.alpha_pattern[{name!r}]")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
+        if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        for flag in ("use_dora", "use_rslora"):
+            # subtle: a hand-edited JSON "false" is a non-empty string, which Python would treat as True
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LoRAConfig.{flag} must be True or False, got {getattr(self, flag)!r} "
+                                 f"({type(getattr(self, flag)).__name__})")
+        if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
-        if isinstance(self.target_modules, str):
-            if not self.target_modules:
-                raise ValueError("LoRAConfig.target_modules is empty; give leaf names like ['q_proj', 'v_proj'], "
-                                 "a regex, or 'all-linear'")
-        elif not self.target_modules or not all(isinstance(name, str) and name for name in self.target_modules):
-            raise ValueError(f"LoRAConfig.target_modules must be a non-empty list of module names, a regex "
-                             f"string or 'all-linear', got {self.target_modules!r}")
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The factor s in y = Wx + s·BAx: alpha / r, or alpha / sqrt(r) with rsLoRA."""
@@ -71,6 +69,53 @@ class LoRAConfig:
                 "use_dora": self.use_dora, "use_rslora": self.use_rslora, "init": self.init,
                 "modules_to_save": list(self.modules_to_save), "rank_pattern": dict(self.rank_pattern),
                 "alpha_pattern": dict(self.alpha_pattern)}
+
+
+def _target_modules(target) -> Union[str, Tuple[str, ...]]:
+    """A string stays a string (a regex for the whole name, or "all-linear"), as in PEFT; a list becomes a tuple."""
+    if isinstance(target, str):
+        if not target:
+            raise ValueError("LoRAConfig.target_modules is empty; give leaf names like ['q_proj', 'v_proj'], "
+                             "a regex, or 'all-linear'")
+        _check_regex(target, "LoRAConfig.target_modules")
+        return target
+    if isinstance(target, (set, frozenset)):
+        target = sorted(target)  # PEFT keeps a set; sorted, so the saved config is the same on every run
+    if (not isinstance(target, (list, tuple)) or not target
+            or not all(isinstance(name, str) and name for name in target)):
+        raise ValueError(f"LoRAConfig.target_modules must be a non-empty list of module names (['q_proj', "
+                         f"'v_proj']), a regex string or 'all-linear', got {target!r}")
+    return tuple(target)
+
+
+def _module_names(names) -> Tuple[str, ...]:
+    """modules_to_save: None, one name, or a list of names (leaf names or dotted suffixes)."""
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        # subtle: one name, not its characters (tuple("lm_head") would be ('l', 'm', '_', ...))
+        names = (names,)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"LoRAConfig.modules_to_save must be a list of module names such as ['lm_head'], "
+                         f"got {names!r}")
+    return tuple(names)
+
+
+def _pattern(pattern, what: str) -> dict:
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict) or not all(isinstance(key, str) and key for key in pattern):
+        raise ValueError(f"LoRAConfig.{what} must be a dict {{module name or regex: value}}, got {pattern!r}")
+    for key in pattern:
+        _check_regex(key, f"LoRAConfig.{what} key")
+    return dict(pattern)
+
+
+def _check_regex(text: str, what: str) -> None:
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{what} {text!r} is not a valid regular expression ({error})") from error
 
 
 def check_rank(rank, what: str) -> None:

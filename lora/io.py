@@ -96,7 +96,10 @@ def load_lora_config(adapter_dir: PathLike) -> LoRAConfig:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"{path} has unknown field(s) {unknown}; LoRAConfig fields are {sorted(known)}")
-    return LoRAConfig(**fields)
+    try:
+        return LoRAConfig(**fields)  # the same checks, and messages, as a LoRAConfig built in code
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
 def _load_weights(adapter_dir: PathLike) -> Dict[str, torch.Tensor]:

@@ -171,3 +171,15 @@ def test_peft_key_converters_round_trip():
     assert "base_model.model.tok_emb.lora_embedding_A" in peft_state
     back = lora.from_peft_state_dict(peft_state)
     assert back.keys() == state.keys() and all(torch.equal(back[key], state[key]) for key in state)
+
+
+@pytest.mark.parametrize("field,value,match", [("use_dora", "false", "use_dora must be True or False"),
+                                               ("target_modules", 5, "target_modules must be a non-empty list"),
+                                               ("modules_to_save", {"lm_head": 1}, "modules_to_save must be a list")])
+def test_config_file_with_wrong_types_is_refused(tmp_path, field, value, match):
+    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]))
+    folder = lora.save_adapter(model, tmp_path / "adapter")
+    fields = json.loads((folder / "lora_config.json").read_text())
+    (folder / "lora_config.json").write_text(json.dumps({**fields, field: value}))
+    with pytest.raises(ValueError, match=f"lora_config.json: LoRAConfig.{match}"):
+        lora.load_adapter(tiny_lm(), folder)
