@@ -11,15 +11,17 @@ the same tensors `base_model.model.<path>.lora_A.weight` (`lora_embedding_A` for
 
 Loading is all or nothing: the config is validated, every tensor's name and shape is checked against
 the model, and only then is the model touched. Files are written to a temporary folder first and moved
-into place with os.replace, so a crash never leaves half an adapter on disk.
+into place with os.replace, so a crash never leaves half an adapter on disk; an existing folder is only
+replaced if it holds nothing but an earlier adapter's two files.
 """
 
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, List, Union
 
 import torch
 import torch.nn as nn
@@ -31,6 +33,7 @@ from lora.model import (_lora_configs, _modules_to_save, _pattern_value, add_ada
 FORMAT_VERSION = 1
 CONFIG_FILE = "lora_config.json"
 WEIGHTS_FILE = "lora_weights.pt"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # everything save_adapter writes into an adapter folder
 PathLike = Union[str, os.PathLike]
 
 
@@ -53,14 +56,30 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> Dict[
     return state
 
 
+def _foreign_entries(adapter_dir: Path) -> List[str]:
+    """Names in `adapter_dir` that save_adapter did not write (anything but ADAPTER_FILES, as plain files)."""
+    return sorted(entry.name for entry in adapter_dir.iterdir()
+                  if entry.name not in ADAPTER_FILES or not entry.is_file() or entry.is_symlink())
+
+
 def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "default") -> Path:
     """Write adapter `adapter_name` to `adapter_dir` (lora_config.json + lora_weights.pt); returns the path.
 
-    Merged adapters are saved as their A, B (the base is not changed by saving).
+    Merged adapters are saved as their A, B (the base is not changed by saving). An existing folder is
+    replaced only if it holds nothing but these two files (an earlier save); a folder with anything else
+    in it is refused with FileExistsError, so a save never deletes files it did not write.
     """
     config = _lora_configs(model).get(adapter_name)
     state = adapter_state_dict(model, adapter_name)
     adapter_dir = Path(adapter_dir)
+    if adapter_dir.exists() or adapter_dir.is_symlink():
+        if not adapter_dir.is_dir() or adapter_dir.is_symlink():
+            raise FileExistsError(f"{adapter_dir} exists and is not a folder; save the adapter to a new folder")
+        foreign = _foreign_entries(adapter_dir)
+        if foreign:
+            raise FileExistsError(f"{adapter_dir} holds {foreign}, which save_adapter did not write (an adapter "
+                                  f"folder holds only {list(ADAPTER_FILES)}); save to an empty or new folder, "
+                                  f"or move those out first")
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
     try:
@@ -68,8 +87,21 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
             json.dump({"format_version": FORMAT_VERSION, **config.to_dict()}, file, indent=2)
         torch.save(state, temporary / WEIGHTS_FILE)
         if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(temporary, adapter_dir)
+            # Two renames, so that adapter_dir always holds a complete adapter: the old folder moves aside,
+            # the new one takes its name. Then only our own files are deleted and the folder removed with
+            # rmdir, which fails rather than delete a file that appeared in the meantime.
+            old = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.old-", dir=adapter_dir.parent))
+            os.rmdir(old)
+            os.replace(adapter_dir, old)
+            os.replace(temporary, adapter_dir)
+            for name in ADAPTER_FILES:
+                (old / name).unlink(missing_ok=True)
+            try:
+                os.rmdir(old)
+            except OSError:
+                warnings.warn(f"{old} (the previous {adapter_dir}) gained files while saving; left in place")
+        else:
+            os.replace(temporary, adapter_dir)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -183,3 +183,32 @@ def test_config_file_with_wrong_types_is_refused(tmp_path, field, value, match):
     (folder / "lora_config.json").write_text(json.dumps({**fields, field: value}))
     with pytest.raises(ValueError, match=f"lora_config.json: LoRAConfig.{match}"):
         lora.load_adapter(tiny_lm(), folder)
+
+
+def test_save_refuses_a_folder_with_foreign_files_and_keeps_them(tmp_path):
+    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]))
+    folder = lora.save_adapter(model, tmp_path / "adapter")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "runs").mkdir()
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    with pytest.raises(FileExistsError, match=r"adapter holds \['notes.txt', 'runs'\], which save_adapter did not"):
+        lora.save_adapter(model, folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]  # no temp folder left behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        lora.save_adapter(model, tmp_path / "file")
+
+
+def test_save_into_an_empty_folder_or_over_an_earlier_save(tmp_path):
+    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]), seed=1)
+    (tmp_path / "adapter").mkdir()
+    lora.save_adapter(model, tmp_path / "adapter")  # an empty folder is fine (finetune.py saves into a fresh one)
+    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]), seed=2)
+    expected = model(tokens())
+    lora.save_adapter(model, tmp_path / "adapter")  # holds only the two adapter files: replaced
+    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == ["lora_config.json", "lora_weights.pt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
+    fresh = tiny_lm()
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(fresh(tokens()), expected)
