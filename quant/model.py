@@ -36,22 +36,34 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def _select_linears(model: nn.Module, target_modules: Optional[Sequence[str]], skip: Sequence[str]):
-    """The (path, nn.Linear) pairs to quantize, with clear errors when a pattern matches nothing."""
+def _is_quantizable(module: nn.Module) -> bool:
+    """An nn.Linear (to quantize) or a Linear4bit (already quantized): the layers targets are matched against."""
+    return type(module) is nn.Linear or isinstance(module, Linear4bit)
+
+
+def _select_layers(model: nn.Module, target_modules: Optional[Sequence[str]], skip: Sequence[str]):
+    """The layers target_modules picks, as two lists of (path, layer): nn.Linear ones, and Linear4bit ones.
+
+    Targets are matched against nn.Linear *and* Linear4bit layers, so that "k_proj" still means the
+    k_proj layers after they were quantized: memory_report counts them, and quantize_model can be run
+    again on a partly quantized model. A pattern that matches neither kind is an error.
+    """
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    linears = [(path, module) for path, module in model.named_modules() if type(module) is nn.Linear]
-    if not linears:
+    layers = [(path, module) for path, module in model.named_modules() if _is_quantizable(module)]
+    if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
     if target_modules is not None:
         for pattern in target_modules:
-            if not any(_matches(path, [pattern]) for path, _ in linears):
-                leaf_names = sorted({path.rsplit(".", 1)[-1] for path, _ in linears})
-                raise ValueError(f"target_modules entry {pattern!r} matches no nn.Linear in "
+            if not any(_matches(path, [pattern]) for path, _ in layers):
+                leaf_names = sorted({path.rsplit(".", 1)[-1] for path, _ in layers})
+                raise ValueError(f"target_modules entry {pattern!r} matches no nn.Linear (or Linear4bit) in "
                                  f"{type(model).__name__}; its Linear layers are named {leaf_names}")
-    selected = [(path, module) for path, module in linears
+    selected = [(path, module) for path, module in layers
                 if (target_modules is None or _matches(path, target_modules)) and not _matches(path, skip)]
-    return selected
+    linears = [(path, module) for path, module in selected if type(module) is nn.Linear]
+    already_4bit = [(path, module) for path, module in selected if isinstance(module, Linear4bit)]
+    return linears, already_4bit
 
 
 @dataclass(frozen=True)
@@ -61,11 +73,16 @@ class QuantizationReport:
     quantized: tuple  # module paths now holding a Linear4bit, in model order
     bytes_before: int  # parameters + buffers of the whole model before quantizing
     bytes_after: int  # the same after: 4-bit codes and scales instead of the float weights
+    already_quantized: tuple = ()  # targeted paths that were Linear4bit already, left untouched
 
     def __str__(self) -> str:
         ratio = self.bytes_before / max(self.bytes_after, 1)
-        return (f"quantized {len(self.quantized)} Linear layers to NF4: {self.bytes_before:,} -> "
+        text = (f"quantized {len(self.quantized)} Linear layers to NF4: {self.bytes_before:,} -> "
                 f"{self.bytes_after:,} bytes ({ratio:.2f}x smaller)")
+        if self.already_quantized:
+            text += (f"; {len(self.already_quantized)} targeted layers were already Linear4bit and were left "
+                     f"as they were")
+        return text
 
 
 def quantize_model(model: nn.Module, target_modules: Optional[Sequence[str]] = None,
@@ -82,10 +99,17 @@ def quantize_model(model: nn.Module, target_modules: Optional[Sequence[str]] = N
         compute_dtype: dtype of the 4-bit layers' matmul; None uses the input's dtype.
 
     Returns:
-        QuantizationReport with the quantized paths and the model's bytes before and after.
+        QuantizationReport with the quantized paths, the targeted paths that were already 4-bit, and
+        the model's bytes before and after.
 
     Raises:
-        ValueError: a target that matches no nn.Linear (the message lists the names there are).
+        ValueError: a target that matches no nn.Linear or Linear4bit (the message lists the names there are).
+
+    Layers that are already Linear4bit are left as they are, and the report lists them, so running
+    quantize_model twice (a notebook cell run again) or on a partly quantized model is a no-op for
+    them rather than an error: bitsandbytes does the same (`Params4bit` quantizes only once), and
+    quantizing 4-bit codes again would only add error. To change their block size, dequantize first
+    (`dequantize_model`).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
@@ -97,14 +121,20 @@ def quantize_model(model: nn.Module, target_modules: Optional[Sequence[str]] = N
         raise ValueError("quantize_model swaps the Linear layers *inside* a model; to quantize a single "
                          "nn.Linear use Linear4bit.from_linear(linear)")
     bytes_before = _model_bytes(model)
-    selected = _select_linears(model, target_modules, skip)
+    selected, already_4bit = _select_layers(model, target_modules, skip)
     for path, linear in selected:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, leaf, Linear4bit.from_linear(linear, block_size=block_size, double_quant=double_quant,
-                                                     compute_dtype=compute_dtype))
+        _set_submodule(model, path, Linear4bit.from_linear(linear, block_size=block_size,
+                                                           double_quant=double_quant, compute_dtype=compute_dtype))
     return QuantizationReport(quantized=tuple(path for path, _ in selected), bytes_before=bytes_before,
-                              bytes_after=_model_bytes(model))
+                              bytes_after=_model_bytes(model),
+                              already_quantized=tuple(path for path, _ in already_4bit))
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """model.<path> = module, for a dotted path such as "blocks.0.attn.q_proj"."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,8 +200,9 @@ def memory_report(model_or_shapes: Union[nn.Module, Iterable[Sequence[int]]],
                   block_size: int = DEFAULT_BLOCK_SIZE, dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE) -> MemoryReport:
     """Bytes of a model's quantizable weights in fp32, bf16, NF4 and NF4 + double quantization.
 
-    Counts the same weights `quantize_model` would quantize (Linear4bit layers already quantized count
-    too). Each weight tensor is quantized on its own, so blocks never span two tensors.
+    Counts the weights target_modules and skip select, as `quantize_model` would: nn.Linear layers
+    and Linear4bit layers already quantized alike, so a model reports the same figures before and
+    after quantizing. Each weight tensor is quantized on its own, so blocks never span two tensors.
 
     Args:
         model_or_shapes: an nn.Module, or weight shapes such as `[(4096, 4096), (11008, 4096)]` to size a
@@ -191,13 +222,12 @@ def memory_report(model_or_shapes: Union[nn.Module, Iterable[Sequence[int]]],
         model = model_or_shapes
         sizes = []
         quantized_ids = set()
-        for path, module in model.named_modules():
-            if isinstance(module, Linear4bit) and not _matches(path, skip):
-                sizes.append(module.in_features * module.out_features)
-        if any(type(module) is nn.Linear for module in model.modules()):
-            for _, linear in _select_linears(model, target_modules, skip):
+        if any(_is_quantizable(module) for module in model.modules()):
+            linears, already_4bit = _select_layers(model, target_modules, skip)
+            for _, linear in linears:
                 sizes.append(linear.weight.numel())
                 quantized_ids.add(id(linear.weight))
+            sizes.extend(layer.in_features * layer.out_features for _, layer in already_4bit)
         num_other = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
     else:
         sizes = [int(torch.Size(shape).numel()) for shape in model_or_shapes]

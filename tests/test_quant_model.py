@@ -143,3 +143,39 @@ def test_minigpt_quantizes_and_runs():
     assert (logits - reference).norm() / reference.norm() < 0.1
     loss.backward()
     assert model.tok_emb.weight.grad is not None
+
+
+def test_memory_report_applies_target_modules_to_linear4bit_layers_too():
+    model = TinyModel()
+    before = memory_report(model, target_modules=["k_proj"])
+    assert before.num_quantized_params == 2 * 32 * 32  # the two k_proj layers
+    quantize_model(model, target_modules=["k_proj", "v_proj"])  # partly quantized: k_proj, v_proj 4-bit
+    after = memory_report(model, target_modules=["k_proj"])
+    assert after.num_quantized_params == 2 * 32 * 32  # was 4 * 32 * 32: every Linear4bit counted
+    assert after.nf4_dq_bytes == before.nf4_dq_bytes == 2 * nf4_storage_bytes(32 * 32)
+    assert memory_report(model, target_modules=["q_proj", "k_proj"]).num_quantized_params == 4 * 32 * 32
+    assert memory_report(model).num_quantized_params == 8 * 32 * 32  # lm_head still skipped
+    with pytest.raises(ValueError, match=r"'kproj' matches no nn.Linear \(or Linear4bit\)"):
+        memory_report(model, target_modules=["kproj"])
+
+
+def test_targets_that_are_already_4bit_are_left_alone_and_reported():
+    model = TinyModel()
+    quantize_model(model, target_modules=["k_proj"], block_size=32)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = quantize_model(model, target_modules=["k_proj"])  # used to raise "matches no nn.Linear"
+    assert report.quantized == () and report.already_quantized == ("blocks.0.k_proj", "blocks.1.k_proj")
+    assert report.bytes_before == report.bytes_after
+    assert "2 targeted layers were already Linear4bit and were left as they were" in str(report)
+    assert model.blocks[0].k_proj.block_size == 32  # not re-quantized with the new block size
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    # a mixed target list quantizes the rest; a second full pass is a no-op
+    report = quantize_model(model, target_modules=["k_proj", "q_proj"])
+    assert report.quantized == ("blocks.0.q_proj", "blocks.1.q_proj") and len(report.already_quantized) == 2
+    quantize_model(model)
+    again = quantize_model(model)
+    assert again.quantized == () and len(again.already_quantized) == 8 and type(model.lm_head) is nn.Linear
+    # a fully quantized model (lm_head too) is no longer "a model without Linear layers"
+    quantize_model(model, skip=())
+    assert quantize_model(model, skip=()).already_quantized[-1] == "lm_head"
+    assert "already" not in str(quantize_model(TinyModel()))  # the note only when it applies
