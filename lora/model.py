@@ -17,6 +17,7 @@ any model (nn.Sequential, a custom module, MiniGPT); nothing is MiniGPT-specific
 import contextlib
 import difflib
 import re
+import warnings
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 import torch.nn as nn
@@ -35,13 +36,10 @@ def _name_matches(module_name: str, pattern: str) -> bool:
 
 
 def _pattern_matches(module_name: str, key: str) -> bool:
-    """rank_pattern / alpha_pattern keys: a name or dotted suffix, or a regex for the whole name."""
-    if _name_matches(module_name, key):
-        return True
-    try:
-        return re.fullmatch(key, module_name) is not None
-    except re.error:
-        return False
+    r"""rank_pattern / alpha_pattern keys, by PEFT's rule (`get_pattern_key`): the key is a regex that must
+    match the whole name or a whole dotted suffix of it. For "blocks.1.v_proj", the keys "v_proj",
+    "1.v_proj", "v_.*", "blocks.1.v_proj" and r"\d\.v_proj" match; "proj" and "blocks.1" do not."""
+    return re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name) is not None
 
 
 def _candidate_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -110,10 +108,26 @@ def _no_match_message(model: nn.Module, target) -> str:
 
 
 def _pattern_value(module_name: str, pattern: Dict[str, float], default):
+    """The value of the first key (in dict order, as PEFT) that matches `module_name`, else `default`."""
     for key, value in pattern.items():
         if _pattern_matches(module_name, key):
             return value
     return default
+
+
+def _warn_unmatched_patterns(config: LoRAConfig, targets: Sequence[str]) -> None:
+    """Warn about rank_pattern / alpha_pattern keys that match no target.
+
+    A warning, not an error, as in PEFT 0.21 (which warns and ignores them): a config is often shared by
+    models whose layers differ (a key for a layer one of them lacks is harmless there), and an error
+    would make such a config unusable on the smaller model.
+    """
+    for what in ("rank_pattern", "alpha_pattern"):
+        unmatched = sorted(key for key in getattr(config, what)
+                           if not any(_pattern_matches(name, key) for name in targets))
+        if unmatched:
+            warnings.warn(f"The following {what} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}. Targets: {list(targets)[:20]}", RuntimeWarning, stacklevel=3)
 
 
 def _set_submodule(model: nn.Module, name: str, new_module: nn.Module) -> None:
@@ -160,6 +174,7 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
     targets = find_targets(model, config)
+    _warn_unmatched_patterns(config, targets)
     _modules_to_save(model, config)
     plans = []
     for name in targets:

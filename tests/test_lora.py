@@ -575,3 +575,25 @@ def test_config_names_given_as_one_string():
 def test_bad_config_types(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRAConfig(**kwargs)
+
+
+def test_pattern_keys_match_a_whole_dotted_suffix_as_in_peft():
+    model = tiny_lm()
+    config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={r"1\.v_proj": 3, "v_.*": 2}, alpha_pattern={r"\d\.q_proj": 1.0})
+    lora.apply_lora(model, config)
+    ranks = {name: layer.rank["default"] for name, layer in lora.lora_layers(model)}
+    assert ranks == {"blocks.0.q_proj": 4, "blocks.0.v_proj": 2, "blocks.1.q_proj": 4, "blocks.1.v_proj": 3}
+    assert {name: layer.alpha["default"] for name, layer in lora.lora_layers(model)}["blocks.1.q_proj"] == 1.0
+
+
+def test_pattern_key_matching_no_target_warns_as_in_peft():
+    config = LoRAConfig(r=4, target_modules=["q_proj"], rank_pattern={"proj": 2, "q_proj": 3},
+                        alpha_pattern={"v_proj": 1.0})
+    with pytest.warns(RuntimeWarning) as record:
+        model = lora.apply_lora(tiny_lm(), config)
+    messages = [str(warning.message) for warning in record]
+    assert any("rank_pattern keys did not match any targeted module and were ignored: ['proj']" in m for m in messages)
+    assert any("alpha_pattern keys did not match any targeted module and were ignored: ['v_proj']" in m
+               for m in messages)
+    assert model.blocks[0].q_proj.rank["default"] == 3  # "proj" must end at a dot: it does not match "q_proj"

@@ -126,3 +126,16 @@ def test_cat_combination_matches_peft_add_weighted_adapter():
     theirs.set_adapter("mix")
     lora.set_adapter(ours, "mix")
     assert torch.allclose(ours(tokens()), theirs(tokens()), atol=ATOL)
+
+
+def test_rank_and_alpha_pattern_keys_match_the_layers_peft_matches():
+    fields = dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                  rank_pattern={r"1\.v_proj": 3, "v_.*": 2, "blocks.0.o_proj": 1}, alpha_pattern={r"\d\.q_proj": 1.0})
+    ours = lora.apply_lora(tiny_lm(), LoRAConfig(**fields))
+    theirs = get_peft_model(tiny_lm(), LoraConfig(r=4, lora_alpha=8, target_modules=fields["target_modules"],
+                                                  rank_pattern=fields["rank_pattern"],
+                                                  alpha_pattern=fields["alpha_pattern"]))
+    for path, layer in lora.lora_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(path)
+        assert (layer.rank["default"], layer.alpha["default"]) == (peft_layer.r["default"],
+                                                                   peft_layer.lora_alpha["default"]), path
