@@ -8,7 +8,8 @@ With weights w_i, scalings s_i and updates ΔW_i = s_i B_i A_i (REFERENCE.md, "W
     "linear"  A' = Σ sqrt(w_i s_i) A_i, B' = Σ sqrt(w_i s_i) B_i   (equal ranks; has cross terms
               B_i A_j, so NOT the weighted sum of the updates)
 
-The new adapter's scaling is 1 (the s_i are folded into A', B'). DoRA adapters cannot be combined
+The new adapter's scaling is 1 (the s_i are folded into A', B') and its dropout is the first adapter's
+(as in PEFT). DoRA adapters cannot be combined
 (their magnitudes do not add), as in PEFT.
 """
 
@@ -94,11 +95,14 @@ def combine_adapters(model: nn.Module, adapter_names: Sequence[str], weights: Se
             raise ValueError(f"'cat' gives rank {lora_A.shape[0]} on {path!r}, above min(in, out) = "
                              f"{min(layer.in_features, layer.out_features)}; use method='svd'")
         plans.append((path, layer, lora_A, lora_B))
+    # The new adapter takes the first adapter's dropout, as PEFT's add_weighted_adapter does (it copies
+    # that adapter's config); it is built with it and the recorded config says so.
+    dropout = configs[names[0]].dropout
     rank_pattern = {}
     for path, layer, lora_A, lora_B in plans:
         rank = lora_A.shape[0]
         dtype = layer.lora_A[names[0]].dtype
-        layer.add_adapter(new_name, rank=rank, alpha=float(rank))  # alpha = r: scaling 1
+        layer.add_adapter(new_name, rank=rank, alpha=float(rank), dropout=dropout)  # alpha = r: scaling 1
         with torch.no_grad():
             layer.lora_A[new_name].copy_(lora_A.to(dtype))
             layer.lora_B[new_name].copy_(lora_B.to(dtype))
@@ -108,7 +112,7 @@ def combine_adapters(model: nn.Module, adapter_names: Sequence[str], weights: Se
     common_rank = rank_pattern[paths[0]]
     uniform = all(rank == common_rank for rank in rank_pattern.values())
     configs[new_name] = LoRAConfig(
-        r=common_rank, alpha=float(common_rank), dropout=configs[names[0]].dropout, target_modules=paths,
+        r=common_rank, alpha=float(common_rank), dropout=dropout, target_modules=paths,
         rank_pattern={} if uniform else rank_pattern,
         alpha_pattern={} if uniform else {path: float(rank) for path, rank in rank_pattern.items()})
     return model

@@ -597,3 +597,16 @@ def test_pattern_key_matching_no_target_warns_as_in_peft():
     assert any("alpha_pattern keys did not match any targeted module and were ignored: ['v_proj']" in m
                for m in messages)
     assert model.blocks[0].q_proj.rank["default"] == 3  # "proj" must end at a dot: it does not match "q_proj"
+
+
+def test_combined_adapter_is_built_as_its_config_says():
+    model = tiny_lm()
+    lora.apply_lora(model, LoRAConfig(r=4, dropout=0.25, target_modules=["q_proj"]), adapter_name="a")
+    lora.add_adapter(model, LoRAConfig(r=2, dropout=0.0, target_modules=["q_proj"]), "b")
+    lora.combine_adapters(model, ["a", "b"], [1.0, 1.0], method="cat", new_name="mix")
+    config = model.lora_configs["mix"]
+    assert (config.r, config.alpha, config.dropout, config.use_rslora) == (6, 6.0, 0.25, False)  # a's dropout, as PEFT
+    for _, layer in lora.lora_layers(model):
+        dropout = layer.lora_dropout["mix"]
+        assert isinstance(dropout, nn.Dropout) and dropout.p == config.dropout
+        assert layer.rank["mix"] == config.r and layer.scaling["mix"] == config.scaling_for(config.r, config.alpha)
