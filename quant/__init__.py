@@ -6,7 +6,7 @@ without needing bitsandbytes at run time. Read the files in this order:
     nf4_code.py    the 16 NF4 values and the 8-bit dynamic map, rebuilt from their definitions
     nf4.py         quantize_nf4 / NF4Weight.dequantize: blocks, absmax, packing, double quantization
     linear4bit.py  Linear4bit: a frozen NF4 weight dequantized on the fly in forward
-    model.py       quantize_model (swap Linear -> Linear4bit) and memory_report
+    model.py       quantize_model (swap Linear -> Linear4bit), dequantize_model (back), memory_report
 
 Usage:
 
@@ -34,7 +34,8 @@ compute dtype on top of the frozen 4-bit base.
 """
 
 from quant.linear4bit import Linear4bit, LinearNF4Function
-from quant.model import MemoryReport, QuantizationReport, memory_report, nf4_storage_bytes, quantize_model
+from quant.model import (MemoryReport, QuantizationReport, dequantize_model, memory_report, nf4_storage_bytes,
+                         quantize_model)
 from quant.nf4 import (
     VALID_BLOCK_SIZES,
     NF4Weight,
@@ -54,5 +55,5 @@ __all__ = [
     "NF4Weight", "quantize_nf4", "dequantize_nf4", "nearest_codes", "quantize_absmax", "dequantize_absmax",
     "pack_nibbles", "unpack_nibbles", "byte_to_pair_table", "VALID_BLOCK_SIZES",
     "Linear4bit", "LinearNF4Function",
-    "quantize_model", "QuantizationReport", "memory_report", "MemoryReport", "nf4_storage_bytes",
+    "quantize_model", "dequantize_model", "QuantizationReport", "memory_report", "MemoryReport", "nf4_storage_bytes",
 ]

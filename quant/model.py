@@ -11,6 +11,8 @@ The output head (`lm_head`) is skipped by default: it is small next to the trans
 large model, and quantizing the logits hurts more than quantizing an inner projection (bitsandbytes
 and PEFT users skip it for the same reason).
 
+`dequantize_model` swaps them back: nn.Linear layers holding the dequantized weights.
+
 `memory_report` prints the table QLoRA's paper makes its case with: what a model's linear weights
 cost in fp32, bf16, NF4 and NF4 with double quantization, in bytes and in bits per parameter.
 """
@@ -135,6 +137,59 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, leaf, module)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap every Linear4bit in a model back for an nn.Linear holding its dequantized weight, in place.
+
+    The inverse of `quantize_model` as far as it can go: each new nn.Linear holds exactly
+    `layer.dequantize_weight()` (the 4-bit values, bit for bit, in the dtype the weight had before
+    quantizing) and the layer's bias in that dtype, so the model computes what the 4-bit model computed
+    (bit for bit in float32 with compute_dtype None). What rounding to NF4 lost stays lost. Use it to
+    export a model without quant/, to fine-tune it fully, or to quantize it again with other settings.
+
+        Linear4bit (packed, absmax...) ── dequantize_weight() ──► nn.Linear(weight [out, in], bias)
+
+    The new layers are frozen (requires_grad=False), as the 4-bit layers were: dequantizing does not
+    decide what trains; call `model.requires_grad_(True)` to train them. compute_dtype is not kept: an
+    nn.Linear computes in its weight's dtype. A Linear4bit that is the base of a LoRA wrapper is swapped
+    too (the wrapper stays). A model with no Linear4bit is returned unchanged, so a repeat is harmless.
+
+    Args:
+        model: any nn.Module (not itself a Linear4bit: use `layer.dequantize_weight()` for that).
+
+    Returns:
+        the same model object, for chaining.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+        >>> _ = quantize_model(model)
+        >>> four_bit_weight = model[0].dequantize_weight()      # [64, 64], float32
+        >>> dequantize_model(model)
+        Sequential(
+          (0): Linear(in_features=64, out_features=64, bias=True)
+          (1): GELU(approximate='none')
+          (2): Linear(in_features=64, out_features=8, bias=True)
+        )
+        >>> torch.equal(model[0].weight, four_bit_weight), model[0].weight.requires_grad
+        (True, False)
+    """
+    if isinstance(model, Linear4bit):
+        raise ValueError("dequantize_model swaps the Linear4bit layers *inside* a model; for a single layer "
+                         "use layer.dequantize_weight() (and its .bias)")
+    layers = [(path, module) for path, module in model.named_modules() if isinstance(module, Linear4bit)]
+    for path, layer in layers:
+        dtype = layer.weight_dtype
+        # subtle: built on the meta device, so no random [out, in] weight is allocated and initialised
+        # only to be overwritten; the real tensors are then put in as the parameters themselves.
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device="meta", dtype=dtype)
+        linear.weight = nn.Parameter(layer.dequantize_weight(dtype), requires_grad=False)  # [out, in]
+        if layer.bias is not None:
+            # subtle: .half() on the 4-bit layer casts its bias but not weight_dtype; nn.Linear needs one dtype
+            linear.bias = nn.Parameter(layer.bias.detach().to(dtype).clone(), requires_grad=False)  # [out]
+        _set_submodule(model, path, linear)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------

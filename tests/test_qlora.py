@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from quant import Linear4bit, NF4_CODE, quantize_model, quantize_nf4, unpack_nibbles
+from quant import Linear4bit, NF4_CODE, dequantize_model, quantize_model, quantize_nf4, unpack_nibbles
 
 RANK, ALPHA = 4, 8
 SCALING = ALPHA / RANK
@@ -223,6 +223,21 @@ def test_requantized_merge_error(record_property, capsys):
     with capsys.disabled():
         print(f"\n[QLoRA] re-quantizing the merged weights adds: max |dW| = {worst_weight_error:.3e}, "
               f"relative output error = {output_error:.3%}")
+
+
+def test_dequantize_model_swaps_the_4bit_bases_under_the_adapters():
+    model = qlora_model()
+    randomize_lora_b(model)
+    reference = model(tokens())
+    bases = {path: four_bit_base(model.get_submodule(path)).dequantize_weight()
+             for path in adapter_parameters(model, "lora_A")}
+    dequantize_model(model)
+    assert not any(isinstance(module, Linear4bit) for module in model.modules())
+    for path, weight in bases.items():
+        wrapper = model.get_submodule(path)
+        assert type(wrapper.base_layer) is nn.Linear and torch.equal(wrapper.base_layer.weight, weight)
+    assert len(adapter_parameters(model, "lora_A")) == 4  # the adapters stay
+    assert torch.equal(model(tokens()), reference)  # float32: the same bits through the same ops
 
 
 def test_dora_on_a_4bit_base():

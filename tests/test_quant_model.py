@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from quant import Linear4bit, memory_report, nf4_storage_bytes, quantize_model
+from quant import Linear4bit, dequantize_model, memory_report, nf4_storage_bytes, quantize_model
 
 
 class TinyAttention(nn.Module):
@@ -179,3 +179,61 @@ def test_targets_that_are_already_4bit_are_left_alone_and_reported():
     quantize_model(model, skip=())
     assert quantize_model(model, skip=()).already_quantized[-1] == "lm_head"
     assert "already" not in str(quantize_model(TinyModel()))  # the note only when it applies
+
+
+# ----------------------------------------------------------------------------------------------------
+# dequantize_model
+# ----------------------------------------------------------------------------------------------------
+
+def test_dequantize_model_gives_linears_with_the_exact_4bit_weights_and_outputs():
+    torch.manual_seed(0)
+    model = TinyModel()
+    quantize_model(model)
+    idx = torch.randint(0, 20, (3, 7))
+    four_bit_output = model(idx)
+    four_bit = {path: (module.dequantize_weight(), module.bias.detach().clone())
+                for path, module in model.named_modules() if isinstance(module, Linear4bit)}
+    assert dequantize_model(model) is model  # in place, returned for chaining
+    assert linear_paths(model, Linear4bit) == []
+    for path, (weight, bias) in four_bit.items():
+        layer = model.get_submodule(path)
+        assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
+        assert torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias)  # bit-identical
+        assert not layer.weight.requires_grad and not layer.bias.requires_grad  # frozen, as the 4-bit layer
+    assert torch.equal(model(idx), four_bit_output)  # float32: the same matmuls on the same bits
+    assert dequantize_model(model) is model and torch.equal(model(idx), four_bit_output)  # a repeat is a no-op
+
+
+def test_dequantize_model_keeps_the_original_weight_dtype_and_missing_biases():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 8)).to(torch.bfloat16)
+    quantize_model(model)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    first_4bit, four_bit_output = model[0](x), model(x)
+    weights = [model[0].dequantize_weight(), model[2].dequantize_weight()]
+    dequantize_model(model)
+    assert model[0].bias is None and model[2].weight.dtype == model[2].bias.dtype == torch.bfloat16
+    assert torch.equal(model[0].weight, weights[0]) and torch.equal(model[2].weight, weights[1])
+    assert torch.equal(model[0](x), first_4bit)  # no bias: the same bf16 matmul
+    # with a bias, nn.Linear adds it inside one bf16 addmm, Linear4bit after rounding the matmul to bf16:
+    # the outputs may differ by one bf16 rounding (2^-8 relative) on these unit-scale values
+    assert torch.allclose(model(x).float(), four_bit_output.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_dequantize_then_quantize_gives_back_the_same_codes():
+    torch.manual_seed(0)
+    model = TinyModel()
+    quantize_model(model, double_quant=False, block_size=32)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    quantize_model(dequantize_model(model), double_quant=False, block_size=32)
+    # NF4 values re-quantize to themselves: each block's absmax is its own +-1.0 code, the rest sit on codes
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+
+
+def test_dequantize_model_refuses_a_bare_linear4bit_and_ignores_plain_models():
+    with pytest.raises(ValueError, match="dequantize_weight"):
+        dequantize_model(Linear4bit.from_linear(nn.Linear(64, 8)))
+    plain = TinyModel()
+    state = {name: tensor.clone() for name, tensor in plain.state_dict().items()}
+    assert dequantize_model(plain) is plain
+    assert all(torch.equal(tensor, state[name]) for name, tensor in plain.state_dict().items())
