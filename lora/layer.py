@@ -22,7 +22,8 @@ reused (and, when no gradient is wanted, the derived m/n and diag(m/n · s) B to
 costs what LoRA costs. The cache is keyed on the tensors' identities and version counters (any change
 to W, A, B or m, in place as by an optimizer step or `load_state_dict`, or by replacing the tensor,
 makes a new key) and on the scaling; it is also cleared by train(True), merge/unmerge, and every
-adapter change (add/delete/set_scale/set_adapter). Training never uses it.
+adapter change (add/delete/set_scale/set_adapter). Training never uses it. Tensors cached under
+torch.inference_mode() are used only inside inference mode (autograd cannot save them for backward).
 
 Deliberate difference from PEFT: with several active DoRA adapters, each one rescales the base output
 W x alone; PEFT rescales the running result, which already holds the earlier adapters' updates.
@@ -74,6 +75,13 @@ def _adapter_dtype(layer: nn.Module) -> torch.dtype:
     if is_4bit_linear(layer):
         return getattr(layer, "compute_dtype", None) or torch.float32
     return layer.weight.dtype
+
+
+def _usable_here(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether cached tensors may be used now: one made under torch.inference_mode() is an inference
+    tensor, which autograd refuses to save for backward ("Inference tensors cannot be saved for backward"),
+    so outside inference mode it is recomputed (and re-cached as an ordinary tensor) instead."""
+    return torch.is_inference_mode_enabled() or not any(t is not None and t.is_inference() for t in tensors)
 
 
 class LoRALayerBase(nn.Module):
@@ -309,7 +317,7 @@ class LoRALinear(LoRALayerBase):
             return self._weight_norm(adapter_name, self._dense_weight(self.lora_A[adapter_name].dtype))
         key = self._cache_key(adapter_name)
         cached = self._norm_cache.get(adapter_name)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or not _usable_here(cached[1]):
             with torch.no_grad():
                 norm = self._weight_norm(adapter_name, self._dense_weight(self.lora_A[adapter_name].dtype))
             self._norm_cache[adapter_name] = (key, norm)
@@ -328,7 +336,8 @@ class LoRALinear(LoRALayerBase):
         if cacheable:
             key = self._cache_key(adapter_name)
             cached = self._factor_cache.get(adapter_name)
-            if cached is not None and cached[0] == key and cached[1][1].dtype == dtype:
+            if (cached is not None and cached[0] == key and cached[1][1].dtype == dtype
+                    and _usable_here(*cached[1])):
                 return cached[1]
         magnitude_scale = magnitude / self._cached_weight_norm(adapter_name)  # m / n   [out]
         scaled_B = (magnitude_scale * self.scaling[adapter_name])[:, None] * lora_B  # diag(m/n · s) B   [out, r]

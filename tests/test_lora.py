@@ -610,3 +610,22 @@ def test_combined_adapter_is_built_as_its_config_says():
         dropout = layer.lora_dropout["mix"]
         assert isinstance(dropout, nn.Dropout) and dropout.p == config.dropout
         assert layer.rank["mix"] == config.r and layer.scaling["mix"] == config.scaling_for(config.r, config.alpha)
+
+
+def test_dora_norm_cached_under_inference_mode_does_not_break_a_later_backward():
+    layer = lora_linear(use_dora=True)
+    randomize_adapters(layer)
+    layer.eval()
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        cached_output = layer(x)  # caches n (and m/n, scaled B) as inference tensors
+    y = layer(x)  # eval, gradients wanted: must not reuse those
+    y.square().sum().backward()
+    assert torch.equal(y.detach(), cached_output)
+    assert layer.lora_B["default"].grad is not None and layer.lora_magnitude["default"].grad is not None
+    layer.requires_grad_(False)  # frozen adapter, gradient for the input only: the factor cache is used
+    with torch.inference_mode():
+        layer(x)
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None
