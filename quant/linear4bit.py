@@ -10,13 +10,16 @@ This is the base layer of QLoRA (Dettmers et al., 2023, eq. 5):
 The weight is a *constant* here: it has no `.weight` parameter and receives no gradient. The packed
 codes and block scales live in buffers, so `state_dict()` saves the 4-bit form (about 4.127 bits per
 weight) and `load_state_dict()` restores it bit for bit; `.to(device)` moves it; `.half()` or
-`.to(torch.bfloat16)` leave its float32 block scales untouched (see `_apply`).
+`.to(torch.bfloat16)` leave its float32 block scales untouched (see `_apply`). Next to the buffers the
+state_dict holds `_extra_state`: the layer's settings (block_size, double_quant, weight_dtype...), so
+that loading into a layer built with other settings says which one differs (see `get_extra_state`).
 
 The matmul goes through a small autograd Function, `LinearNF4Function`, so that backward dequantizes
 the weight again instead of keeping the dequantized [out, in] matrix alive between forward and
 backward: the whole point of QLoRA is that a full-precision copy of W never has to stay in memory.
 """
 
+import json
 from typing import Optional
 
 import torch
@@ -27,6 +30,13 @@ from quant.nf4 import (DEFAULT_BLOCK_SIZE, DEFAULT_DQ_BLOCK_SIZE, NF4Weight, che
 
 _QUANT_BUFFERS = ("packed", "absmax", "absmax_q", "absmax_scale", "absmax_offset")
 _FLOAT_QUANT_BUFFERS = ("absmax", "absmax_scale", "absmax_offset")  # float32, must survive .half()
+STATE_FORMAT_VERSION = 1  # of the metadata in `_extra_state`; state_dicts saved before it have none
+_EXTRA_STATE_KEY = "_extra_state"  # nn.Module's name for what get_extra_state returns
+# The settings a saved 4-bit layer must share with the layer it is loaded into, in message order.
+# compute_dtype is not among them: it is how the layer runs, not what it stores, and loading a
+# checkpoint into a layer that computes in bf16 on a GPU is legitimate.
+_METADATA_FIELDS = ("in_features", "out_features", "bias", "block_size", "double_quant", "dq_block_size",
+                    "weight_dtype")
 
 
 class LinearNF4Function(torch.autograd.Function):
@@ -167,6 +177,94 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(compute_dtype)
         return y.to(x.dtype)
+
+    # ------------------------------------------------------------------------------------------------
+    # Saving and loading: metadata next to the buffers
+    # ------------------------------------------------------------------------------------------------
+
+    def _metadata(self) -> dict:
+        """The settings that decide the buffers' shapes and meaning, as JSON-friendly values."""
+        return {"format_version": STATE_FORMAT_VERSION, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None, "block_size": self.block_size,
+                "double_quant": bool(self.double_quant), "dq_block_size": self.dq_block_size,
+                "weight_dtype": str(self.weight_dtype).removeprefix("torch.")}
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The layer's settings, saved by `state_dict()` under `<prefix>_extra_state`.
+
+        subtle: stored as UTF-8 JSON bytes in a uint8 tensor rather than as a dict: code around us (e.g.
+        minigpt/checkpoint.py: `{name: tensor.detach().cpu() ...}`) treats every state_dict value as a
+        tensor, and a tensor also loads with `torch.load(weights_only=True)`.
+
+        Example:
+            >>> layer = Linear4bit(64, 32, block_size=32)
+            >>> json.loads(bytes(layer.get_extra_state().tolist()))["block_size"]
+            32
+        """
+        return torch.tensor(list(json.dumps(self._metadata()).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Check saved settings against this layer's; a mismatch is a ValueError naming each field.
+
+        Nothing is adopted: like every nn.Module, a Linear4bit keeps the structure it was built with and
+        load_state_dict only fills in values. Adopting another block_size or weight_dtype would mean
+        reallocating the buffers and replacing the bias Parameter (which an optimizer may hold), behind
+        the caller's back; bitsandbytes rebuilds its weight from the saved state instead, but it has a
+        weight Parameter whose shape can change. Build the layer with the saved settings instead.
+        """
+        problem = self._metadata_mismatch(state)
+        if problem:
+            raise ValueError(problem)
+
+    def _metadata_mismatch(self, state, where: str = "Linear4bit") -> Optional[str]:
+        """None if `state` (from get_extra_state) fits this layer, else a message saying what would."""
+        try:
+            saved = json.loads(bytes(state.reshape(-1).tolist()).decode())
+            version = int(saved["format_version"])
+        except Exception:  # not our JSON bytes: a corrupt file or another library's layer
+            return (f"{where}: `{_EXTRA_STATE_KEY}` is not Linear4bit metadata (expected a uint8 tensor of "
+                    f"JSON, got {type(state).__name__}); the state_dict is corrupt or not from quant.Linear4bit")
+        if version > STATE_FORMAT_VERSION:
+            return (f"{where}: the state_dict was saved in Linear4bit format {version}, newer than this code "
+                    f"reads ({STATE_FORMAT_VERSION}); update minilora")
+        expected = self._metadata()
+        different = [name for name in _METADATA_FIELDS if name in saved and saved[name] != expected[name]]
+        if not different:
+            return None
+
+        def shown(name, value):
+            return f"torch.{value}" if name == "weight_dtype" else repr(value)
+
+        saved_text = ", ".join(f"{name}={shown(name, saved[name])}" for name in different)
+        ours_text = ", ".join(f"{name}={shown(name, expected[name])}" for name in different)
+        return (f"{where}: the state_dict was saved from a Linear4bit with {saved_text}, but this layer was built "
+                f"with {ours_text}; build it with {saved_text} to load it (for quantize_model: its arguments, "
+                f"on a model whose weights have that dtype)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + _EXTRA_STATE_KEY
+        has_metadata = key in state_dict
+        if has_metadata:
+            problem = self._metadata_mismatch(state_dict[key], where=prefix.rstrip(".") or "Linear4bit")
+            if problem:
+                # subtle: checked before any buffer is copied, and nothing of this layer is loaded: the
+                # raw "size mismatch for packed" errors would only repeat this message less clearly.
+                # load_state_dict raises all error_msgs together as one RuntimeError, as for shapes.
+                error_msgs.append(problem)
+                return
+        errors_before = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not has_metadata:
+            # A state_dict saved before the metadata existed: still accepted, even with strict=True,
+            # whose "Missing key(s): ..._extra_state" would refuse it; its shapes are checked as before.
+            if key in missing_keys:
+                missing_keys.remove(key)
+            if len(error_msgs) > errors_before:
+                error_msgs.append(f"{prefix.rstrip('.') or 'Linear4bit'}: this state_dict has no Linear4bit "
+                                  f"metadata (saved before format {STATE_FORMAT_VERSION}); build the layer with "
+                                  f"the block_size, double_quant and weight dtype it was saved with")
 
     def _apply(self, fn, recurse=True):
         # subtle: nn.Module.half() / .to(torch.bfloat16) cast every floating-point buffer, which would

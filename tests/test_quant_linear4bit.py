@@ -1,5 +1,7 @@
 """Linear4bit: the frozen NF4 base layer of QLoRA."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -80,7 +82,8 @@ def test_state_dict_saves_quantized_form_and_loads_bit_identical(tmp_path, doubl
     layer = Linear4bit.from_linear(make_linear(in_features=40, out_features=30), double_quant=double_quant)
     state = layer.state_dict()
     expected_keys = {"bias", "packed"} | ({"absmax_q", "absmax_scale", "absmax_offset"} if double_quant else {"absmax"})
-    assert set(state) == expected_keys
+    assert set(state) == expected_keys | {"_extra_state"}  # + the settings, as uint8 JSON (get_extra_state)
+    assert state["_extra_state"].dtype == torch.uint8
     assert state["packed"].dtype == torch.uint8 and state["packed"].numel() == 40 * 30 // 2
     path = tmp_path / "layer.pt"
     torch.save(state, path)
@@ -163,3 +166,98 @@ def test_block_sizes_are_validated_and_normalised():
     assert type(layer.block_size) is int and type(fresh.block_size) is int and type(fresh.dq_block_size) is int
     reference = Linear4bit.from_linear(make_linear(), block_size=32)
     assert torch.equal(layer.dequantize_weight(), reference.dequantize_weight())
+
+
+# ----------------------------------------------------------------------------------------------------
+# state_dict metadata (_extra_state)
+# ----------------------------------------------------------------------------------------------------
+
+def saved_metadata(layer):
+    return json.loads(bytes(layer.state_dict()["_extra_state"].tolist()))
+
+
+def test_extra_state_holds_the_settings():
+    layer = Linear4bit.from_linear(make_linear(dtype=torch.bfloat16), block_size=32, double_quant=False)
+    assert saved_metadata(layer) == {"format_version": 1, "in_features": 64, "out_features": 24, "bias": True,
+                                     "block_size": 32, "double_quant": False, "dq_block_size": 256,
+                                     "weight_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("saved_settings, built_settings, message", [
+    (dict(block_size=32), dict(), r"saved from a Linear4bit with block_size=32, but this layer was built with "
+                                  r"block_size=64; build it with block_size=32"),
+    (dict(double_quant=False), dict(), r"with double_quant=False, but .* built with double_quant=True"),
+    (dict(dtype=torch.bfloat16), dict(),
+     r"with weight_dtype=torch.bfloat16, but .* built with weight_dtype=torch.float32"),
+    (dict(block_size=128, dtype=torch.float16), dict(block_size=32),
+     r"with block_size=128, weight_dtype=torch.float16, but .* built with block_size=32, weight_dtype=torch.float32"),
+    (dict(), dict(out_features=23), r"with out_features=24, but .* built with out_features=23"),
+])
+def test_loading_into_a_layer_built_otherwise_names_the_field(saved_settings, built_settings, message):
+    dtype = saved_settings.pop("dtype", torch.float32)
+    saved = Linear4bit.from_linear(make_linear(dtype=dtype), **saved_settings)
+    fresh = Linear4bit(64, built_settings.pop("out_features", 24), **built_settings)
+    before = {name: tensor.clone() for name, tensor in fresh.state_dict().items()}
+    with pytest.raises(RuntimeError, match=message):
+        fresh.load_state_dict(saved.state_dict())
+    with pytest.raises(RuntimeError, match=message):
+        fresh.load_state_dict(saved.state_dict(), strict=False)  # like a shape mismatch: never ignored
+    # checked before anything is copied: the layer is untouched (a bf16 bias is not silently cast)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in fresh.state_dict().items())
+    with pytest.raises(ValueError, match=message):
+        fresh.set_extra_state(saved.get_extra_state())
+
+
+def test_a_layer_built_with_the_saved_settings_loads_bf16_bit_identical():
+    saved = Linear4bit.from_linear(make_linear(dtype=torch.bfloat16), block_size=128)
+    fresh = Linear4bit(64, 24, block_size=128, weight_dtype=torch.bfloat16)
+    fresh.load_state_dict(saved.state_dict())
+    assert fresh.bias.dtype == torch.bfloat16 and torch.equal(fresh.bias, saved.bias)
+    assert fresh.dequantize_weight().dtype == torch.bfloat16
+    assert torch.equal(fresh.dequantize_weight(), saved.dequantize_weight())
+    fresh.set_extra_state(saved.get_extra_state())  # matching metadata: accepted
+
+
+def test_state_dicts_saved_before_the_metadata_still_load_strictly():
+    saved = Linear4bit.from_linear(make_linear(), block_size=32)
+    old_state = {name: tensor for name, tensor in saved.state_dict().items() if name != "_extra_state"}
+    fresh = Linear4bit(64, 24, block_size=32)
+    result = fresh.load_state_dict(old_state)  # strict=True would report "Missing key(s): _extra_state"
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), saved(x))
+    # without metadata a wrong block size is only a shape mismatch; the message adds what to check
+    with pytest.raises(RuntimeError, match=r"(?s)size mismatch for absmax_q.*has no Linear4bit metadata"):
+        Linear4bit(64, 24).load_state_dict(old_state)
+
+
+def test_metadata_errors_name_the_layer_in_a_model(tmp_path):
+    from quant import quantize_model
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    saved = model()
+    quantize_model(saved, block_size=32)
+    torch.save(saved.state_dict(), tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)  # the metadata loads as a plain tensor
+    same = model()
+    quantize_model(same, block_size=32)
+    same.load_state_dict(state)
+    assert torch.equal(same(torch.ones(1, 64)), saved(torch.ones(1, 64)))
+    other = model()
+    quantize_model(other)
+    with pytest.raises(RuntimeError, match=r"(?s)\t0: the state_dict .* block_size=32.*\t2: the state_dict"):
+        other.load_state_dict(state)
+
+
+def test_corrupt_or_newer_metadata_is_refused_clearly():
+    layer = Linear4bit.from_linear(make_linear())
+    state = layer.state_dict()
+    with pytest.raises(RuntimeError, match="is not Linear4bit metadata"):
+        Linear4bit(64, 24).load_state_dict({**state, "_extra_state": torch.zeros(3)})
+    newer = torch.tensor(list(json.dumps({**saved_metadata(layer), "format_version": 2}).encode()),
+                         dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="format 2, newer than this code reads"):
+        Linear4bit(64, 24).load_state_dict({**state, "_extra_state": newer})
