@@ -25,8 +25,12 @@ makes a new key) and on the scaling; it is also cleared by train(True), merge/un
 adapter change (add/delete/set_scale/set_adapter). Training never uses it. Tensors cached under
 torch.inference_mode() are used only inside inference mode (autograd cannot save them for backward).
 
-Deliberate difference from PEFT: with several active DoRA adapters, each one rescales the base output
-W x alone; PEFT rescales the running result, which already holds the earlier adapters' updates.
+Several active adapters run in the order of `active_adapters`, as in PEFT 0.21: a DoRA adapter
+rescales the running result (the base output plus the updates of the adapters before it), its norm n
+taken of W alone (W without any adapter). `merge` folds them in the same order with the same norms,
+    W_k = W_{k-1} + s_k B_k A_k                                 (LoRA)
+    W_k = (m_k / n_k)[:, None] · (W_{k-1} + s_k B_k A_k)         (DoRA, n_k = ||W + s_k B_k A_k||_row)
+so merged equals unmerged for any mix of LoRA and DoRA adapters.
 """
 
 import math
@@ -295,6 +299,23 @@ class LoRALinear(LoRALayerBase):
     def _dense_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return base_weight(self.base_layer, dtype)
 
+    def _unmerged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W with the merged adapters taken out again, newest first, out of place (computed in float32)."""
+        weight = self._dense_weight(torch.float32).detach()  # [out, in]
+        for adapter_name in reversed(self.merged_adapters):
+            delta = self.lora_delta(adapter_name).detach().to(torch.float32)  # [out, in]
+            if self.use_dora[adapter_name]:
+                norm = self._merge_norms[adapter_name].to(torch.float32)  # the n used when merging
+                scale = self.lora_magnitude[adapter_name].detach().to(torch.float32) / norm  # [out]
+                weight = weight / scale[:, None] - delta  # W = W' / (m/n) - s·B·A
+            else:
+                weight = weight - delta
+        return weight.to(dtype)
+
+    def _norm_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The W that DoRA's norm n = ||W + s·B·A|| is taken of: the base weight without merged adapters."""
+        return self._unmerged_weight(dtype) if self.merged_adapters else self._dense_weight(dtype)
+
     def lora_delta(self, adapter_name: str) -> torch.Tensor:
         """s · B @ A, the adapter's update of W   [out, in]."""
         return self.scaling[adapter_name] * (self.lora_B[adapter_name] @ self.lora_A[adapter_name])  # [out, in]
@@ -314,12 +335,12 @@ class LoRALinear(LoRALayerBase):
     def _cached_weight_norm(self, adapter_name: str) -> torch.Tensor:
         """n, recomputed in training; computed once and reused while not training (see module docstring)."""
         if self.training:
-            return self._weight_norm(adapter_name, self._dense_weight(self.lora_A[adapter_name].dtype))
+            return self._weight_norm(adapter_name, self._norm_weight(self.lora_A[adapter_name].dtype))
         key = self._cache_key(adapter_name)
         cached = self._norm_cache.get(adapter_name)
         if cached is None or cached[0] != key or not _usable_here(cached[1]):
             with torch.no_grad():
-                norm = self._weight_norm(adapter_name, self._dense_weight(self.lora_A[adapter_name].dtype))
+                norm = self._weight_norm(adapter_name, self._norm_weight(self.lora_A[adapter_name].dtype))
             self._norm_cache[adapter_name] = (key, norm)
             return norm
         return cached[1]
@@ -356,7 +377,6 @@ class LoRALinear(LoRALayerBase):
                 raise RuntimeError(f"adapters {self.merged_adapters} are merged into the weight, so they cannot be "
                                    f"disabled; call unmerge(model) first")
             return result
-        base_result = result
         for adapter_name in self.active_adapters:
             if adapter_name in self.merged_adapters:
                 continue
@@ -371,31 +391,32 @@ class LoRALinear(LoRALayerBase):
                 else:
                     result = result + (lora_out * scaling).to(result.dtype)
             else:
-                result = self._dora_forward(adapter_name, x_lora, result, base_result, dropout)
+                result = self._dora_forward(adapter_name, x_lora, result, dropout)
         return result
 
-    def _dora_forward(self, adapter_name, x, result, base_result, dropout) -> torch.Tensor:
-        """result plus what DoRA adds to base(x): (m/n - 1)·(W x) + (m/n)·s·B A x   (REFERENCE.md, DoRA).
+    def _dora_forward(self, adapter_name, x, result, dropout) -> torch.Tensor:
+        """result plus what DoRA adds to it: (m/n - 1)·(result - b) + (m/n)·s·B A x   (REFERENCE.md, DoRA).
 
+        `result` is base(x) for the first adapter, and base(x) plus the earlier adapters' updates after
+        that: like PEFT 0.21, a DoRA adapter rescales the running result (see the module docstring).
         Computed so that DoRA costs about what LoRA costs once n is known: the per-row factor (m/n)·s
         is folded into B (`[out, r]`, tiny) instead of scaling a (..., out) activation, and the bias
         correction rides along as the bias of that small matmul.
         """
         lora_A = self.lora_A[adapter_name]
         magnitude_scale, scaled_B, correction = self._dora_factors(adapter_name, x.dtype)
-        if (isinstance(dropout, nn.Identity) or not self.training) and base_result.dtype == x.dtype:
-            # no dropout: W x = base(x) - b is already computed, so the update is
-            #   (m/n - 1)(base(x) - b) + (m/n) s B A x = (m/n - 1) base(x) + [diag(m/n s) B A x + (1 - m/n) b]
+        no_dropout = isinstance(dropout, nn.Identity) or not self.training
+        if no_dropout and result.dtype == x.dtype:
+            #   result + (m/n - 1)(result - b) + (m/n) s B A x = (m/n) result + [diag(m/n s) B A x + (1 - m/n) b]
             lora_out = F.linear(F.linear(x, lora_A), scaled_B, correction)  # (..., r) -> (..., out)
-            if result is base_result:  # first adapter: base(x) + update = (m/n) base(x) + lora_out, one pass
-                return torch.addcmul(lora_out, magnitude_scale, base_result)  # (..., out)
-            return result + torch.addcmul(lora_out, magnitude_scale - 1, base_result)
+            return torch.addcmul(lora_out, magnitude_scale, result)  # (..., out), one pass
         bias = self.base_layer.bias
-        if isinstance(dropout, nn.Identity) or not self.training:
+        if no_dropout:
             x_dropped = x
-            weight_x = (base_result if bias is None else base_result - bias).to(x.dtype)  # W x   (..., out)
+            weight_x = (result if bias is None else result - bias).to(x.dtype)  # result - b   (..., out)
         else:
-            # subtle: with dropout, the rescaled part must see the same dropped-out x as the LoRA branch
+            # subtle: with dropout, the rescaled part must see the same dropped-out x as the LoRA branch;
+            # as in PEFT it is then W x_d, the base weight alone
             x_dropped = dropout(x)
             weight_x = F.linear(x_dropped, self._dense_weight(x.dtype))  # W x_d   (..., out)
         lora_out = F.linear(F.linear(x_dropped, lora_A), scaled_B)  # diag(m/n s) B A x_d   (..., out)
@@ -405,17 +426,20 @@ class LoRALinear(LoRALayerBase):
     def merged_weight(self, adapter_names: Optional[Sequence[str]] = None, dtype=None):
         """The dense weight with `adapter_names` folded in, out of place: (W', {adapter: DoRA n}).
 
-        LoRA: W' = W + s·B·A. DoRA: W' = (m / n)[:, None] · (W + s·B·A). Adapters are folded in order;
-        the base layer is not touched.
+        LoRA: W' = W + s·B·A. DoRA: W' = (m / n)[:, None] · (W + s·B·A). Adapters are folded in order
+        onto the running W', each DoRA norm n taken of the base W alone, exactly as forward runs them
+        (module docstring); the base layer is not touched.
         """
         adapter_names = self._unmerged_active(adapter_names)
         weight = self._dense_weight(dtype).detach()
         norms = {}
         with torch.no_grad():
+            unmerged = self._norm_weight(weight.dtype)  # W without any adapter   [out, in]
             for adapter_name in adapter_names:
                 delta = self.lora_delta(adapter_name).to(weight.dtype)  # [out, in]
                 if self.use_dora[adapter_name]:
-                    norm = torch.linalg.norm(weight + delta, dim=1)  # [out]
+                    # subtle: not the norm of the running weight + delta; forward takes it of W alone
+                    norm = torch.linalg.norm(unmerged + delta, dim=1)  # [out]
                     scale = (self.lora_magnitude[adapter_name].to(weight.dtype) / norm)[:, None]  # [out, 1]
                     weight = scale * (weight + delta)  # [out, in]
                     norms[adapter_name] = norm
@@ -454,16 +478,8 @@ class LoRALinear(LoRALayerBase):
             return
         self._refuse_4bit("unmerge")
         weight = self.base_layer.weight
-        restored = weight.detach().to(torch.float32)  # [out, in]
-        for adapter_name in reversed(self.merged_adapters):
-            delta = self.lora_delta(adapter_name).to(torch.float32)  # [out, in]
-            if self.use_dora[adapter_name]:
-                norm = self._merge_norms.pop(adapter_name).to(torch.float32)  # the n used when merging
-                scale = self.lora_magnitude[adapter_name].to(torch.float32) / norm  # [out]
-                restored = restored / scale[:, None] - delta  # W = W' / (m/n) - s·B·A
-            else:
-                restored = restored - delta
-        weight.copy_(restored.to(weight.dtype))
+        weight.copy_(self._unmerged_weight(torch.float32).to(weight.dtype))
+        self._merge_norms.clear()
         self.merged_adapters = []
         self.clear_caches()
 

@@ -629,3 +629,46 @@ def test_dora_norm_cached_under_inference_mode_does_not_break_a_later_backward()
     x.requires_grad_(True)
     layer(x).sum().backward()
     assert x.grad is not None
+
+
+def several_adapters_layer(kinds):
+    """One LoRALinear holding adapters "a0", "a1", ... of the given kinds ("lora" / "dora"), all active."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12), adapter_name="a0", rank=4, alpha=8, use_dora=kinds[0] == "dora")
+    for i, kind in enumerate(kinds[1:], start=1):
+        layer.add_adapter(f"a{i}", rank=2, alpha=3, use_dora=kind == "dora")
+    randomize_adapters(layer, scale=0.5)
+    with torch.no_grad():  # m / n between 0.5 and 1.5, row by row
+        for i, (name, magnitude) in enumerate(layer.lora_magnitude.items()):
+            norm = torch.linalg.norm(layer.base_layer.weight + layer.lora_delta(name), dim=1)
+            magnitude.copy_(norm * torch.linspace(0.5, 1.5, 12).roll(3 * i))
+    layer.set_adapter([f"a{i}" for i in range(len(kinds))])
+    return layer
+
+
+@pytest.mark.parametrize("kinds", [("dora", "dora"), ("lora", "dora"), ("dora", "lora"), ("dora", "lora", "dora")])
+def test_several_active_dora_adapters_merged_equals_unmerged(kinds):
+    layer = several_adapters_layer(kinds)
+    original = layer.base_layer.weight.detach().clone()
+    x = torch.randn(5, 16)
+    unmerged = layer(x)
+    # forward, by hand: each adapter in turn updates the running y; DoRA rescales it, n of W alone (as PEFT)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    expected = F.linear(x, W, b)
+    for name in layer.active_adapters:
+        delta = layer.lora_delta(name)
+        if layer.use_dora[name]:
+            ratio = layer.lora_magnitude[name] / torch.linalg.norm(W + delta, dim=1)
+            expected = ratio * (expected - b + F.linear(x, delta)) + b
+        else:
+            expected = expected + F.linear(x, delta)
+    assert torch.allclose(unmerged, expected, atol=ATOL)
+    layer.merge()
+    assert torch.allclose(layer(x), unmerged, atol=ATOL)
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.weight, original, atol=1e-6)
+    layer.merge(["a0"])  # one at a time gives the same merged weight: n is always taken of W alone
+    layer.merge([name for name in layer.active_adapters if name != "a0"])
+    assert torch.allclose(layer(x), unmerged, atol=ATOL)
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.weight, original, atol=1e-6)

@@ -139,3 +139,31 @@ def test_rank_and_alpha_pattern_keys_match_the_layers_peft_matches():
         peft_layer = theirs.base_model.model.get_submodule(path)
         assert (layer.rank["default"], layer.alpha["default"]) == (peft_layer.r["default"],
                                                                    peft_layer.lora_alpha["default"]), path
+
+
+@pytest.mark.parametrize("kinds", [("dora", "dora"), ("lora", "dora"), ("dora", "lora")])
+def test_several_active_dora_adapters_match_peft_unmerged_and_merged(kinds):
+    ours, theirs = tiny_lm(), None
+    names = [f"{kind}{i}" for i, kind in enumerate(kinds)]
+    for name, kind in zip(names, kinds):
+        fields = dict(r=4, alpha=8, use_dora=kind == "dora", target_modules=["q_proj", "v_proj"])
+        lora.add_adapter(ours, LoRAConfig(**fields), name)
+        config = peft_config(fields)
+        if theirs is None:
+            theirs = get_peft_model(tiny_lm(), config, adapter_name=name)
+        else:
+            theirs.add_adapter(name, config)
+    randomize_adapters(ours, scale=0.3)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(ours):
+            for magnitude in layer.lora_magnitude.values():
+                magnitude.mul_(torch.linspace(0.6, 1.4, layer.out_features))
+    for name in names:
+        set_peft_model_state_dict(theirs, lora.to_peft_state_dict(lora.adapter_state_dict(ours, name)), name)
+    lora.set_adapter(ours, names)
+    theirs.base_model.set_adapter(names)
+    assert torch.allclose(ours(tokens()), theirs(tokens()), atol=ATOL)
+    merged_ours = lora.merge_and_unload(ours)
+    merged_theirs = theirs.merge_and_unload()
+    for name, tensor in merged_ours.state_dict().items():
+        assert torch.allclose(tensor, merged_theirs.state_dict()[name], atol=ATOL), name
