@@ -233,12 +233,22 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
 
 
 def set_adapter(model: nn.Module, adapter_names: Union[str, Sequence[str]]) -> None:
-    """Make these adapters the active ones (their updates add up); they alone train (plus modules_to_save)."""
+    """Make these adapters the active ones (their updates add up); they alone train (plus modules_to_save).
+
+    On a merged model it warns and unmerges first, as PEFT does (merge(model) again to fold in the new ones).
+    """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     configs = _lora_configs(model)
     for name in names:
         if name not in configs:
             raise ValueError(f"adapter {name!r} does not exist; adapters: {list(configs)}")
+    merged = [name for name, layer in lora_layers(model) if layer.merged_adapters]
+    if merged:
+        # as PEFT 0.21 (`set_adapter` on a merged model): warn and unmerge, so that no adapter stays in W
+        # unseen while other ones run
+        warnings.warn(f"Adapter cannot be set when the model is merged ({merged[:3]}"
+                      f"{' ...' if len(merged) > 3 else ''}). Unmerging the model first.", UserWarning, stacklevel=2)
+        unmerge(model)
     model.active_lora_adapters = names
     for _, layer in lora_layers(model):
         layer.set_adapter(names)

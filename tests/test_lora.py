@@ -672,3 +672,20 @@ def test_several_active_dora_adapters_merged_equals_unmerged(kinds):
     assert torch.allclose(layer(x), unmerged, atol=ATOL)
     layer.unmerge()
     assert torch.allclose(layer.base_layer.weight, original, atol=1e-6)
+
+
+def test_set_adapter_on_a_merged_model_warns_and_unmerges_as_peft():
+    model = tiny_lm()
+    original = model.blocks[0].q_proj.weight.detach().clone()
+    lora.apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
+    lora.add_adapter(model, LoRAConfig(r=2, target_modules=["q_proj"]), "b")
+    randomize_adapters(model)
+    lora.set_adapter(model, "b")
+    b_only = model(tokens())
+    lora.set_adapter(model, "a")
+    lora.merge(model)
+    with pytest.warns(UserWarning, match="Unmerging the model first"):
+        lora.set_adapter(model, "b")
+    assert not any(layer.merged_adapters for _, layer in lora.lora_layers(model))
+    assert torch.allclose(model.blocks[0].q_proj.base_layer.weight, original, atol=1e-6)  # a is out of W
+    assert torch.allclose(model(tokens()), b_only, atol=ATOL)
