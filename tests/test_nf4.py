@@ -200,8 +200,28 @@ def test_any_shape_round_trips_its_shape():
 # Error bounds
 # ----------------------------------------------------------------------------------------------------
 
+def half_gap_toward(code_table: torch.Tensor, codes: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+    """Half the gap from each chosen code to its neighbour on the side the true value lies: the most a
+    nearest-rounding can miss there (a value past that half would have gone to the neighbour).
+
+    Args:
+        code_table: the sorted code values [K]; codes: the chosen codes (any shape);
+        above: bool, same shape, True where the true value lies above its code's value.
+
+    Beyond the ends of the table the gap is 0: the extreme codes stand for exactly -absmax and +absmax,
+    and no value of the block lies past them.
+    """
+    gaps = code_table[1:] - code_table[:-1]  # [K - 1]
+    none = gaps.new_zeros(1)
+    gap_below = torch.cat([none, gaps])[codes]  # code k: c[k] - c[k - 1]; code 0 has no neighbour below
+    gap_above = torch.cat([gaps, none])[codes]  # code k: c[k + 1] - c[k]; code K - 1 has none above
+    return 0.5 * torch.where(above, gap_above, gap_below)
+
+
 def half_gap_around(code_table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Half the larger gap to the neighbours of each chosen code: the most a nearest-rounding can miss."""
+    """Half the larger gap to the neighbours of each chosen code: a side-blind bound, for the 8-bit
+    dynamic map of double quantization. That map ends at -0.99296875, not -1, so a block's most negative
+    value lies below code 0 (by up to 0.007 of the scale); code 0 borrows the gap above to cover it."""
     gaps = code_table[1:] - code_table[:-1]
     left = torch.cat([gaps[:1], gaps])[codes]  # gap below code k (code 0: use the gap above)
     right = torch.cat([gaps, gaps[-1:]])[codes]  # gap above code k
@@ -214,8 +234,10 @@ def test_error_within_half_a_code_step_times_absmax(block_size):
     nf4 = quantize_nf4(weight, block_size=block_size, double_quant=False)
     codes = unpack_nibbles(nf4.packed, weight.numel()).long()
     absmax = nf4.absmax[torch.arange(weight.numel()) // block_size]
-    error = (nf4.dequantize().reshape(-1) - weight.reshape(-1)).abs()
-    bound = half_gap_around(NF4_CODE, codes) * absmax * (1 + 1e-6)  # + float32 rounding
+    restored = nf4.dequantize().reshape(-1)
+    error = (restored - weight.reshape(-1)).abs()
+    above = weight.reshape(-1) > restored  # which neighbour the rounding could have reached instead
+    bound = half_gap_toward(NF4_CODE, codes, above) * absmax * (1 + 1e-6)  # + float32 rounding
     assert torch.all(error <= bound)
 
 
@@ -370,7 +392,8 @@ def test_property_matches_reference_and_error_bound(values, block_size, double_q
     assert restored.shape == weight.shape and torch.all(torch.isfinite(restored))
     if not double_quant:
         assert torch.equal(nf4.absmax, absmax)
-        bound = half_gap_around(NF4_CODE, codes) * absmax[torch.arange(weight.numel()) // block_size]
+        above = weight > restored
+        bound = half_gap_toward(NF4_CODE, codes, above) * absmax[torch.arange(weight.numel()) // block_size]
         assert torch.all((restored - weight).abs() <= bound * (1 + 1e-6) + 1e-30)
 
 

@@ -166,9 +166,27 @@ def test_lora_branch_runs_in_the_compute_dtype():
 def test_merge_and_unload_of_a_bf16_compute_base_is_full_precision():
     model = qlora_model(compute_dtype=torch.bfloat16)
     randomize_lora_b(model)
+    paths = list(adapter_parameters(model, "lora_A"))
+    expected = {}
+    for path in paths:
+        base = four_bit_base(model.get_submodule(path))
+        lora_a = adapter_parameters(model, "lora_A")[path].detach()  # [r, in], bf16
+        lora_b = adapter_parameters(model, "lora_B")[path].detach()  # [out, r], bf16
+        assert lora_a.dtype == lora_b.dtype == torch.bfloat16
+        # the update s·B@A is formed in the adapters' dtype (REFERENCE.md NF4 step 10), then added to the
+        # float32 dequantized weight; s = 2 is a power of two, so where the scaling is applied is exact
+        delta_float32 = SCALING * (lora_b.float() @ lora_a.float())  # [out, in]
+        exact = base.dequantize_weight(torch.float32) + (SCALING * (lora_b @ lora_a)).float()  # [out, in]
+        expected[path] = (exact, base.dequantize_weight(torch.float32) + delta_float32, delta_float32)
     merged = lora.merge_and_unload(model)
     layer = merged.blocks[0].q_proj
     assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32  # the weight's original dtype
+    for path, (exact, in_float32, delta_float32) in expected.items():
+        layer = merged.get_submodule(path)
+        assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
+        assert torch.equal(layer.weight, exact), path
+        # and against float32 math: no further than one bf16 rounding of the update (2^-8 relative)
+        assert torch.all((layer.weight - in_float32).abs() <= 2 ** -8 * delta_float32.abs() + 1e-7), path
 
 
 def expected_merged_weight(model, path):
@@ -187,7 +205,7 @@ def test_merge_and_unload_gives_full_precision_linears():
     for path, weight in expected.items():
         layer = merged.get_submodule(path)
         assert type(layer) is nn.Linear, f"{path} is {type(layer).__name__}"
-        assert torch.allclose(layer.weight, weight, atol=1e-6)
+        assert torch.equal(layer.weight, weight), path  # dequantize + s·B@A, the same float32 ops: same bits
     assert torch.allclose(merged(tokens()), reference, atol=1e-5)
     assert not adapter_parameters(merged, "lora_A")
     # layers without adapters stay 4-bit
@@ -206,7 +224,9 @@ def test_requantized_merge_error(record_property, capsys):
         layer = merged.get_submodule(path)
         assert isinstance(layer, Linear4bit), f"{path} is {type(layer).__name__}"
         requantized = quantize_nf4(expected[path], block_size=layer.block_size, double_quant=layer.double_quant)
-        assert torch.allclose(layer.dequantize_weight(), requantized.dequantize(), atol=1e-6)
+        # re-quantizing is deterministic: the same merged weight gives the same codes and scales
+        assert torch.equal(layer.packed, requantized.packed) and torch.equal(layer.absmax_q, requantized.absmax_q)
+        assert torch.equal(layer.dequantize_weight(), requantized.dequantize())
         # each element moves by at most half an NF4 step times its block's absmax (plus double-quant slack)
         error = (layer.dequantize_weight() - expected[path]).abs().reshape(-1)
         plain = quantize_nf4(expected[path], block_size=layer.block_size, double_quant=False)
