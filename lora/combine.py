@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from lora.config import LoRAConfig
-from lora.model import _lora_configs, lora_layers
+from lora.model import _existing_configs, check_layer_can_take, lora_layers
 
 METHODS = ("cat", "svd", "linear")
 
@@ -61,7 +61,7 @@ def combine_adapters(model: nn.Module, adapter_names: Sequence[str], weights: Se
         >>> combine_adapters(model, ["french", "german"], [0.5, 0.5], method="cat", new_name="both")
         >>> set_adapter(model, "both")
     """
-    configs = _lora_configs(model)
+    configs = _existing_configs(model)
     names = list(adapter_names)
     weights = [float(weight) for weight in weights]
     if method not in METHODS:
@@ -75,6 +75,8 @@ def combine_adapters(model: nn.Module, adapter_names: Sequence[str], weights: Se
             raise ValueError(f"adapter {name!r} is a DoRA adapter; DoRA adapters cannot be combined")
     if new_name in configs:
         raise ValueError(f"adapter {new_name!r} already exists; pick another new_name")
+    if not isinstance(new_name, str) or not new_name or "." in new_name:
+        raise ValueError(f"new_name must be a non-empty string without dots, got {new_name!r}")
     layers = [(path, layer) for path, layer in lora_layers(model) if any(name in layer.lora_A for name in names)]
     plans = []
     for path, layer in layers:
@@ -94,6 +96,8 @@ def combine_adapters(model: nn.Module, adapter_names: Sequence[str], weights: Se
         if lora_A.shape[0] > min(layer.in_features, layer.out_features):
             raise ValueError(f"'cat' gives rank {lora_A.shape[0]} on {path!r}, above min(in, out) = "
                              f"{min(layer.in_features, layer.out_features)}; use method='svd'")
+        # every check add_adapter makes (a merged layer above all), on every layer before any is changed
+        check_layer_can_take(path, layer, new_name, lora_A.shape[0], LoRAConfig(r=lora_A.shape[0], alpha=1.0))
         plans.append((path, layer, lora_A, lora_B))
     # The new adapter takes the first adapter's dropout, as PEFT's add_weighted_adapter does (it copies
     # that adapter's config); it is built with it and the recorded config says so.

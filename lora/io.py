@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from lora.config import LoRAConfig
-from lora.model import (_lora_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
+from lora.model import (_existing_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
                         set_adapter)
 
 FORMAT_VERSION = 1
@@ -39,7 +39,7 @@ PathLike = Union[str, os.PathLike]
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
     """The flat {"<module path>.lora_A": tensor, ...} dict of one adapter (plus modules_to_save)."""
-    configs = _lora_configs(model)
+    configs = _existing_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(configs)}")
     state = {}
@@ -69,7 +69,7 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
     replaced only if it holds nothing but these two files (an earlier save); a folder with anything else
     in it is refused with FileExistsError, so a save never deletes files it did not write.
     """
-    config = _lora_configs(model).get(adapter_name)
+    config = _existing_configs(model).get(adapter_name)
     state = adapter_state_dict(model, adapter_name)
     adapter_dir = Path(adapter_dir)
     if adapter_dir.exists() or adapter_dir.is_symlink():
@@ -200,7 +200,7 @@ def load_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
     """
     config = load_lora_config(adapter_dir)
     state = _load_weights(adapter_dir)
-    configs = _lora_configs(model)
+    configs = _existing_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on the model (adapters: {list(configs)}); "
                          f"load it under another name or delete_adapter it first")

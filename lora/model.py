@@ -156,18 +156,51 @@ def _modules_to_save(model: nn.Module, config: LoRAConfig) -> List[str]:
 
 # ----- applying -------------------------------------------------------------------------------------------
 def _lora_configs(model: nn.Module) -> Dict[str, LoRAConfig]:
+    """The model's {adapter name: LoRAConfig}, created (empty) on first use: call it only when changing the model."""
     if not hasattr(model, "lora_configs"):
         model.lora_configs = {}
         model.active_lora_adapters = []
     return model.lora_configs
 
 
+def _existing_configs(model: nn.Module) -> Dict[str, LoRAConfig]:
+    """The model's adapter configs for reading: {} for a model without LoRA, which is left as it is."""
+    return getattr(model, "lora_configs", {})
+
+
+def check_layer_can_take(name: str, module: nn.Module, adapter_name: str, rank: int, config: LoRAConfig) -> None:
+    """Raise if `module` (a target, wrapped or not) cannot get adapter `adapter_name`: every check that the
+    layer's own add_adapter makes, so that callers can run them on all layers before changing any."""
+    if isinstance(module, nn.Embedding):
+        size = (module.num_embeddings, module.embedding_dim)
+    else:  # nn.Linear, a 4-bit linear, or a LoRA wrapper getting one more adapter
+        size = (module.in_features, module.out_features)
+    if rank > min(size):
+        raise ValueError(f"r={rank} for {name!r} is larger than min(in, out) = {min(size)} of that layer "
+                         f"{size}; use r <= {min(size)} (or a rank_pattern entry for it)")
+    if isinstance(module, LoRALayerBase):
+        if adapter_name in module.lora_A:
+            raise ValueError(f"{name!r} already holds an adapter named {adapter_name!r}; pick another name")
+        if module.merged_adapters:
+            raise RuntimeError(f"{name!r} has adapters {module.merged_adapters} merged into its weight; "
+                               f"unmerge(model) before adding adapter {adapter_name!r}")
+    embedding = isinstance(module, (nn.Embedding, LoRAEmbedding))
+    if embedding and config.use_dora:
+        raise ValueError(f"DoRA is not supported on the embedding {name!r}; leave it out of target_modules")
+    four_bit = is_4bit_linear(module) or (isinstance(module, LoRALinear) and module.is_4bit)
+    if config.init in ("pissa", "olora") and (four_bit or embedding):
+        kind = "4-bit layer" if four_bit else "embedding"
+        raise ValueError(f"init={config.init!r} rewrites the base weight from its SVD / QR, which the {kind} "
+                         f"{name!r} cannot take; use init='kaiming' or 'gaussian'")
+
+
 def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.Module:
     """Add adapter `adapter_name` to the modules `config` targets, without activating it.
 
-    Every check (names, ranks against layer sizes) runs before the model is touched.
+    Every check (names, ranks against layer sizes, merged layers) runs on every target before the model
+    is touched, so a call that fails leaves the model exactly as it was.
     """
-    configs = _lora_configs(model)
+    configs = _existing_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(configs)}); "
                          f"pick another name or delete_adapter it first")
@@ -181,19 +214,9 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
         module = model.get_submodule(name)
         rank = _pattern_value(name, config.rank_pattern, config.r)
         alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
-        if isinstance(module, nn.Embedding):
-            size = (module.num_embeddings, module.embedding_dim)
-        else:  # nn.Linear, a 4-bit linear, or a LoRA wrapper getting one more adapter
-            size = (module.in_features, module.out_features)
-        if rank > min(size):
-            raise ValueError(f"r={rank} for {name!r} is larger than min(in, out) = {min(size)} of that layer "
-                             f"{size}; use r <= {min(size)} (or a rank_pattern entry for it)")
-        if isinstance(module, (nn.Embedding, LoRAEmbedding)) and config.use_dora:
-            raise ValueError(f"DoRA is not supported on the embedding {name!r}; leave it out of target_modules")
-        if is_4bit_linear(module) and config.init in ("pissa", "olora"):
-            raise ValueError(f"init={config.init!r} rewrites the base weight, which the 4-bit layer {name!r} "
-                             f"cannot store; use init='kaiming' or 'gaussian'")
+        check_layer_can_take(name, module, adapter_name, rank, config)
         plans.append((name, module, rank, alpha))
+    configs = _lora_configs(model)
     for name, module, rank, alpha in plans:
         options = dict(rank=rank, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora,
                        use_dora=config.use_dora, init=config.init)
@@ -238,7 +261,7 @@ def set_adapter(model: nn.Module, adapter_names: Union[str, Sequence[str]]) -> N
     On a merged model it warns and unmerges first, as PEFT does (merge(model) again to fold in the new ones).
     """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    configs = _lora_configs(model)
+    configs = _existing_configs(model)
     for name in names:
         if name not in configs:
             raise ValueError(f"adapter {name!r} does not exist; adapters: {list(configs)}")
@@ -293,7 +316,7 @@ def disable_adapters(model: nn.Module):
 
 def set_adapter_scale(model: nn.Module, adapter_name: str, factor: float) -> None:
     """Multiply adapter `adapter_name`'s update by `factor` everywhere (1.0 restores it)."""
-    if adapter_name not in _lora_configs(model):
+    if adapter_name not in _existing_configs(model):
         raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(model.lora_configs)}")
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
@@ -302,7 +325,7 @@ def set_adapter_scale(model: nn.Module, adapter_name: str, factor: float) -> Non
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove adapter `adapter_name` from every layer (it must not be merged)."""
-    configs = _lora_configs(model)
+    configs = _existing_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(configs)}")
     layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.lora_A]

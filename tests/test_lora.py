@@ -689,3 +689,67 @@ def test_set_adapter_on_a_merged_model_warns_and_unmerges_as_peft():
     assert not any(layer.merged_adapters for _, layer in lora.lora_layers(model))
     assert torch.allclose(model.blocks[0].q_proj.base_layer.weight, original, atol=1e-6)  # a is out of W
     assert torch.allclose(model(tokens()), b_only, atol=ATOL)
+
+
+# ----- a call that fails changes nothing ------------------------------------------------------------------------
+def model_snapshot(model):
+    """Everything a half-applied call could have changed: tensors, module types, adapter bookkeeping."""
+    return ({name: tensor.clone() for name, tensor in model.state_dict().items()},
+            [(name, type(module).__name__) for name, module in model.named_modules()],
+            dict(getattr(model, "lora_configs", {})), list(getattr(model, "active_lora_adapters", [])),
+            {name: (layer.adapter_names, list(layer.active_adapters), list(layer.merged_adapters))
+             for name, layer in lora.lora_layers(model)},
+            {name: p.requires_grad for name, p in model.named_parameters()})
+
+
+def assert_unchanged(model, snapshot):
+    tensors, *rest = model_snapshot(model)
+    assert tensors.keys() == snapshot[0].keys()
+    assert all(torch.equal(tensor, snapshot[0][name]) for name, tensor in tensors.items())
+    assert rest == list(snapshot[1:])
+
+
+def model_with_one_merged_layer():
+    """Adapter "a" on both q_proj layers, merged into blocks.1.q_proj only (the later one in model order)."""
+    model = tiny_lm()
+    lora.apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
+    randomize_adapters(model)
+    model.blocks[1].q_proj.merge()
+    return model
+
+
+def test_add_adapter_onto_a_merged_layer_changes_nothing():
+    model = model_with_one_merged_layer()
+    snapshot = model_snapshot(model)
+    with pytest.raises(RuntimeError, match=r"'blocks.1.q_proj' has adapters \['a'\] merged .* unmerge"):
+        lora.add_adapter(model, LoRAConfig(r=2, target_modules=["q_proj", "k_proj"]), "b")
+    assert_unchanged(model, snapshot)  # blocks.0.q_proj and the k_proj layers come first: none is wrapped
+
+
+def test_load_adapter_onto_a_merged_layer_changes_nothing(tmp_path):
+    other = tiny_lm()
+    lora.apply_lora(other, LoRAConfig(r=2, target_modules=["k_proj", "q_proj"]))
+    lora.save_adapter(other, tmp_path / "adapter")
+    model = model_with_one_merged_layer()
+    snapshot = model_snapshot(model)
+    with pytest.raises(RuntimeError, match="'blocks.1.q_proj' has adapters"):
+        lora.load_adapter(model, tmp_path / "adapter", adapter_name="b")
+    assert_unchanged(model, snapshot)
+
+
+def test_combine_adapters_onto_a_merged_layer_changes_nothing():
+    model = model_with_one_merged_layer()
+    snapshot = model_snapshot(model)
+    with pytest.raises(RuntimeError, match="'blocks.1.q_proj' has adapters"):
+        lora.combine_adapters(model, ["a"], [0.5], method="cat", new_name="half")
+    assert_unchanged(model, snapshot)
+
+
+def test_failed_add_adapter_leaves_a_plain_model_plain():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Embedding(10, 8))
+    snapshot = model_snapshot(model)
+    with pytest.raises(ValueError, match="init='pissa' rewrites the base weight .* embedding '1'"):
+        lora.apply_lora(model, LoRAConfig(r=2, target_modules=["0", "1"], init="pissa"))
+    assert_unchanged(model, snapshot)  # not even the PiSSA residual in the Linear before the embedding
+    assert not hasattr(model, "lora_configs")
