@@ -4,9 +4,15 @@ An interrupted run (Ctrl-C, a crash, a full disk) must never leave a half-writte
 later run would load. Renaming a folder is atomic on one filesystem, so readers see either the old
 folder or the complete new one.
 
-    with atomic_directory("dist/base_model") as tmp:
+    with atomic_directory("dist/base_model", outputs=CHECKPOINT_FILES) as tmp:
         torch.save(model.state_dict(), tmp / "model.pt")
         ...                      # on an exception, tmp is deleted and dist/base_model is untouched
+
+Replacing a folder deletes everything in it, so an existing folder is replaced only when it is a
+previous output of the same kind: it is empty, or every name in it is one that this kind of output
+consists of (`outputs`; by default the names the new folder holds). A folder with anything else in it
+(your notes.txt, a project, the current folder) is refused with a clear message and left untouched.
+Scripts call check_output_dir() with the same `outputs` before they train, so the refusal comes first.
 """
 
 import contextlib
@@ -16,17 +22,69 @@ import tempfile
 from pathlib import Path
 
 
-@contextlib.contextmanager
-def atomic_directory(final_dir):
-    """Yield a fresh temporary folder next to `final_dir`; on success it replaces `final_dir`."""
+def check_output_dir(final_dir, outputs=None) -> Path:
+    """Raise ValueError unless `final_dir` may be written as a whole (created, or replaced); returns it as a Path.
+
+    Args:
+        final_dir: the output folder.
+        outputs: the file and folder names this kind of output consists of, e.g.
+            ("config.json", "model.pt", "tokenizer.json"). An existing folder holding anything else is
+            refused. None checks only the path itself (atomic_directory then checks the contents
+            against what it wrote, before it replaces anything).
+
+    Example:
+        >>> check_output_dir("dist/a_new_run", outputs=["config.json", "model.pt", "tokenizer.json"]).name
+        'a_new_run'
+        >>> check_output_dir(".")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: output folder '.' is the current folder or a folder above it; replacing it would delete ...
+        >>> check_output_dir("")
+        Traceback (most recent call last):
+        ValueError: output folder is an empty name; give a folder name, e.g. dist/run1
+    """
+    if not str(final_dir).strip():
+        raise ValueError("output folder is an empty name; give a folder name, e.g. dist/run1")
     final_dir = Path(final_dir)
+    resolved, here = final_dir.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise ValueError(f"output folder {str(final_dir)!r} is the current folder or a folder above it; replacing "
+                         f"it would delete everything in it, so choose a new folder name, e.g. dist/run1")
+    if final_dir.exists() and not final_dir.is_dir():
+        raise ValueError(f"output folder {final_dir} is a file, not a folder; it is left alone: move it away or "
+                         f"choose another output folder")
+    if outputs is not None and final_dir.is_dir():
+        foreign = sorted(path.name for path in final_dir.iterdir() if path.name not in set(outputs))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ValueError(
+                f"output folder {final_dir} already holds {shown}, which is not part of this output "
+                f"({', '.join(sorted(outputs))}); writing there would replace the whole folder and lose it, "
+                f"so nothing was written: move those files away, delete the folder, or choose another output folder")
+    return final_dir
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir, outputs=None):
+    """Yield a fresh temporary folder next to `final_dir`; on success it replaces `final_dir`.
+
+    Args:
+        final_dir: the folder to write.
+        outputs: the names this kind of output consists of (see check_output_dir). An existing
+            `final_dir` is replaced only if it holds nothing but these names and the names written
+            into the temporary folder; otherwise ValueError, and `final_dir` is untouched.
+    """
+    final_dir = check_output_dir(final_dir, outputs)  # before anything is written
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
     try:
         yield tmp_dir
+        written = {path.name for path in tmp_dir.iterdir()}
+        check_output_dir(final_dir, written | set(outputs or ()))  # subtle: the folder may have changed meanwhile
     except BaseException:  # subtle: KeyboardInterrupt too, so Ctrl-C leaves nothing behind
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    # subtle: mkdtemp makes the folder private (0o700); give it the permissions mkdir would have given
+    os.chmod(tmp_dir, 0o777 & ~current_umask())
     if final_dir.exists():
         # Two renames: the old folder moves aside, the new one takes its name, then the old one goes.
         old_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
@@ -36,3 +94,10 @@ def atomic_directory(final_dir):
         shutil.rmtree(old_dir, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+def current_umask() -> int:
+    """The process's umask (e.g. 0o022), which decides the permissions of newly created files."""
+    mask = os.umask(0)  # subtle: the only portable way to read it is to set it, then put it back at once
+    os.umask(mask)
+    return mask

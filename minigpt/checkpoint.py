@@ -10,6 +10,7 @@ Saving is atomic (see minigpt/atomic.py): an interrupted save leaves the previou
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import torch
@@ -23,12 +24,26 @@ CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
 
 
 def save_model(model: MiniGPT, tokenizer, out_dir) -> Path:
-    """Write model and tokenizer to `out_dir` atomically; returns the folder's path."""
+    """Write model and tokenizer to `out_dir` atomically; returns the folder's path.
+
+    An existing `out_dir` is replaced only if it is a previous checkpoint (it holds nothing but
+    CHECKPOINT_FILES); a folder with anything else in it is a ValueError and stays as it was.
+
+    Example:
+        >>> import tempfile
+        >>> from tokenizer import WordTokenizer
+        >>> tokenizer = WordTokenizer.from_corpus(["the cat sits on the mat ."])
+        >>> model = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, embed_dim=8, n_heads=2, n_layers=1))
+        >>> with tempfile.TemporaryDirectory() as parent:
+        ...     folder = save_model(model, tokenizer, Path(parent) / "tiny_model")
+        ...     folder.name, sorted(path.name for path in folder.iterdir())
+        ('tiny_model', ['config.json', 'model.pt', 'tokenizer.json'])
+    """
     if model.config.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model has {model.config.vocab_size} token rows but the tokenizer has "
                          f"{tokenizer.vocab_size} tokens; they must match to be saved together")
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, outputs=CHECKPOINT_FILES) as tmp:
         config = {"format_version": FORMAT_VERSION, **dataclasses.asdict(model.config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
@@ -38,25 +53,47 @@ def save_model(model: MiniGPT, tokenizer, out_dir) -> Path:
 
 
 def load_config(model_dir) -> GPTConfig:
-    """Read and validate `config.json` of a checkpoint folder."""
+    """Read and validate `config.json` of a checkpoint folder; every problem is a ValueError naming the file.
+
+    Example: {"format_version": 1, "vocab_size": 120, "bias": "no"} -> ValueError: ... config.json:
+    "bias" must be true or false, got 'no' ...
+    """
     path = Path(model_dir) / "config.json"
+    corrupt = "the checkpoint is corrupt; re-run train.py (or the script that wrote it)"
     try:
-        fields = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt, re-run train.py") from None
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {corrupt}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not an object of GPTConfig fields; {corrupt}")
     version = fields.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this code reads version {FORMAT_VERSION}")
-    known = {field.name for field in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(fields) - known)
+    known = typing.get_type_hints(GPTConfig)  # field name -> int, float or bool
+    unknown = sorted(set(fields) - set(known))
     if unknown:
         raise ValueError(f"{path} has unknown fields {unknown}; expected only {sorted(known)}")
-    return GPTConfig(**fields)
+    if "vocab_size" not in fields:
+        raise ValueError(f'{path} has no "vocab_size" (the one GPTConfig field without a default); {corrupt}')
+    for name, value in fields.items():
+        expected = known[name]
+        if expected is bool and not isinstance(value, bool):
+            raise ValueError(f'{path}: "{name}" must be true or false, got {value!r}; {corrupt}')
+        # subtle: JSON true is a Python bool, and bool is a subclass of int; a count must not be one
+        if expected in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f'{path}: "{name}" must be a number, got {value!r}; {corrupt}')
+    try:
+        return GPTConfig(**fields)
+    except ValueError as error:  # the range checks of GPTConfig.__post_init__ (e.g. n_heads must divide embed_dim)
+        raise ValueError(f"{path}: {error}; {corrupt}") from None
 
 
 def check_model_dir(model_dir) -> Path:
     """Raise a clear error unless `model_dir` is a folder holding every checkpoint file."""
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ValueError(f"{model_dir} is a file, not a model folder; a model folder holds "
+                         f"{', '.join(CHECKPOINT_FILES)} (written by `python train.py --out FOLDER`)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist; create one with `python train.py --out {model_dir}`")
     missing = [name for name in CHECKPOINT_FILES if not (model_dir / name).is_file()]
@@ -100,6 +137,11 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
     except Exception as error:  # a truncated or foreign file: say which one and what to do
         raise ValueError(f"{model_dir / 'model.pt'} could not be read ({type(error).__name__}: {error}); "
                          f"the checkpoint is corrupt, re-run train.py") from None
+    if not isinstance(state, dict) or not all(isinstance(name, str) and isinstance(value, torch.Tensor)
+                                              for name, value in state.items()):
+        held = "a dict with entries other than name -> tensor" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ValueError(f"{model_dir / 'model.pt'} holds {held}, not a state_dict (a dict of parameter names "
+                         f"to tensors); the checkpoint is corrupt, re-run train.py")
     model = MiniGPT(config)
     try:
         model.load_state_dict(state)

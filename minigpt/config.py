@@ -29,8 +29,13 @@ class GPTConfig:
         positive = {name: getattr(self, name) for name in
                     ("vocab_size", "context_length", "embed_dim", "n_layers", "n_heads", "mlp_ratio")}
         for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # subtle: True is an int too
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("bias", "use_sdpa", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):  # "no" or 0 would silently mean something else
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.embed_dim % self.n_heads != 0:
             raise ValueError(
                 f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads}); "

@@ -2,12 +2,14 @@
 interrupted save leaves the previous folder intact."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 
 from minigpt import GPTConfig, MiniGPT, load_model, save_model
-from minigpt.atomic import atomic_directory
+from minigpt.atomic import atomic_directory, check_output_dir
 from tokenizer import WordTokenizer
 
 SENTENCES = ["the cat sits on the table .", "the dog sits on the rug ."]
@@ -69,3 +71,97 @@ def test_interrupted_save_leaves_the_previous_folder_intact(saved):
             raise KeyboardInterrupt  # Ctrl-C in the middle of a save
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in folder.parent.iterdir()] == ["model"]  # no temporary folder left behind
+
+
+# ---- output folders: never replace something that is not a previous output ---------------------------
+
+def test_save_refuses_a_folder_holding_other_files_and_leaves_it_intact(saved, tmp_path):
+    model, tokenizer, _ = saved
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("my notes")
+    with pytest.raises(ValueError, match=r"precious already holds notes\.txt.*nothing was written"):
+        save_model(model, tokenizer, precious)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"] and (precious / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "precious"]  # no temporary folder left
+
+
+def test_save_replaces_its_own_previous_checkpoint_and_an_empty_folder(saved, tmp_path):
+    model, tokenizer, folder = saved
+    (folder / "config.json").write_text("{}")  # an older (here: broken) checkpoint of the same kind
+    save_model(model, tokenizer, folder)
+    assert load_model(folder)[0].config == model.config
+    (tmp_path / "empty").mkdir()
+    save_model(model, tokenizer, tmp_path / "empty")
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.pt", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("name, message", [("", "empty name"), (".", "current folder"), ("..", "folder above it"),
+                                           ("here", "current folder"), ("a_file", "is a file, not a folder")])
+def test_check_output_dir_refuses_names_that_would_delete_too_much(tmp_path, monkeypatch, name, message):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "a_file").write_text("x")
+    monkeypatch.chdir(tmp_path / "here")
+    target = str(tmp_path / "here") if name == "here" else name
+    with pytest.raises(ValueError, match=message):
+        check_output_dir(target)
+    assert [p.name for p in (tmp_path / "here").iterdir()] == ["a_file"]
+
+
+def test_atomic_directory_by_default_replaces_only_what_it_writes(tmp_path):
+    out = tmp_path / "results"
+    with atomic_directory(out) as tmp:
+        (tmp / "results.json").write_text("1")
+    with atomic_directory(out) as tmp:  # its own previous output: replaced
+        (tmp / "results.json").write_text("2")
+    assert (out / "results.json").read_text() == "2"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        with atomic_directory(out) as tmp:
+            (tmp / "results.json").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json"]
+    assert (out / "results.json").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+def test_saved_folder_and_files_get_the_umask_permissions(saved, tmp_path):
+    model, tokenizer, _ = saved
+    old_mask = os.umask(0o022)
+    try:
+        folder = save_model(model, tokenizer, tmp_path / "shared")
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # mkdtemp alone gives 0o700
+    assert stat.S_IMODE((folder / "tokenizer.json").stat().st_mode) == 0o644  # mkstemp alone gives 0o600
+    assert stat.S_IMODE((folder / "config.json").stat().st_mode) == 0o644
+
+
+# ---- corrupt model folders: a clear ValueError / FileNotFoundError naming the file and the field -------
+
+@pytest.mark.parametrize("change, message", [
+    (lambda config: [config], "holds a JSON list, not an object"),
+    (lambda config: {k: v for k, v in config.items() if k != "vocab_size"}, 'has no "vocab_size"'),
+    (lambda config: {**config, "dropout": None}, '"dropout" must be a number, got None'),
+    (lambda config: {**config, "bias": "no"}, "\"bias\" must be true or false, got 'no'"),
+    (lambda config: {**config, "n_layers": True}, '"n_layers" must be a number, got True'),
+    (lambda config: {**config, "n_heads": 3}, r"config\.json: GPTConfig\.embed_dim \(16\) must be divisible"),
+    (lambda config: {**config, "embed_dim": 16.5}, "embed_dim must be a positive integer, got 16.5"),
+])
+def test_corrupt_config_fields_are_value_errors_naming_the_field_and_folder(saved, change, message):
+    _, _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(change(config)))
+    with pytest.raises(ValueError, match=message) as error:
+        load_model(folder)
+    assert str(folder / "config.json") in str(error.value)
+
+
+def test_weights_that_are_not_a_state_dict_and_a_file_for_a_folder_are_clear_errors(saved):
+    _, _, folder = saved
+    torch.save([torch.zeros(2)], folder / "model.pt")
+    with pytest.raises(ValueError, match=r"model\.pt holds a list, not a state_dict"):
+        load_model(folder)
+    torch.save({1: torch.zeros(2)}, folder / "model.pt")
+    with pytest.raises(ValueError, match=r"model\.pt holds a dict with entries other than name -> tensor"):
+        load_model(folder)
+    with pytest.raises(ValueError, match="is a file, not a model folder"):
+        load_model(folder / "config.json")
