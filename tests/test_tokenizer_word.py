@@ -1,6 +1,8 @@
 """Tests for tokenizer.WordTokenizer and the shared tokenizer.json format (save / load_tokenizer)."""
 import doctest
 import json
+import os
+import stat
 
 import pytest
 from hypothesis import given, settings
@@ -168,6 +170,16 @@ def test_save_overwrites_atomically(tok, tmp_path):
     tok.save(path)
     assert load_tokenizer(path).to_dict() == tok.to_dict()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_file_gets_the_permissions_the_umask_gives(tok, tmp_path, umask, mode):
+    old_mask = os.umask(umask)
+    try:
+        path = tok.save(tmp_path / "tokenizer.json")
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(path.stat().st_mode) == mode  # mkstemp alone gives 0o600, private to the owner
 
 
 def _write(tmp_path, content):

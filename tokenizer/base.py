@@ -120,6 +120,8 @@ class Tokenizer:
         try:
             with os.fdopen(file_descriptor, "w", encoding="utf-8") as temp_file:
                 temp_file.write(text)
+            # subtle: mkstemp makes the file private (0o600); give it what open() would have given
+            os.chmod(temp_name, 0o666 & ~_current_umask())
             os.replace(temp_name, path)
         except BaseException:
             if os.path.exists(temp_name):
@@ -135,6 +137,13 @@ class Tokenizer:
             raise ValueError(f"{path}: holds a {type(tokenizer).__name__} (type {tokenizer.type_name!r}), "
                              f"not a {cls.__name__}; use tokenizer.load_tokenizer(path) to load either kind")
         return tokenizer
+
+
+def _current_umask() -> int:
+    """The process's umask (e.g. 0o022), which decides the permissions of newly created files."""
+    mask = os.umask(0)  # subtle: the only portable way to read it is to set it, then put it back at once
+    os.umask(mask)
+    return mask
 
 
 def load_tokenizer(path) -> "Tokenizer":
