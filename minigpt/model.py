@@ -173,10 +173,39 @@ class MiniGPT(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Extend idx (B, T) by sampling max_new_tokens tokens one at a time.
 
-        temperature 0 picks the most likely token (greedy); top_k keeps only the k most likely tokens.
+        Each step feeds the last context_length tokens, takes the logits of the last position and
+        samples the next token from softmax(logits / temperature).
+
+        Args:
+            idx: (B, T) token ids, the prompts; T may exceed context_length (only the end is seen).
+            max_new_tokens: how many tokens to append (0 returns idx unchanged).
+            temperature: > 0 scales the logits (below 1: surer, above 1: more varied); 0 always picks
+                the most likely token (greedy, no randomness).
+            top_k: sample only among the k most likely tokens (k >= 1; 1 is greedy); None: among all.
+            generator: a seeded torch.Generator repeats the same samples.
+
+        Returns:
+            (B, T + max_new_tokens) token ids: idx followed by the new tokens.
+
+        Example: greedy decoding past the context window (context_length 4, 6 new tokens).
+
+            >>> _ = torch.manual_seed(0)
+            >>> model = MiniGPT(GPTConfig(vocab_size=10, context_length=4, embed_dim=8, n_heads=2)).eval()
+            >>> idx = torch.tensor([[2, 5, 7]])  # (B=1, T=3)
+            >>> out = model.generate(idx, max_new_tokens=6, temperature=0)
+            >>> out.shape, out[:, :3].tolist(), bool((out < 10).all())
+            (torch.Size([1, 9]), [[2, 5, 7]], True)
+            >>> torch.equal(out, model.generate(idx, max_new_tokens=6, top_k=1))  # top_k=1 is greedy too
+            True
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy, 1 = the model's own "
+                             f"probabilities), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 (the k most likely tokens; 1 = greedy) or None "
+                             f"(no limit), got {top_k!r}")
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.context_length:]  # (B, <= context_length)
             logits, _ = self(window)

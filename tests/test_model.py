@@ -91,3 +91,26 @@ def test_generate_greedy_is_deterministic_and_crops_context():
     assert torch.equal(out, model.generate(idx, max_new_tokens=20, temperature=0))
     sampled = model.generate(idx, 5, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (2, 8)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(max_new_tokens=2, top_k=0), "top_k must be an integer >= 1"),
+    (dict(max_new_tokens=2, top_k=2.5), "top_k must be an integer >= 1"),
+    (dict(max_new_tokens=2, temperature=-0.5), "temperature must be a number >= 0"),
+    (dict(max_new_tokens=2, temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+])
+def test_generate_refuses_bad_sampling_arguments_clearly(arguments, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), **arguments)
+    assert model.generate(torch.zeros(1, 2, dtype=torch.long), max_new_tokens=0).shape == (1, 2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("bias", "no", "bias must be true or false"), ("use_sdpa", 1, "use_sdpa must be true or false"),
+    ("dropout", None, "dropout must be a number"), ("n_layers", True, "n_layers must be a positive integer"),
+])
+def test_config_field_types_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(vocab_size=10, **{field: value})
