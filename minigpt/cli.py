@@ -1,7 +1,12 @@
 """A strict argument parser shared by the scripts: an unknown option is an error that lists the valid ones.
 
 argparse alone says "unrecognized arguments: --rnak" and stops; a learner then has to go and find the
-right spelling. This parser also prints the options it knows and the closest match.
+right spelling. This parser also prints the options it knows and the closest match. Options are
+spelled in full: argparse's prefix matching (`--step 5` taken as `--steps 5`) is turned off.
+
+    $ python train.py --stepz 5
+    train.py: error: unknown option(s): --stepz (did you mean --steps?)
+    valid options: --batch-size --bpe-vocab-size ...
 """
 
 import argparse
@@ -16,16 +21,36 @@ class StrictArgumentParser(argparse.ArgumentParser):
     def valid_options(self) -> list[str]:
         return sorted(s for action in self._actions for s in action.option_strings if s.startswith("--"))
 
+    def __init__(self, *args, **kwargs):
+        # subtle: by default argparse accepts any unambiguous prefix, so `--step 5` silently meant
+        # `--steps 5`; here an option is spelled in full, or it is an unknown option
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def parse_args(self, args=None, namespace=None):
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             valid = self.valid_options()
+            # `--stepz 5` leaves ["--stepz", "5"]: name the option only, not the value that followed it
+            flags = [arg.split("=")[0] for arg in unknown if arg.startswith("-") and not _is_number(arg)]
+            if not flags:
+                self.error(f"unexpected argument(s): {' '.join(unknown)} (every option is --name VALUE)\n"
+                           f"valid options: {' '.join(valid)}")
             hints = []
-            for arg in unknown:
-                close = difflib.get_close_matches(arg.split("=")[0], valid, n=1)
-                hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+            for flag in flags:
+                close = difflib.get_close_matches(flag, valid, n=1)
+                hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
             self.error(f"unknown option(s): {', '.join(hints)}\nvalid options: {' '.join(valid)}")
         return parsed
+
+
+def _is_number(text: str) -> bool:
+    """True for "-1", "-0.5", "1e-3": a negative value after an unknown option, not an option itself."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_config(config_class, argv=None, description: str = ""):
@@ -33,6 +58,14 @@ def parse_config(config_class, argv=None, description: str = ""):
 
     `steps: int = 1200` becomes `--steps STEPS`; a bool field `plot: bool = True` becomes
     `--plot / --no-plot`. The field comments in the dataclass are the documentation.
+
+    Example:
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Demo:
+        ...     steps: int = 10  # optimizer steps
+        ...     plot: bool = True  # write a PNG
+        >>> parse_config(Demo, ["--steps", "3", "--no-plot"])
+        Demo(steps=3, plot=False)
     """
     defaults = config_class()
     parser = StrictArgumentParser(description=description)
