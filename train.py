@@ -8,7 +8,9 @@
 
 Writes `<out>/` (config.json, model.pt, tokenizer.json; atomically) and `<out>_loss.png`, and prints
 the final validation loss, tokens per second and, on the built-in corpus, the accuracy on the
-base-fact probes ("the capital of france is" -> "paris").
+base-fact probes ("the capital of france is" -> "paris"). An existing `<out>/` is replaced only if it
+is a previous checkpoint (nothing in it but those three files); any other folder, `.` or a folder
+above the current one is refused before training starts, and nothing is written.
 
 Under torchrun every process runs main(): each trains on its share of the global --batch-size with
 DistributedDataParallel (minigpt/distributed.py), and only rank 0 prints, plots and writes the folder.
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 
 from minigpt import GPTConfig, MiniGPT, probe_accuracy, save_model
+from minigpt.atomic import check_output_dir
+from minigpt.checkpoint import CHECKPOINT_FILES
 from minigpt.cli import parse_config
 from minigpt.distributed import RendezvousError, process_group
 from minigpt.data import TokenStream, base_corpus, base_fact_probes, read_text_file
@@ -90,12 +94,22 @@ def main(config: PretrainConfig) -> dict:
 
 def pretrain(config: PretrainConfig, distributed, start: float) -> dict:
     device = distributed.device
-    distributed.local_batch_size(config.batch_size)  # fail before any work if the ranks cannot share it
+    # Every check that can fail comes before any work: the training options, the ranks' share of the
+    # batch, the data file, and the output folder (never replace a folder that is not a checkpoint).
+    train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                               warmup_steps=config.warmup_steps, eval_interval=config.eval_interval,
+                               seed=config.seed, device=device, progress=config.progress, desc="pretrain")
+    distributed.local_batch_size(config.batch_size)
     corpus = read_text_file(config.data) if config.data else base_corpus()
+    check_output_dir(config.out, outputs=CHECKPOINT_FILES)
+    source = config.data or "the built-in corpus"
+    held_out = " (its every 10th non-blank line)" if config.data else ""  # read_text_file's split
     tokenizer = build_tokenizer(config, corpus.train + corpus.val)
     train_stream = TokenStream(corpus.train, tokenizer, config.context_length,  # see TokenStream: val 2.26 -> 1.53
-                               shuffled_copies=config.shuffled_copies, shuffle_seed=config.seed)
-    val_stream = TokenStream(corpus.val, tokenizer, config.context_length)
+                               shuffled_copies=config.shuffled_copies, shuffle_seed=config.seed,
+                               name=f"the training split of {source}")
+    val_stream = TokenStream(corpus.val, tokenizer, config.context_length,
+                             name=f"the validation split of {source}{held_out}")
 
     torch.manual_seed(config.seed)  # the same seed on every rank: identical initial weights
     model_config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=config.context_length,
@@ -103,9 +117,6 @@ def pretrain(config: PretrainConfig, distributed, start: float) -> dict:
                              dropout=config.dropout)
     model = MiniGPT(model_config).to(device)
     torch.manual_seed(config.seed + distributed.rank)  # dropout masks differ between ranks (rank 0: seed)
-    train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                               warmup_steps=config.warmup_steps, eval_interval=config.eval_interval,
-                               seed=config.seed, device=device, progress=config.progress, desc="pretrain")
     result = train_model(distributed.wrap(model), train_stream, val_stream, train_config,
                          distributed=distributed)
 

@@ -185,7 +185,7 @@ class TokenStream:
     """
 
     def __init__(self, sentences: list[str], tokenizer, context_length: int, shuffled_copies: int = 0,
-                 shuffle_seed: int = 0):
+                 shuffle_seed: int = 0, name: str = "the corpus"):
         """Encode every sentence as <bos> ids <eos> and concatenate them into one 1-D stream.
 
         Args:
@@ -200,6 +200,7 @@ class TokenStream:
                 val loss 2.26 at step 600 in one order, 1.53 with 8 shuffled copies). Keep 0 for
                 validation streams, so iter_windows scores each sentence once.
             shuffle_seed: seed of those shuffles.
+            name: what the sentences are, for error messages, e.g. "the validation split of my.txt".
         """
         if isinstance(sentences, str):
             raise TypeError("TokenStream expects a list of sentences, got a single str; wrap it: [text]")
@@ -210,7 +211,7 @@ class TokenStream:
                              f"got {shuffled_copies!r}")
         sentences = [sentence for sentence in sentences if sentence.strip()]
         if not sentences:
-            raise ValueError("cannot build a TokenStream from an empty corpus (no non-blank sentences)")
+            raise ValueError(f"cannot build a TokenStream from an empty corpus: {name} has no non-blank sentences")
         if shuffled_copies > 0:
             rng = random.Random(shuffle_seed)  # subtle: not torch's RNG, so building never disturbs it
             ordered = []
@@ -223,9 +224,9 @@ class TokenStream:
         for sentence in sentences:
             ids.extend(tokenizer.encode(sentence, add_bos=True, add_eos=True))
         if len(ids) < context_length + 1:
-            raise ValueError(f"the corpus has only {len(ids)} tokens, but a window of context_length="
-                             f"{context_length} needs at least {context_length + 1} (inputs plus the shifted "
-                             f"target); add text or lower context_length")
+            raise ValueError(f"{name} has only {len(ids)} tokens, but a window of context_length={context_length} "
+                             f"needs at least {context_length + 1} (inputs plus the shifted target); add text to it "
+                             f"or lower context_length to at most {len(ids) - 1}")
         self.tokens = torch.tensor(ids, dtype=torch.long)  # (N,)
         self.context_length = context_length
 

@@ -279,3 +279,11 @@ def test_shuffled_copies_hold_every_sentence_k_times_in_a_seeded_order(tiny_toke
     assert torch.equal(again.tokens, shuffled.tokens)
     with pytest.raises(ValueError, match="shuffled_copies"):
         TokenStream(sentences, tiny_tokenizer, context_length=4, shuffled_copies=-1)
+
+
+def test_token_stream_too_short_names_the_stream_and_what_would_fit(tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"^the validation split of my\.txt has only 4 tokens, but a window of "
+                                         r"context_length=32 needs at least 33 .*lower context_length to at most 3$"):
+        TokenStream(["a b"], tiny_tokenizer, context_length=32, name="the validation split of my.txt")
+    with pytest.raises(ValueError, match="empty corpus: the training split of my.txt has no non-blank sentences"):
+        TokenStream([" "], tiny_tokenizer, context_length=4, name="the training split of my.txt")

@@ -85,3 +85,83 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     assert lr_multiplier(9, config) == pytest.approx(1.0)
     assert lr_multiplier(55, config) == pytest.approx(0.55)
     assert lr_multiplier(100, config) == pytest.approx(0.1)
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("training started although the run should have been refused first")
+
+
+def test_an_output_folder_holding_other_files_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "train_model", _no_training)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("my notes")
+    with pytest.raises(ValueError, match=r"precious already holds notes\.txt"):
+        train.main(quick_config(tmp_path, out=str(precious)))
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    monkeypatch.chdir(precious)
+    with pytest.raises(ValueError, match="current folder"):
+        train.main(quick_config(tmp_path, out="."))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]  # no `..tmp-*` folder anywhere
+
+
+def test_train_py_replaces_its_own_previous_output(tmp_path):
+    first = train.main(quick_config(tmp_path, steps=2, eval_interval=1))
+    weights = (tmp_path / "base" / "model.pt").read_bytes()
+    second = train.main(quick_config(tmp_path, steps=2, eval_interval=1, seed=1))
+    assert first["out_dir"] == second["out_dir"] and (tmp_path / "base" / "model.pt").read_bytes() != weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eval_interval", 0, "eval_interval must be an integer >= 1, got 0"),
+    ("batch_size", 0, "batch_size must be an integer >= 1, got 0"),
+    ("steps", 0, "steps must be an integer >= 1, got 0"),
+    ("steps", 2.5, "steps must be an integer >= 1, got 2.5"),
+    ("warmup_steps", -1, "warmup_steps must be an integer >= 0"),
+    ("lr", 0.0, "lr must be a number > 0"),
+    ("lr", float("nan"), "lr must be a number > 0"),
+    ("min_lr_ratio", 1.5, r"min_lr_ratio must be in \[0, 1\]"),
+    ("weight_decay", -0.1, "weight_decay must be a number >= 0"),
+    ("grad_clip", -1.0, "grad_clip must be a number > 0, or 0 / None"),
+    ("early_stopping_patience", 0, "early_stopping_patience must be an integer >= 1, or None"),
+])
+def test_train_config_refuses_values_the_loop_cannot_use(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+    assert TrainConfig(grad_clip=None).grad_clip is None and TrainConfig(grad_clip=0).grad_clip == 0  # no clipping
+
+
+def test_bad_training_options_are_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "train_model", _no_training)
+    with pytest.raises(ValueError, match="eval_interval must be"):
+        train.main(quick_config(tmp_path, eval_interval=0))
+    with pytest.raises(ValueError, match="batch_size must be"):
+        train.main(quick_config(tmp_path, batch_size=0))
+    assert not (tmp_path / "base").exists()
+
+
+def test_a_too_short_validation_split_names_the_split_and_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "train_model", _no_training)
+    text = tmp_path / "mine.txt"
+    text.write_text("\n".join(f"my sentence number {i} is here ." for i in range(12)))  # 1 line held out
+    with pytest.raises(ValueError, match=r"the validation split of .*mine\.txt \(its every 10th non-blank line\) "
+                                         r"has only 9 tokens.*context_length=32.*at most 8"):
+        train.main(quick_config(tmp_path, data=str(text)))
+    with pytest.raises(ValueError, match=r"the validation split of the built-in corpus has only \d+ tokens.*"
+                                         r"context_length=1000"):
+        train.main(quick_config(tmp_path, context_length=1000))
+
+
+@pytest.mark.parametrize("argv, shown, hidden", [
+    (["--step", "5"], "--step (did you mean --steps?)", None),  # no silent prefix match
+    (["--stepz", "5"], "--stepz (did you mean --steps?)", "5"),  # the value is not an option
+    (["--stepz=5"], "--stepz (did you mean --steps?)", "=5"),
+])
+def test_options_must_be_spelled_in_full_and_only_unknown_flags_are_listed(argv, shown, hidden, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and shown in error
+    unknown_line = next(line for line in error.splitlines() if "unknown option(s)" in line)
+    assert hidden is None or hidden not in unknown_line.replace("--steps", "")
