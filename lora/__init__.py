@@ -18,7 +18,8 @@ After (LoRA: the model is frozen, small adapters A, B train next to q_proj and v
     plain = lora.merge_and_unload(model)         # nn.Linear layers again, no adapter parameters left
 
 Files, in reading order: config.py (LoRAConfig), layer.py (LoRALinear: the math, inits, DoRA,
-merge), embedding.py (LoRAEmbedding), model.py (apply_lora, target matching, adapters on a model),
+merge), embedding.py (LoRAEmbedding), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
+one copy per adapter), model.py (apply_lora, target matching, adapters on a model),
 combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+).
 """
 
@@ -29,12 +30,13 @@ from lora.io import (adapter_state_dict, check_adapter_fits, from_peft_state_dic
                      load_lora_config, save_adapter, to_peft_state_dict)
 from lora.layer import LoRALinear, base_weight
 from lora.lora_plus import lora_plus_param_groups
+from lora.modules_to_save import ModulesToSaveWrapper
 from lora.model import (add_adapter, apply_lora, count_parameters, delete_adapter, disable_adapters, find_targets,
                         lora_layers, mark_only_lora_as_trainable, merge, merge_and_unload, print_trainable_parameters,
                         set_adapter, set_adapter_scale, unload, unmerge)
 
 __all__ = [
-    "LoRAConfig", "LoRALinear", "LoRAEmbedding", "base_weight",
+    "LoRAConfig", "LoRALinear", "LoRAEmbedding", "ModulesToSaveWrapper", "base_weight",
     "apply_lora", "add_adapter", "set_adapter", "disable_adapters", "set_adapter_scale", "delete_adapter",
     "combine_adapters", "merge", "unmerge", "merge_and_unload", "unload",
     "print_trainable_parameters", "count_parameters", "find_targets", "lora_layers", "mark_only_lora_as_trainable",

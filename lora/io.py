@@ -3,7 +3,8 @@
     adapter_dir/
         lora_config.json   every LoRAConfig field + "format_version"
         lora_weights.pt    {"blocks.0.attn.q_proj.lora_A": [r, in], "...lora_B": [out, r],
-                            "...lora_magnitude": [out] (DoRA), "lm_head.weight": ... (modules_to_save)}
+                            "...lora_magnitude": [out] (DoRA), "lm_head.weight": ... (modules_to_save:
+                            the adapter's copy, under the module's own names)}
 
 Only one adapter per folder, stored without its name, so it can be loaded under any name. PEFT names
 the same tensors `base_model.model.<path>.lora_A.weight` (`lora_embedding_A` for embeddings,
@@ -28,7 +29,8 @@ import torch.nn as nn
 
 from lora.config import LoRAConfig
 from lora.model import (_existing_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
-                        set_adapter)
+                        saved_modules, set_adapter)
+from lora.modules_to_save import ModulesToSaveWrapper
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "lora_config.json"
@@ -50,8 +52,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> Dict[
         state[f"{path}.lora_B"] = layer.lora_B[adapter_name].detach().clone()
         if adapter_name in layer.lora_magnitude:
             state[f"{path}.lora_magnitude"] = layer.lora_magnitude[adapter_name].detach().clone()
-    for module_name in _modules_to_save(model, configs[adapter_name]):
-        for name, parameter in model.get_submodule(module_name).named_parameters():
+    for module_name, wrapper in saved_modules(model):
+        if adapter_name not in wrapper.modules_to_save:
+            continue
+        # subtle: keyed by the module's own names ("lm_head.weight"), not the wrapper's
+        # ("lm_head.modules_to_save.default.weight"), so files do not depend on the wrapper
+        for name, parameter in wrapper.modules_to_save[adapter_name].named_parameters():
             state[f"{module_name}.{name}"] = parameter.detach().clone()
     return state
 
@@ -164,7 +170,10 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> Dict[str, torch.Si
         if config.use_dora:
             expected[f"{path}.lora_magnitude"] = torch.Size((size_out,))
     for module_name in _modules_to_save(model, config):
-        for name, parameter in model.get_submodule(module_name).named_parameters():
+        module = model.get_submodule(module_name)
+        if isinstance(module, ModulesToSaveWrapper):  # already saved by another adapter: shapes of the original
+            module = module.original_module
+        for name, parameter in module.named_parameters():
             expected[f"{module_name}.{name}"] = parameter.shape
     return expected
 
@@ -215,9 +224,10 @@ def load_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
                 if adapter_name in container:
                     container[adapter_name].copy_(state[f"{path}.{kind}"])
             layer.clear_caches()
-        for module_name in _modules_to_save(model, config):
-            for name, parameter in model.get_submodule(module_name).named_parameters():
-                parameter.copy_(state[f"{module_name}.{name}"])
+        for module_name, wrapper in saved_modules(model):
+            if adapter_name in wrapper.modules_to_save:
+                for name, parameter in wrapper.modules_to_save[adapter_name].named_parameters():
+                    parameter.copy_(state[f"{module_name}.{name}"])
     set_adapter(model, adapter_name)
     return model
 

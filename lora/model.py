@@ -2,7 +2,7 @@
 
     model ──apply_lora(config)──► the same model, targets wrapped in place:
         blocks.0.attn.q_proj: nn.Linear  ──►  LoRALinear(base_layer=nn.Linear, lora_A, lora_B)
-        everything else frozen (except config.modules_to_save)
+        everything else frozen; config.modules_to_save: lm_head ──► ModulesToSaveWrapper(original, copy per adapter)
 
 Target matching (`LoRAConfig.target_modules`), as in PEFT:
     ["q_proj", "attn.v_proj"]  a module matches if its name is one of these or ends with "." + one
@@ -25,6 +25,7 @@ import torch.nn as nn
 from lora.config import LoRAConfig
 from lora.embedding import LoRAEmbedding
 from lora.layer import LoRALayerBase, LoRALinear, is_4bit_linear, is_linear_like
+from lora.modules_to_save import ModulesToSaveWrapper
 
 OUTPUT_LAYER_NAMES = ("lm_head",)  # "all-linear" leaves these out, as PEFT leaves out the output embedding
 
@@ -43,12 +44,13 @@ def _pattern_matches(module_name: str, key: str) -> bool:
 
 
 def _candidate_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """(name, module) for every module outside LoRA wrappers; a wrapper stands for the layer it wraps."""
+    """(name, module) for every module outside our wrappers (LoRA layers, ModulesToSaveWrapper); a
+    wrapper stands for the module it wraps."""
     skip_prefixes: List[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in skip_prefixes):
             continue
-        if isinstance(module, LoRALayerBase):
+        if isinstance(module, (LoRALayerBase, ModulesToSaveWrapper)):
             skip_prefixes.append(name + ".")
         yield name, module
 
@@ -143,7 +145,16 @@ def lora_layers(model: nn.Module) -> Iterator[Tuple[str, LoRALayerBase]]:
             yield name, module
 
 
-def _modules_to_save(model: nn.Module, config: LoRAConfig) -> List[str]:
+def saved_modules(model: nn.Module) -> Iterator[Tuple[str, ModulesToSaveWrapper]]:
+    """(name, wrapper) for every module trained fully next to the adapters (modules_to_save)."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
+def _modules_to_save(model: nn.Module, config: LoRAConfig, targets: Sequence[str] = ()) -> List[str]:
+    """Names of the modules `config.modules_to_save` selects (leaf names or dotted suffixes), checked:
+    each pattern matches something, and none of them is, holds or lies inside a LoRA layer or target."""
     names = [name for name, _ in _candidate_modules(model) if name
              and any(_name_matches(name, pattern) for pattern in config.modules_to_save)]
     missing = [pattern for pattern in config.modules_to_save
@@ -151,6 +162,16 @@ def _modules_to_save(model: nn.Module, config: LoRAConfig) -> List[str]:
     if missing:
         all_names = [name for name, _ in model.named_modules() if name]
         raise ValueError(f"modules_to_save {missing} matched no module; the model has: {all_names[:40]}")
+    lora_paths = list(targets) + [path for path, _ in lora_layers(model)]
+    saved_paths = [path for path, _ in saved_modules(model)] + names
+    for name in names:
+        clashes = ([path for path in lora_paths if path == name or path.startswith(name + ".")]
+                   + [path for path in saved_paths if path.startswith(name + ".")])
+        if clashes:
+            clash = clashes[0]
+            raise ValueError(f"modules_to_save module {name!r} overlaps the LoRA layer or saved module {clash!r}; "
+                             f"a module is either trained fully (modules_to_save) or gets an adapter "
+                             f"(target_modules), and saved modules cannot nest")
     return names
 
 
@@ -208,7 +229,7 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
         raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
     targets = find_targets(model, config)
     _warn_unmatched_patterns(config, targets)
-    _modules_to_save(model, config)
+    saved = _modules_to_save(model, config, targets)
     plans = []
     for name in targets:
         module = model.get_submodule(name)
@@ -228,6 +249,15 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
             wrapper.train(module.training)
             _set_submodule(model, name, wrapper)
         model.get_submodule(name).set_adapter(model.active_lora_adapters)
+    for name in saved:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            wrapper = ModulesToSaveWrapper(module)
+            wrapper.train(module.training)
+            _set_submodule(model, name, wrapper)
+            module = wrapper
+        module.add_adapter(adapter_name)  # a frozen copy of the original; set_adapter makes it train
+        module.set_adapter(model.active_lora_adapters)
     configs[adapter_name] = config
     return model
 
@@ -265,6 +295,11 @@ def set_adapter(model: nn.Module, adapter_names: Union[str, Sequence[str]]) -> N
     for name in names:
         if name not in configs:
             raise ValueError(f"adapter {name!r} does not exist; adapters: {list(configs)}")
+    for path, wrapper in saved_modules(model):
+        held = wrapper.adapters_among(names)
+        if len(held) > 1:
+            raise ValueError(f"adapters {held} each train their own copy of {path!r} (modules_to_save); only one "
+                             f"of them can be active at a time, as in PEFT")
     merged = [name for name, layer in lora_layers(model) if layer.merged_adapters]
     if merged:
         # as PEFT 0.21 (`set_adapter` on a merged model): warn and unmerge, so that no adapter stays in W
@@ -275,11 +310,13 @@ def set_adapter(model: nn.Module, adapter_names: Union[str, Sequence[str]]) -> N
     model.active_lora_adapters = names
     for _, layer in lora_layers(model):
         layer.set_adapter(names)
+    for _, wrapper in saved_modules(model):
+        wrapper.set_adapter(names)
     mark_only_lora_as_trainable(model)
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
-    """Freeze everything but the active adapters' parameters and their configs' modules_to_save."""
+    """Freeze everything but the active adapters' parameters and their own copies of modules_to_save."""
     active = getattr(model, "active_lora_adapters", [])
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -288,9 +325,9 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
             for container in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
                 if name in container:
                     container[name].requires_grad_(True)
-    for name in active:
-        for module_name in _modules_to_save(model, model.lora_configs[name]):
-            model.get_submodule(module_name).requires_grad_(True)
+    for _, wrapper in saved_modules(model):
+        for name in wrapper.adapters_among(active):
+            wrapper.modules_to_save[name].requires_grad_(True)  # the adapter's copy; the original stays frozen
 
 
 @contextlib.contextmanager
@@ -300,11 +337,11 @@ def disable_adapters(model: nn.Module):
         >>> with disable_adapters(model):
         ...     base_logits = model(idx)
     """
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in lora_layers(model)] + [wrapper for _, wrapper in saved_modules(model)]
     merged = [name for name, layer in lora_layers(model) if layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapters are merged into {merged[:3]}...; call unmerge(model) before disabling them")
-    previous = [layer.adapters_disabled for layer in layers]
+    previous = [layer.adapters_disabled for layer in layers]  # a saved module runs its original meanwhile
     for layer in layers:
         layer.adapters_disabled = True
     try:
@@ -333,6 +370,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge(model) before deleting it")
     for layer in layers:
         layer.delete_adapter(adapter_name)
+    for path, wrapper in list(saved_modules(model)):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.modules_to_save:  # no adapter trains this module any more: the original is back
+                _set_submodule(model, path, wrapper.original_module)
     del configs[adapter_name]
     model.active_lora_adapters = [name for name in model.active_lora_adapters if name != adapter_name]
 
@@ -362,6 +404,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 def _replace_wrappers(model: nn.Module, merge_first: bool, requantize: bool) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         _set_submodule(model, name, layer.unloaded_base(merge_first, requantize))
+    for name, wrapper in list(saved_modules(model)):
+        # merge_and_unload keeps what ran: the active adapter's copy (the original if none is active), as
+        # PEFT's ModulesToSaveWrapper does. unload gives the original back. subtle: PEFT 0.21's unload()
+        # keeps the active copy too; here unload means "the base model again", which is what unload
+        # promises for the LoRA layers, so the trained copy goes with the adapters.
+        kept = wrapper.modules_to_save[wrapper.active_adapter] if merge_first and wrapper.active_adapter else None
+        _set_submodule(model, name, kept if kept is not None else wrapper.original_module)
     for attribute in ("lora_configs", "active_lora_adapters"):
         if hasattr(model, attribute):
             delattr(model, attribute)
@@ -370,6 +419,8 @@ def _replace_wrappers(model: nn.Module, merge_first: bool, requantize: bool) -> 
 
 def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by a plain layer; no adapter parameters remain.
+
+    A modules_to_save module becomes the active adapter's trained copy, as in PEFT.
 
     An nn.Linear base keeps its dtype. A 4-bit base becomes a full-precision nn.Linear holding
     dequantize(W) + update, computed in float32 and stored in the dtype the weight had before it was
@@ -383,7 +434,9 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Drop every adapter and give back the base layers (merged adapters are unmerged first).
 
-    After PiSSA / OLoRA the base layers hold the residual weight, not the original one.
+    modules_to_save modules get their original (untrained) module back; the adapters' copies are dropped
+    (PEFT 0.21 differs: its unload keeps the active adapter's copy). After PiSSA / OLoRA the base layers
+    hold the residual weight, not the original one.
     """
     unmerge(model)
     return _replace_wrappers(model, merge_first=False, requantize=False)

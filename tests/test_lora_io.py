@@ -212,3 +212,19 @@ def test_save_into_an_empty_folder_or_over_an_earlier_save(tmp_path):
     fresh = tiny_lm()
     lora.load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(fresh(tokens()), expected)
+
+
+def test_modules_to_save_file_keys_are_the_modules_own_names(tmp_path):
+    config = LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = trained_model(config)
+    expected = model(tokens())
+    lora.save_adapter(model, tmp_path / "adapter")
+    state = torch.load(tmp_path / "adapter" / "lora_weights.pt", weights_only=True)
+    assert sorted(state) == ["blocks.0.q_proj.lora_A", "blocks.0.q_proj.lora_B", "blocks.1.q_proj.lora_A",
+                             "blocks.1.q_proj.lora_B", "lm_head.weight"]  # as before the wrapper existed
+    assert torch.equal(state["lm_head.weight"], -tiny_lm().lm_head.weight)  # the trained copy, not the original
+    fresh = tiny_lm()
+    lora.add_adapter(fresh, config, "other")  # lm_head already wrapped, with another adapter's copy
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(fresh(tokens()), expected)
+    assert torch.equal(fresh.lm_head.modules_to_save["other"].weight, tiny_lm().lm_head.weight)

@@ -24,6 +24,8 @@ CASES = {
     "dora-dropout": dict(r=4, alpha=8, use_dora=True, dropout=0.3, target_modules=["q_proj", "o_proj"]),
     "all-linear": dict(r=2, alpha=4, target_modules="all-linear"),
 }
+PARAMETER_LINE_CASES = {**CASES, "modules_to_save": dict(r=2, alpha=4, target_modules=["q_proj"],
+                                                         modules_to_save=["lm_head"])}
 
 
 def peft_config(fields: dict) -> LoraConfig:
@@ -34,7 +36,7 @@ def peft_config(fields: dict) -> LoraConfig:
         target_modules = lora.find_targets(tiny_lm(), LoRAConfig(target_modules="all-linear"))
     return LoraConfig(r=fields["r"], lora_alpha=fields["alpha"], lora_dropout=fields.get("dropout", 0.0),
                       target_modules=target_modules, use_dora=fields.get("use_dora", False),
-                      use_rslora=fields.get("use_rslora", False))
+                      use_rslora=fields.get("use_rslora", False), modules_to_save=fields.get("modules_to_save"))
 
 
 def twin_models(fields: dict):
@@ -88,9 +90,9 @@ def test_merged_weights_match_peft(case):
         assert torch.allclose(tensor, merged_theirs.state_dict()[name], atol=ATOL), name
 
 
-@pytest.mark.parametrize("case", ["lora", "dora", "lora-embedding", "all-linear"])
+@pytest.mark.parametrize("case", ["lora", "dora", "lora-embedding", "all-linear", "modules_to_save"])
 def test_trainable_parameter_line_matches_peft(case, capsys):
-    ours, theirs = twin_models(CASES[case])
+    ours, theirs = twin_models(PARAMETER_LINE_CASES[case])
     lora.print_trainable_parameters(ours)
     our_line = capsys.readouterr().out
     theirs.print_trainable_parameters()
@@ -165,5 +167,27 @@ def test_several_active_dora_adapters_match_peft_unmerged_and_merged(kinds):
     assert torch.allclose(ours(tokens()), theirs(tokens()), atol=ATOL)
     merged_ours = lora.merge_and_unload(ours)
     merged_theirs = theirs.merge_and_unload()
+    for name, tensor in merged_ours.state_dict().items():
+        assert torch.allclose(tensor, merged_theirs.state_dict()[name], atol=ATOL), name
+
+
+def test_modules_to_save_matches_peft():
+    fields = dict(r=2, alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    ours = tiny_lm()
+    lora.apply_lora(ours, LoRAConfig(**fields))
+    randomize_adapters(ours)
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(-1.5)  # the active copy
+    theirs = get_peft_model(tiny_lm(), peft_config(fields))
+    result = set_peft_model_state_dict(theirs, lora.to_peft_state_dict(lora.adapter_state_dict(ours)))
+    assert not result.unexpected_keys
+    assert torch.allclose(ours(tokens()), theirs(tokens()), atol=ATOL)
+    with lora.disable_adapters(ours), theirs.disable_adapter():
+        assert torch.equal(ours(tokens()), theirs(tokens()))
+    saved_ours = {n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n}
+    saved_theirs = {n.removeprefix("base_model.model.") for n, p in theirs.named_parameters()
+                    if p.requires_grad and "lora_" not in n}
+    assert saved_ours == saved_theirs == {"lm_head.modules_to_save.default.weight"}  # PEFT's names, too
+    merged_ours, merged_theirs = lora.merge_and_unload(ours), theirs.merge_and_unload()
     for name, tensor in merged_ours.state_dict().items():
         assert torch.allclose(tensor, merged_theirs.state_dict()[name], atol=ATOL), name
