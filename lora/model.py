@@ -427,8 +427,17 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     quantized (its `weight_dtype`, float32 if it has none; not the compute dtype: a bf16-compute base
     quantized from float32 merges back to float32), or, with requantize=True, a 4-bit layer of the same
     type holding the merged weight re-quantized (lossy).
+
+    So that a QLoRA model comes back as one full-precision model, the 4-bit layers that had no adapter
+    are dequantized too (`quant.dequantize_model`, bit for bit what they computed); with requantize=True
+    every 4-bit layer stays 4-bit. (PEFT differs: its merge into a bitsandbytes 4-bit base always
+    re-quantizes, so the whole model stays 4-bit.)
     """
-    return _replace_wrappers(model, merge_first=True, requantize=requantize)
+    _replace_wrappers(model, merge_first=True, requantize=requantize)
+    if not requantize and any(is_4bit_linear(module) for module in model.modules()):
+        from quant import dequantize_model  # only a model that has 4-bit layers needs quant/
+        dequantize_model(model)
+    return model
 
 
 def unload(model: nn.Module) -> nn.Module:

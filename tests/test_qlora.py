@@ -201,6 +201,7 @@ def test_merge_and_unload_gives_full_precision_linears():
     randomize_lora_b(model)
     expected = {path: expected_merged_weight(model, path) for path in adapter_parameters(model, "lora_A")}
     reference = model(tokens())
+    k_proj_before = model.blocks[0].k_proj.dequantize_weight()  # a 4-bit layer without an adapter
     merged = lora.merge_and_unload(model)
     for path, weight in expected.items():
         layer = merged.get_submodule(path)
@@ -208,8 +209,9 @@ def test_merge_and_unload_gives_full_precision_linears():
         assert torch.equal(layer.weight, weight), path  # dequantize + s·B@A, the same float32 ops: same bits
     assert torch.allclose(merged(tokens()), reference, atol=1e-5)
     assert not adapter_parameters(merged, "lora_A")
-    # layers without adapters stay 4-bit
-    assert isinstance(merged.blocks[0].k_proj, Linear4bit)
+    # layers without adapters are dequantized too, bit for bit: one full-precision model comes back
+    assert not [module for module in merged.modules() if isinstance(module, Linear4bit)]
+    assert torch.equal(merged.blocks[0].k_proj.weight, k_proj_before)
 
 
 def test_requantized_merge_error(record_property, capsys):
