@@ -70,7 +70,7 @@ class FinetuneConfig:
     #                      0-2: rank 8 / alpha 16 ends 11-14% above full fine-tuning's val loss, this 4-6%)
     dropout: float = 0.0  # LoRA dropout; the set is tiny and we evaluate on held-out sentences anyway
     targets: str = "q_proj,k_proj,v_proj,o_proj"  # every attention projection (QLoRA: adapt them all)
-    dora: bool = False  # make the main adapter (lora_adapter/) a DoRA adapter
+    dora: bool = False  # DoRA for lora (lora_adapter/) and qlora too; the dora method always is
     rslora: bool = False  # rsLoRA scaling alpha / sqrt(r)
     lora_plus_ratio: float = 1.0  # LoRA+: B learns this many times faster than A (16 in the paper); 1 = off
     init: str = "kaiming"  # LoRA A init: kaiming | gaussian | pissa | olora

@@ -142,7 +142,8 @@ def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lor
         method: one of METHODS.
         expanded_model: the base model with its new vocabulary rows (vocab.expand_vocabulary).
         base_vocab_size: rows below this index are the base vocabulary.
-        lora_config: the adapter for lora / dora / qlora (dora forces use_dora=True, the others False).
+        lora_config: the adapter for lora / dora / qlora. "dora" always uses DoRA; "lora" and "qlora" use
+            it when lora_config.use_dora is set (finetune.py --dora), as plain LoRA otherwise.
         lr: learning rate of the adapter methods (A, B, magnitude, new rows).
         full_lr: learning rate of full fine-tuning and layer freezing.
         weight_decay: AdamW decay of the 2-D weights in full / layer_frozen (adapters use 0, as PEFT).
@@ -171,7 +172,8 @@ def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lor
     if method == "qlora":
         from quant import quantize_model
         quantize_model(model)  # every Linear but lm_head -> frozen NF4 (QLoRA section 3)
-    config = dataclasses.replace(lora_config, use_dora=(method == "dora"))
+    # subtle: keep the caller's use_dora (finetune.py --dora); "dora" turns it on, it never turns it off
+    config = dataclasses.replace(lora_config, use_dora=lora_config.use_dora or method == "dora")
     lora.apply_lora(model, config)  # freezes everything, adds A, B (B = 0: the start is the base model)
     # subtle: groups first, while only the adapter trains; then the new rows get their own group
     param_groups = lora.lora_plus_param_groups(model, lr=lr, ratio=lora_plus_ratio, weight_decay=0.0)

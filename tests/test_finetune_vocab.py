@@ -109,3 +109,17 @@ def test_saved_rows_reload_and_mismatches_are_refused(base, tmp_path):
         load_new_rows(tmp_path / "bad.pt", model)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_finetuned_adapter(model, tokenizer, tmp_path / "nowhere")
+
+
+def test_use_dora_in_the_lora_config_is_kept_by_lora_and_qlora(base):
+    # finetune.py --dora --methods lora must give a DoRA lora_adapter/ (it used to be dropped silently)
+    model, tokenizer = base
+    expanded, _, _ = expand_vocabulary(model, tokenizer, ["oven"])
+    old = model.config.vocab_size
+    plain, dora = (lora.LoRAConfig(r=2, target_modules=["v_proj"], use_dora=use) for use in (False, True))
+    for method, config, expected in (("lora", plain, False), ("lora", dora, True), ("qlora", dora, True),
+                                     ("dora", plain, True)):
+        setup = setup_method(method, expanded, old, config, lr=1e-2, full_lr=1e-3)
+        assert setup.model.lora_configs["default"].use_dora is expected, (method, config.use_dora)
+        magnitudes = [name for name, _ in setup.model.named_parameters() if "lora_magnitude" in name]
+        assert len(magnitudes) == (1 if expected else 0)
