@@ -16,7 +16,6 @@
 import copy
 import pathlib
 import sys
-import time
 
 ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
 sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
@@ -27,6 +26,7 @@ import torch.nn as nn
 
 import lora
 import train
+from benchmarks.common import Ratio, time_side_by_side
 from minigpt import load_model, probe_accuracy, top_next_words
 from minigpt.data import TokenStream, base_fact_probes, new_domain_corpus, new_domain_probes
 from minigpt.finetuning import setup_method, train_method
@@ -193,42 +193,34 @@ print(type(merged_model.blocks[0].attn.q_proj).__name__, "-- no LoRA modules lef
 x_val, _ = next(val_stream.iter_windows(64))  # (B, T)
 with torch.no_grad():
     difference = (merged_model(x_val)[0] - lora_model(x_val)[0]).abs().max()
-print(f"max |merged logits - base + adapter logits| = {difference:.1e} (float32 rounding)")
+print(f"max |merged logits - unmerged logits| = {difference:.1e} (float32 rounding)")
 
 # %% [markdown]
 # Now time a forward pass of the same batch through the base (with its new rows), the unmerged LoRA
-# model and the merged one. The three take turns, 40 rounds after a warm-up, and we keep each one's
-# median: turns make them share whatever else the machine is doing. One thread, so the numbers compare.
-
+# model and the merged one, with the project's benchmark helper `benchmarks.common.time_side_by_side`:
+# the three take turns in each of 40 rounds (after a warm-up), so they share whatever else the machine
+# is doing, and `Ratio.paired` divides each round's time by the base's time in the *same* round. We
+# report the median ratio and its spread (25th to 75th percentile). One thread, so the numbers compare.
 
 # %%
-def median_forward_ms(models: dict, x: torch.Tensor, rounds: int = 40) -> dict:
-    """{name: median wall time of model(x) in milliseconds}, the models timed in turns."""
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for round_index in range(rounds + 3):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                if round_index >= 3:  # the first rounds warm up caches and allocators
-                    times[name].append(time.perf_counter() - start)
-    return {name: 1000 * sorted(values)[len(values) // 2] for name, values in times.items()}
-
-
 threads = torch.get_num_threads()
 torch.set_num_threads(1)
 x_batch = torch.cat([x_val] * 4)  # (4B, T): a bigger batch so the matmuls dominate
-timings = median_forward_ms({"base": expanded_model.eval(), "LoRA, unmerged": lora_model,
-                             "LoRA, merged": merged_model}, x_batch)
+expanded_model.eval()
+with torch.no_grad():
+    timings = time_side_by_side({"base": lambda: expanded_model(x_batch),
+                                 "LoRA, unmerged": lambda: lora_model(x_batch),
+                                 "LoRA, merged": lambda: merged_model(x_batch)}, "cpu", warmup=3, repeats=40)
 torch.set_num_threads(threads)
-for name, milliseconds in timings.items():
-    print(f"{name:<16}{milliseconds:7.2f} ms per forward ({milliseconds / timings['base']:.2f}x the base)")
+for name, timing in timings.items():
+    ratio = Ratio.paired(timing, timings["base"])
+    print(f"{name:<16}{timing.median_ms:7.2f} ms per forward (median), {ratio} the base's time")
 print(f"parameters: base {expanded_model.num_parameters():,}, merged {merged_model.num_parameters():,}")
 
 # %% [markdown]
-# The unmerged model does two extra thin matmuls per adapted layer; the merged model has exactly the
-# base's shapes and parameter count, so it runs at the base's speed (timings within noise). That is why
-# LoRA is "free" at inference once merged. Keeping it unmerged is still useful: several adapters can
+# The unmerged model does two extra thin matmuls per adapted layer, and it shows in its ratio. The
+# merged model has exactly the base's shapes and parameter count, so it runs at the base's speed: its
+# ratio is 1 within the spread. That is why LoRA is "free" at inference once merged. Keeping it unmerged is still useful: several adapters can
 # share one base and be switched per request (notebook 07).
 
 # %% [markdown]
