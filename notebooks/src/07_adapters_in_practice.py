@@ -10,9 +10,9 @@
 # 4. catastrophic forgetting: full fine-tuning versus LoRA on the base facts;
 # 5. fact correction: LoRA on `v_proj` only versus all attention projections.
 #
-# Two adapters are trained on small jobs (about 3 s each on a laptop CPU): **domain** (weather and
-# cooking, 40 new words, as in notebooks 02-06) and **edit** (five base facts changed on purpose, e.g.
-# "the capital of france is lyon").
+# Two adapters are trained on small jobs (a few seconds each on a 2-core laptop CPU): **domain**
+# (weather and cooking, 40 new words, as in notebooks 02-06) and **edit** (five base facts changed on
+# purpose, e.g. "the capital of france is lyon"). Losses are cross-entropy in nats per token.
 
 # %%
 import copy
@@ -68,7 +68,8 @@ setup = setup_method("lora", expanded_model, base_vocab_size, lora.LoRAConfig(r=
                      lr=5e-3, full_lr=1e-3)
 lora_result = train_method(setup, train_stream, val_stream, TRAIN_CONFIG, tokenizer, base_probes, domain_probes)
 domain_model = setup.model
-print(f"domain adapter: validation loss {lora_result.val_loss:.3f}, new-domain probes {lora_result.domain_accuracy_after:.0%}")
+print(f"domain adapter: validation loss {lora_result.val_loss:.3f} nats/token, "
+      f"new-domain probes {lora_result.domain_accuracy_after:.0%}")
 
 adapter_dir = save_finetuned_adapter(domain_model, tokenizer, base_vocab_size, WORK_DIR / "domain_adapter")
 merged_dir = save_model(lora.merge_and_unload(copy.deepcopy(domain_model)), tokenizer, WORK_DIR / "domain_merged")
@@ -80,15 +81,16 @@ print(f"\nthe adapter folder is {folder_bytes(merged_dir) / folder_bytes(adapter
 
 # %% [markdown]
 # For a 7B model the same adapter (r = 8 on the 4 attention projections of 32 layers) would be
-# about 17 MB in bf16, against 13 GB of bf16 weights. Loading rebuilds the fine-tuned model from the *unchanged* base folder and
-# the adapter folder; the logits match exactly:
+# about 17 MB in bf16, against 13 GB of bf16 weights. Loading rebuilds the fine-tuned model from the
+# *unchanged* base folder and the adapter folder; the logits match exactly:
 
 # %%
 loaded_model, loaded_tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter_dir)
 x_val, _ = next(val_stream.iter_windows(64))  # (B, T)
 with torch.no_grad():
     difference = (loaded_model(x_val)[0] - domain_model(x_val)[0]).abs().max()
-print(f"max |loaded - trained| logits: {difference:.1e}; same tokenizer: {loaded_tokenizer.to_dict() == tokenizer.to_dict()}")
+print(f"max |loaded - trained| logits: {difference:.1e}; "
+      f"same tokenizer: {loaded_tokenizer.to_dict() == tokenizer.to_dict()}")
 
 # %% [markdown]
 # ## 2. Several adapters on one base
@@ -108,7 +110,7 @@ lora.print_trainable_parameters(model)
 edit_training = train_model(model, edit_stream, None, TrainConfig(steps=100, batch_size=16, lr=5e-3, warmup_steps=10,
                                                                   progress=False))
 print(f"edit adapter trained in {edit_training.wall_time_s:.1f} s, final training loss "
-      f"{edit_training.history[-1]['train_loss']:.3f}")
+      f"{edit_training.history[-1]['train_loss']:.3f} nats/token")
 
 # %% [markdown]
 # Now switch. `lora.disable_adapters(model)` runs the bare base; `set_adapter` with a list runs
@@ -127,7 +129,8 @@ def describe(model, label: str) -> None:
           f"bread -> {bread[0]} {bread[1]:.0%}, france -> {france[0]} {france[1]:.0%}")
 
 
-print(f"{'active':<16}{'domain':>8}{'edits':>8}{'facts':>8}   (probe accuracies; edits = edited facts now answered the new way)")
+print("probe accuracies; edits = edited facts now answered the new way")
+print(f"{'active':<16}{'domain':>8}{'edits':>8}{'facts':>8}")
 with lora.disable_adapters(model):
     describe(model, "none (base)")
 for active in (["domain"], ["edit"], ["domain", "edit"]):
@@ -139,13 +142,15 @@ for active in (["domain"], ["edit"], ["domain", "edit"]):
 # costs nothing but a few pointer changes, which is how one server can host many fine-tunes of one base.
 #
 # Stacking both is another matter: their updates add up, but each was trained with the other absent,
-# so together they push the activations somewhere neither was trained for. Here the stack keeps half
-# of the domain probes and none of the edits. Adapters trained separately are not guaranteed to compose; to get both, train the
-# second one on top of the first (`set_adapter(model, ["domain", "edit"])` and freeze "domain" by hand)
-# or train one adapter on both data sets.
+# so together they push the activations somewhere neither was trained for. Here the stack answers far
+# fewer domain probes than "domain" alone, far fewer edits than "edit" alone, and keeps fewer base
+# facts than either. Adapters trained separately are not guaranteed to compose; to get both, train
+# the second one on top of the first (`set_adapter(model, ["domain", "edit"])` and freeze "domain" by
+# hand) or train one adapter on both data sets.
 #
-# **Scaling** an adapter multiplies its update: `W + f · s B A`. A factor between 0 and 1 blends the
-# behaviour; above 1 it exaggerates it.
+# **Scaling** an adapter multiplies its update: `W + f · s B A`. A factor between 0 and 1 moves
+# between the base (f = 0) and the trained adapter (f = 1); above 1 it extrapolates past what was
+# trained.
 
 # %%
 lora.set_adapter(model, "edit")
@@ -155,6 +160,7 @@ for factor in factors:
     lora.set_adapter_scale(model, "edit", factor)
     p_lyon.append(probability_of(model, tokenizer, "the capital of france is", "lyon"))
     p_paris.append(probability_of(model, tokenizer, "the capital of france is", "paris"))
+    print(f"f = {factor:4.2f}: p(paris) {p_paris[-1]:4.0%}, p(lyon) {p_lyon[-1]:4.0%}")
 lora.set_adapter_scale(model, "edit", 1.0)
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -164,6 +170,11 @@ ax.set(xlabel="scale factor f of the edit adapter", ylabel="probability",
        title='"the capital of france is ..."')
 ax.legend()
 plt.show()
+
+# %% [markdown]
+# The move from paris to lyon is not linear in f: most of it happens between f = 0.5 and f = 0.75.
+# And more is not stronger: at f = 1.5, p(lyon) is no higher than at f = 1 (here it even
+# drops), because a larger update pushes the activations where no training happened.
 
 # %% [markdown]
 # ## 3. Combining adapters
@@ -223,7 +234,7 @@ bars = {"base": base_accuracy, "full fine-tuning": full_result.base_accuracy_aft
         "LoRA": lora_result.base_accuracy_after, "LoRA, adapter off": disabled_accuracy}
 for label, accuracy in bars.items():
     print(f"{label:<20} base-fact accuracy {accuracy:6.1%}")
-print(f"new-domain validation loss: full {full_result.val_loss:.3f}, LoRA {lora_result.val_loss:.3f}")
+print(f"new-domain validation loss: full {full_result.val_loss:.3f}, LoRA {lora_result.val_loss:.3f} nats/token")
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.bar(list(bars), [100 * value for value in bars.values()], color=["grey", "black", "tab:blue", "tab:green"])
@@ -233,11 +244,11 @@ plt.show()
 # %% [markdown]
 # Both methods lose most base facts while learning the new domain, because the fine-tuning data never
 # mentions them: the next-word distribution is pulled towards weather and cooking. LoRA's low rank is
-# no protection here: it forgets about as much as full fine-tuning. But LoRA has a way back that full fine-tuning does not: switch the adapter off and
-# the base is bit-for-bit what it was. (Mixing some base sentences into the fine-tuning data,
-# "replay", is the usual cure for both; `finetune.py` mixes in one base sentence per new-domain sentence
-# by default, and then LoRA keeps 95% of the facts and full fine-tuning 91%; `--replay 0` turns it off;
-# exercise 2.)
+# no protection here: it forgets about as much as full fine-tuning. But LoRA has a way back that full
+# fine-tuning does not: switch the adapter off and the base is bit-for-bit what it was. (Mixing some
+# base sentences into the fine-tuning data, "replay", is the usual cure for both; `finetune.py` mixes
+# in one base sentence per new-domain sentence by default, and then, in the README's table, LoRA keeps
+# 95% of the facts and full fine-tuning 91%; `--replay 0` turns it off; exercise 2.)
 
 # %% [markdown]
 # ## 5. Fact correction: which projections to adapt?
