@@ -88,6 +88,10 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
                                   f"or move those out first")
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
+    # subtle: mkdtemp makes the folder private (0o700); give it what mkdir would have given (umask applied)
+    mask = os.umask(0)  # the only portable way to read the umask is to set it, then put it back at once
+    os.umask(mask)
+    os.chmod(temporary, 0o777 & ~mask)
     try:
         with open(temporary / CONFIG_FILE, "w") as file:
             json.dump({"format_version": FORMAT_VERSION, **config.to_dict()}, file, indent=2)

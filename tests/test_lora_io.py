@@ -228,3 +228,15 @@ def test_modules_to_save_file_keys_are_the_modules_own_names(tmp_path):
     lora.load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(fresh(tokens()), expected)
     assert torch.equal(fresh.lm_head.modules_to_save["other"].weight, tiny_lm().lm_head.weight)
+
+
+def test_saved_adapter_folder_gets_the_umask_permissions(tmp_path):
+    import os
+    model = nn.Sequential(nn.Linear(8, 8))
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=["0"]))
+    old_mask = os.umask(0o022)
+    try:
+        lora.save_adapter(model, tmp_path / "adapter")
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0o700
