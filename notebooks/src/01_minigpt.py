@@ -74,9 +74,9 @@ print("\nwords the word tokenizer does not know:", word_tokenizer.unknown_words(
 # "zebra" never occurs in the corpus: the word tokenizer maps it to `<unk>` (id 1) and the information is
 # gone, while BPE spells it out byte by byte. Real LLMs use BPE for that reason.
 #
-# This course uses the **word tokenizer**: a next *token* is then a next *word*, so "the cat sits on
-# the → table 98%" reads directly, and teaching the model a new word later (notebook 05) is one new
-# embedding row per word.
+# This course uses the **word tokenizer**: a next *token* is then a next *word*, so a prediction such
+# as "the cat sits on the → table" (section 4 prints its probability) reads directly, and teaching the
+# model a new word later (notebook 02) is one new embedding row per word.
 
 # %% [markdown]
 # ## 2. MiniGPT's parts
@@ -222,9 +222,9 @@ plt.show()
 
 # %% [markdown]
 # Look at the row for "is": to predict "paris" the model needs "france", and in the first layer some
-# heads put most of their weight there. Other heads look mostly at the previous token, or at `<bos>`
-# (a common "nothing to do here" sink). The maps of a trained model are rarely this tidy; they are
-# tidy here because the corpus is.
+# heads put most of their weight there. Elsewhere much of the weight goes to the previous token or
+# to `<bos>` (a common "nothing to do here" sink). The maps of a trained model are rarely this tidy;
+# they are tidy here because the corpus is.
 
 # %% [markdown]
 # ## Exercises

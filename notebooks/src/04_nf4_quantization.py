@@ -32,7 +32,7 @@ from quant import (NF4_CODE, VALID_BLOCK_SIZES, derive_nf4_code, memory_report, 
 
 BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
 if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
-    print("no base model yet: pretraining one as in notebook 01 (about 30 s)")
+    print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
     train.main(train.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
 torch.manual_seed(0);  # the ';' keeps Jupyter from echoing the returned generator
 

@@ -38,7 +38,7 @@ from minigpt.vocab import expand_vocabulary, new_words_in
 
 BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
 if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
-    print("no base model yet: pretraining one as in notebook 01 (about 30 s)")
+    print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
     train.main(train.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
 base_model, base_tokenizer = load_model(BASE_DIR)
 WORK_DIR = ROOT / "dist" / "notebooks" / "07_adapters"  # the folders written below (dist/ is git-ignored)
