@@ -19,8 +19,10 @@ Each rank's loss is the mean over its B/N windows, so the mean over ranks of the
 gradient of the single-process mean loss over all B windows: N ranks with B/N windows each train like one
 process with batch B, up to the order of float additions.
 
-One process (plain `python train.py`, or torchrun with one process) gets SINGLE_PROCESS: every method
-below returns at once, and torch.distributed is never touched.
+One process (plain `python train.py`, or torchrun with one process) gets SINGLE_PROCESS: the scripts
+still import this module and go through the same calls, and each returns at once. The only
+torch.distributed calls on that path are the checks `dist.is_available()` / `dist.is_initialized()`:
+no process group is set up, no model is wrapped, nothing is sent.
 
     with process_group("cpu") as distributed:          # reads RANK, WORLD_SIZE, ... set by torchrun
         model = MiniGPT(config)                        # same seed on every rank: identical weights
@@ -129,6 +131,18 @@ class DistributedContext:
         dist.broadcast(tensor, src=0)
         return float(tensor.item())
 
+    def manual_seed(self, seed: int) -> int:
+        """Seed torch's global generator with `seed + rank` and return that seed.
+
+        Call it after the model is built (from `seed` alone, identical on every rank): what torch draws
+        afterwards, the dropout masks, then differs between ranks, as it must (with the same masks
+        everywhere, N ranks would drop the same units of every window position). One process: `seed`.
+
+        Example: seed 0 on 2 ranks -> rank 0 draws from seed 0, rank 1 from seed 1.
+        """
+        torch.manual_seed(seed + self.rank)
+        return seed + self.rank
+
     def print(self, *args, **kwargs) -> None:
         """print() on rank 0 only: one copy of every message, not one per process."""
         if self.is_main:
@@ -161,9 +175,22 @@ def wrap_model(model: torch.nn.Module, device: str) -> DistributedDataParallel:
     return DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_sync())
 
 
+def is_main_process_from_env() -> bool:
+    """True unless torchrun's RANK says this is another process than rank 0 (unset, "" or "0": True).
+
+    For the scripts' `__main__` blocks, which must decide whether to print an error before (or without)
+    a process group: under torchrun every rank meets the same bad option or missing file, and one copy
+    of the message is enough.
+
+        except ValueError as error:
+            sys.exit(f"error: {error}" if is_main_process_from_env() else 1)
+    """
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 @contextlib.contextmanager
-def main_process_directory(final_dir, context: DistributedContext):
-    """atomic_directory(final_dir) on rank 0; None on the other ranks, which write nothing.
+def main_process_directory(final_dir, context: DistributedContext, outputs=None):
+    """atomic_directory(final_dir, outputs) on rank 0; None on the other ranks, which write nothing.
 
     On leaving the block every rank waits until rank 0's folder is complete (on success; an error on
     one rank ends the whole torchrun job anyway).
@@ -174,7 +201,7 @@ def main_process_directory(final_dir, context: DistributedContext):
                 save_model(model, tokenizer, tmp / "model")
     """
     if context.is_main:
-        with atomic_directory(final_dir) as tmp_dir:
+        with atomic_directory(final_dir, outputs=outputs) as tmp_dir:
             yield tmp_dir
     else:
         yield None
