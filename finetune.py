@@ -30,7 +30,9 @@ The default run (task "new-domain"):
 
 import json
 import math
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +44,9 @@ import lora
 from minigpt import load_model, save_model
 from minigpt.checkpoint import check_model_dir
 from minigpt.cli import parse_config
-from minigpt.distributed import SINGLE_PROCESS, RendezvousError, main_process_directory, process_group
+from minigpt.atomic import check_output_dir
+from minigpt.distributed import (SINGLE_PROCESS, RendezvousError, is_main_process_from_env, main_process_directory,
+                                 process_group)
 from minigpt.data import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
                           new_domain_probes, read_text_file)
 from minigpt.finetuning import (ADAPTER_METHODS, METHODS, batched_probe_accuracy, comparison_table, edit_report,
@@ -56,6 +60,12 @@ TASKS = ("new-domain", "fact-correction")
 SAVED_FOLDER = {"full": "full_finetuned", "layer_frozen": "layer_frozen", "lora": "lora_adapter",
                 "dora": "dora_adapter", "qlora": "qlora_adapter"}
 FACT_VARIANTS = {"v_proj only": ("v_proj",), "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj")}
+FACT_FOLDER = {"v_proj only": "v_proj_adapter", "q,k,v,o": "attention_adapter"}
+DEFAULT_OUT = {"new-domain": "dist/finetuning_results", "fact-correction": "dist/fact_correction"}
+# every name a results folder of each task may hold: a previous folder made only of these is replaced as a
+# whole (one results.json describes one run); anything else in it is refused before training starts
+RESULT_NAMES = {"new-domain": (*SAVED_FOLDER.values(), "lora_merged", "comparison.png", "results.json"),
+                "fact-correction": (*FACT_FOLDER.values(), "fact_correction.txt")}
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,11 @@ class FinetuneConfig:
     progress: bool = True  # tqdm progress bars
 
 
+DEFAULTS = FinetuneConfig()
+# options the fact-correction task does not read: giving one is a mistake worth saying so
+FACT_CORRECTION_UNUSED = ("data", "methods", "targets", "dora", "replay", "full_lr", "early_stopping_patience")
+
+
 def parse_methods(text: str) -> list[str]:
     methods = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
@@ -115,6 +130,31 @@ def check_config(config: FinetuneConfig) -> None:
         raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
     if not (config.lr > 0 and config.full_lr > 0):
         raise ValueError(f"--lr and --full-lr must be positive, got {config.lr} and {config.full_lr}")
+    if config.task == "fact-correction":
+        unused = [option for option in FACT_CORRECTION_UNUSED if getattr(config, option) != getattr(DEFAULTS, option)]
+        if unused:
+            flags = ", ".join("--" + option.replace("_", "-") for option in unused)
+            raise ValueError(f"--task fact-correction does not use {flags}: it always trains plain LoRA on the "
+                             f"built-in fact-edit set, once on v_proj only and once on q,k,v,o, and compares the "
+                             f"two; leave {'that option' if len(unused) == 1 else 'those options'} out")
+    elif config.init in ("pissa", "olora") and "qlora" in parse_methods(config.methods):
+        # checked here, not after four methods have trained: the qlora step would fail and nothing be saved
+        others = ",".join(method for method in parse_methods(config.methods) if method != "qlora")
+        raise ValueError(f"--init {config.init} rewrites the base weight from its SVD / QR, which QLoRA's frozen "
+                         f"4-bit base cannot take; use --methods without qlora"
+                         + (f" (--methods {others})" if others else "") + ", or --init kaiming / gaussian")
+
+
+def output_folder(config: FinetuneConfig) -> Path:
+    """--out, or the task's default folder."""
+    return Path(config.out or DEFAULT_OUT[config.task])
+
+
+def say_if_replacing(out_dir: Path, distributed=SINGLE_PROCESS) -> None:
+    """One line when a previous run's results are there: the whole folder goes, not just the methods rerun."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        distributed.print(f"{out_dir}/ holds a previous run: it is replaced as a whole when this run finishes "
+                          f"(one results.json per run; --out OTHER_FOLDER keeps it)")
 
 
 def lora_config_from(config: FinetuneConfig, targets=None) -> lora.LoRAConfig:
@@ -201,6 +241,7 @@ def main(config: FinetuneConfig) -> dict:
     only rank 0 prints and writes the results folder.
     """
     check_config(config)
+    check_output_dir(output_folder(config), RESULT_NAMES[config.task])  # a foreign folder: refused before any work
     with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
         distributed.local_batch_size(config.batch_size)  # fail before any work if the ranks cannot share it
         if config.task == "fact-correction":
@@ -212,9 +253,10 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     start = time.perf_counter()
     device = distributed.device
     methods = parse_methods(config.methods)
-    out_dir = Path(config.out or "dist/finetuning_results")
+    out_dir = output_folder(config)
     base_model, base_tokenizer = load_or_pretrain_base(config, device, distributed)
     lora_config = lora_config_from(config)
+    say_if_replacing(out_dir, distributed)
 
     corpus = read_text_file(config.data) if config.data else new_domain_corpus()
     new_words = new_words_in(base_tokenizer, corpus.train + corpus.val)
@@ -236,11 +278,11 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     base_accuracy = batched_probe_accuracy(base_model, base_tokenizer, base_probes) if base_probes else float("nan")
 
     results, trained, plot_path = [], {}, None
-    with main_process_directory(out_dir, distributed) as tmp:  # rank 0: atomic_directory; other ranks: None
+    with main_process_directory(out_dir, distributed, RESULT_NAMES["new-domain"]) as tmp:  # rank 0 only: a folder
         for method in methods:
             setup = setup_method(method, model, base_vocab_size, lora_config, lr=config.lr, full_lr=config.full_lr,
                                  lora_plus_ratio=config.lora_plus_ratio, seed=config.seed)
-            torch.manual_seed(config.seed + distributed.rank)  # torchrun: dropout differs between ranks
+            distributed.manual_seed(config.seed)  # seed + rank: under torchrun, dropout differs between ranks
             setup.model.to(device)
             method_config = TrainConfig(**{**asdict(train_config), "desc": method,
                                            "lr": config.lr if method in ADAPTER_METHODS else config.full_lr})
@@ -293,19 +335,20 @@ def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     """LoRA on v_proj only vs on q, k, v, o: efficacy (edited facts) and locality (related facts)."""
     start = time.perf_counter()
     device = distributed.device
-    out_dir = Path(config.out or "dist/fact_correction")
+    out_dir = output_folder(config)
     base_model, base_tokenizer = load_or_pretrain_base(config, device, distributed)
+    say_if_replacing(out_dir, distributed)
     edit_set = fact_correction_set()
     new_words = new_words_in(base_tokenizer, edit_set.train)
     model, tokenizer, _ = expand_vocabulary(base_model, base_tokenizer, new_words, seed=config.seed)
     base_vocab_size = base_model.config.vocab_size
     train_stream = train_stream_for(config, edit_set.train, tokenizer, base_model.config.context_length)
     reports = []
-    with main_process_directory(out_dir, distributed) as tmp:  # rank 0: atomic_directory; other ranks: None
+    with main_process_directory(out_dir, distributed, RESULT_NAMES["fact-correction"]) as tmp:  # rank 0: a folder
         for variant, targets in FACT_VARIANTS.items():
             setup = setup_method("lora", model, base_vocab_size, lora_config_from(config, targets), lr=config.lr,
                                  full_lr=config.full_lr, lora_plus_ratio=config.lora_plus_ratio, seed=config.seed)
-            torch.manual_seed(config.seed + distributed.rank)  # torchrun: dropout differs between ranks
+            distributed.manual_seed(config.seed)  # seed + rank: under torchrun, dropout differs between ranks
             setup.model.to(device)
             train_model(distributed.wrap(setup.model), train_stream, None,
                         train_config_for(config, tokens_in(edit_set.train, tokenizer), base_model.config.context_length,
@@ -315,8 +358,7 @@ def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
             setup.model.cpu().eval()
             reports.append(edit_report(variant, setup.trainable_params, model, setup.model, tokenizer, edit_set))
             if tmp is not None:  # rank 0 writes
-                save_finetuned_adapter(setup.model, tokenizer, base_vocab_size,
-                                       tmp / ("v_proj_adapter" if targets == ("v_proj",) else "attention_adapter"))
+                save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, tmp / FACT_FOLDER[variant])
         table = edit_table(reports)
         if tmp is not None:
             (tmp / "fact_correction.txt").write_text(table + "\n")
@@ -326,13 +368,44 @@ def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     return {"out_dir": str(out_dir), "reports": reports, "table": table, "wall_time_s": wall_time}
 
 
+DESCRIPTION = ("Fine-tune MiniGPT with LoRA and compare it with full fine-tuning, layer freezing, DoRA and QLoRA. "
+               "Writes --out (default dist/finetuning_results; dist/fact_correction for --task fact-correction) "
+               "as a whole: a run replaces the previous folder entirely, folders of methods it did not run "
+               "included (one results.json describes one run), and only once it has finished.")
+
+
 def parse_args(argv=None) -> FinetuneConfig:
-    return parse_config(FinetuneConfig, argv, description="Fine-tune MiniGPT with LoRA and compare methods.")
+    return parse_config(FinetuneConfig, argv, description=DESCRIPTION)
+
+
+def folder_identity(path: Path):
+    """(device, inode) of a folder, or None: tells whether the atomic rename replaced it meanwhile."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def stop_like_ctrl_c(signum, frame):
+    """SIGTERM (kill, a batch system's time limit, torchrun ending a job) takes the Ctrl-C path: the
+    temporary folder is removed on the way out, and the previous results stay."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
     config = parse_args()
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    out_dir = output_folder(config)
+    before = folder_identity(out_dir)
+    speaks = is_main_process_from_env()  # under torchrun, rank 0 speaks for all: one copy of each message
     try:
         main(config)
+    except KeyboardInterrupt:
+        if speaks:  # atomic_directory removed the half-written folder: what was there is still there
+            written = folder_identity(out_dir) != before
+            print(f"\ninterrupted; {out_dir} " + ("was already written" if written else "unchanged"),
+                  file=sys.stderr)
+        sys.exit(130)
     except (FileNotFoundError, ValueError, RendezvousError) as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error}" if speaks else 1)

@@ -107,6 +107,31 @@ def test_only_rank_0_prints(capsys):
     assert capsys.readouterr().out == "from rank 0\n"
 
 
+def test_each_rank_draws_its_own_dropout_masks():
+    dropout = torch.nn.Dropout(p=0.5)
+    ones = torch.ones(64)
+
+    def mask_on(rank: int) -> torch.Tensor:
+        seed = DistributedContext(rank=rank, world_size=2).manual_seed(7)
+        assert seed == 7 + rank
+        return dropout(ones) == 0  # which units this rank drops
+
+    rank_0, rank_1 = mask_on(0), mask_on(1)
+    assert not torch.equal(rank_0, rank_1)  # 64 coin flips: the same mask by chance has probability 2**-64
+    assert torch.equal(mask_on(1), rank_1)  # and each rank repeats itself
+    torch.manual_seed(7)
+    assert torch.equal(dropout(ones) == 0, rank_0)  # rank 0 (and one process): the plain seed
+    assert distributed.SINGLE_PROCESS.manual_seed(7) == 7
+
+
+def test_is_main_process_from_env(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.is_main_process_from_env()  # plain python
+    for rank, expected in (("0", True), ("", True), ("1", False), ("3", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert distributed.is_main_process_from_env() is expected, rank
+
+
 def test_process_group_inside_a_running_group_joins_it_and_leaves_it_open(one_rank_group):
     # what finetune.py does under torchrun when it pretrains its missing base with train.py's main()
     with distributed.process_group("cpu") as context:

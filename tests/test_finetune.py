@@ -3,11 +3,17 @@ reloads onto a fresh base, old vocabulary rows untouched, fact correction works,
 errors, an interrupted write keeps the previous results, same seed gives the same numbers."""
 
 import json
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import finetune
+import minigpt.finetuning
 import train
 from minigpt import load_model
 from minigpt.data import TokenStream, new_domain_corpus
@@ -17,6 +23,17 @@ TINY_BASE = dict(steps=200, embed_dim=32, n_layers=1, n_heads=2, context_length=
                  warmup_steps=5, eval_interval=200, plot=False, progress=False, device="cpu")
 ADAPTER_FILES = ["embedding_weights.pt", "lora_config.json", "lora_weights.pt", "tokenizer.json"]
 MODEL_FILES = ["config.json", "model.pt", "tokenizer.json"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread for these tiny models: as fast as two on an idle 2-core machine, and 10-20x faster on a
+    busy one (two threads of one op keep waiting for each other's time slice; measured 1.9 s vs 30-40 s
+    for the base fixture)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +83,9 @@ def test_merged_model_equals_base_plus_adapter(run, base_dir):
     stream = TokenStream(new_domain_corpus().val, tokenizer, context_length=16)
     x, _ = next(stream.iter_windows(8))
     torch.testing.assert_close(adapted(x)[0], merged(x)[0], atol=1e-5, rtol=0)
-    assert adapted.config.vocab_size == merged.config.vocab_size > tokenizer.vocab_size - len(results["new_words"]) - 1
+    base_vocab_size = load_model(base_dir)[0].config.vocab_size
+    assert adapted.config.vocab_size == merged.config.vocab_size == base_vocab_size + len(results["new_words"])
+    assert tokenizer.vocab_size == base_vocab_size + len(results["new_words"])
 
 
 def test_adapter_methods_leave_old_vocabulary_rows_bit_identical(run, base_dir):
@@ -144,6 +163,16 @@ def test_missing_or_invalid_base_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a MiniGPT checkpoint"):
         finetune.main(tiny_config(tmp_path / "empty", tmp_path / "out"))
+    junk = tmp_path / "junk"  # a folder with files, just not a model's
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a model\n")
+    (junk / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(FileNotFoundError, match=r"junk is not a MiniGPT checkpoint: missing config.json, tokenizer.json"):
+        finetune.main(tiny_config(junk, tmp_path / "out"))
+    for name in ("config.json", "tokenizer.json"):  # every file there, but junk inside
+        (junk / name).write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        finetune.main(tiny_config(junk, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -183,9 +212,13 @@ def test_adapter_from_a_different_base_is_refused(run, tmp_path):
         load_model(small, adapter=out / "lora_adapter")
 
 
-def test_bad_options_are_rejected():
+def test_bad_options_are_rejected(capsys):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--rnak", "4"])
+    message = capsys.readouterr().err
+    assert "unknown option(s): --rnak (did you mean --rank?)" in message
+    valid = message.split("valid options:")[1].split()
+    assert {"--rank", "--alpha", "--methods", "--task", "--init", "--replay", "--out"} <= set(valid)
     assert finetune.parse_args(["--rank", "4", "--no-plot", "--methods", "lora,qlora"]).rank == 4
     with pytest.raises(ValueError, match="choose a comma-separated subset"):
         finetune.main(finetune.FinetuneConfig(methods="lora,sgd"))
@@ -207,3 +240,78 @@ def test_replay_mixes_known_base_sentences_without_changing_the_step_count(base_
     assert len(many) == 1000  # more than the corpus holds: whole passes, then a sample
     steps = {finetune.train_config_for(finetune.FinetuneConfig(replay=r), 1000, 32, "cpu", "").steps for r in (0, 1)}
     assert steps == {round(50 * 2)}  # 1000 tokens / (16 x 32) -> 2 steps an epoch, 50 epochs, with or without replay
+
+
+def test_init_pissa_or_olora_with_qlora_is_refused_before_any_work(tmp_path):
+    for init in ("pissa", "olora"):
+        with pytest.raises(ValueError, match=rf"--init {init} .* 4-bit .* use --methods without qlora "
+                                             rf"\(--methods full,layer_frozen,lora,dora\)"):
+            finetune.main(finetune.FinetuneConfig(init=init, base=str(tmp_path / "nowhere"), out=str(tmp_path / "o")))
+        finetune.check_config(finetune.FinetuneConfig(init=init, methods="lora,dora"))  # no qlora: fine
+        finetune.check_config(finetune.FinetuneConfig(init=init, task="fact-correction"))  # LoRA only: fine
+    assert not (tmp_path / "o").exists()
+
+
+def test_fact_correction_refuses_the_options_it_does_not_use():
+    given = dict(data="mine.txt", methods="lora", targets="q_proj", dora=True)
+    with pytest.raises(ValueError, match=r"--task fact-correction does not use --data, --methods, --targets, "
+                                         r"--dora: .* leave those options out"):
+        finetune.check_config(finetune.FinetuneConfig(task="fact-correction", **given))
+    with pytest.raises(ValueError, match=r"does not use --replay: .* leave that option out"):
+        finetune.check_config(finetune.FinetuneConfig(task="fact-correction", replay=0.0))
+    finetune.check_config(finetune.FinetuneConfig(task="fact-correction", rank=4, lr=1e-2, plot=False))  # used
+
+
+def test_a_previous_results_folder_is_replaced_as_a_whole_and_says_so(base_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    (out / "full_finetuned").mkdir(parents=True)  # what an earlier run with every method left
+    (out / "full_finetuned" / "model.pt").write_bytes(b"old")
+    (out / "comparison.png").write_bytes(b"old")
+    finetune.main(tiny_config(base_dir, out, methods="lora"))
+    assert "holds a previous run: it is replaced as a whole" in capsys.readouterr().out
+    assert names(out) == ["lora_adapter", "lora_merged", "results.json"]  # one results.json, one run
+    (out / "notes.txt").write_text("mine")  # not a results folder any more: refused before training
+    with pytest.raises(ValueError, match="notes.txt, which is not part of this output"):
+        finetune.main(tiny_config(base_dir, out, methods="lora"))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def run_script(argv, monkeypatch, rank=None):
+    """`python finetune.py ARGV` in this process (no start-up cost); returns the SystemExit code or None."""
+    if rank is not None:
+        monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        runpy.run_path(str(Path(finetune.__file__)), run_name="__main__")
+    except SystemExit as exit_info:
+        return exit_info.code
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)  # the script installs its own
+    return None
+
+
+def test_sigterm_mid_run_keeps_the_previous_results_and_exits_130(base_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.json").write_text('{"previous": true}\n')
+
+    def killed(*args, **kwargs):  # `kill PID` while the first method trains
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(minigpt.finetuning, "train_method", killed)
+    code = run_script(["--base", str(base_dir), "--out", str(out), "--methods", "lora", "--steps", "2",
+                       "--no-plot", "--no-progress", "--device", "cpu"], monkeypatch)
+    assert code == 130
+    assert capsys.readouterr().err.strip().endswith(f"interrupted; {out} unchanged")
+    assert names(out) == ["results.json"] and (out / "results.json").read_text() == '{"previous": true}\n'
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # temporary folder removed
+
+
+def test_errors_are_printed_by_rank_0_only(tmp_path, monkeypatch, capsys):
+    argv = ["--replay", "-1", "--out", str(tmp_path / "out")]
+    assert run_script(argv, monkeypatch, rank=1) == 1  # another torchrun rank: fails, quietly
+    assert capsys.readouterr().err == ""
+    assert run_script(argv, monkeypatch, rank=0) == "error: --replay must be >= 0 (base sentences per fine-tuning " \
+                                                    "sentence; 0 = none), got -1.0"
