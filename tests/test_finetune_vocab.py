@@ -123,3 +123,26 @@ def test_use_dora_in_the_lora_config_is_kept_by_lora_and_qlora(base):
         assert setup.model.lora_configs["default"].use_dora is expected, (method, config.use_dora)
         magnitudes = [name for name, _ in setup.model.named_parameters() if "lora_magnitude" in name]
         assert len(magnitudes) == (1 if expected else 0)
+
+
+def test_embedding_lr_gives_the_tables_one_group_in_every_method(base):
+    model, tokenizer = base
+    expanded, _, _ = expand_vocabulary(model, tokenizer, ["oven"])
+    old = model.config.vocab_size
+    config = lora.LoRAConfig(r=2, target_modules=["v_proj"])
+
+    def table_groups(setup):
+        names = {id(p): n for n, p in setup.model.named_parameters()}
+        return [(sorted(names[id(p)] for p in group["params"]), group["lr"], group["weight_decay"])
+                for group in setup.param_groups if any(names[id(p)] in ("tok_emb.weight", "lm_head.weight")
+                                                       for p in group["params"])]
+
+    both = ["lm_head.weight", "tok_emb.weight"]
+    for method in ("full", "layer_frozen", "lora", "qlora"):
+        setup = setup_method(method, expanded, old, config, lr=1e-2, full_lr=1e-3, embedding_lr=3e-3)
+        assert table_groups(setup) == [(both, 3e-3, 0.0)], method  # the same treatment everywhere
+    # the default: each method's own rate (full: with the other matrices, decayed; adapters: lr, no decay)
+    full = setup_method("full", expanded, old, config, lr=1e-2, full_lr=1e-3)
+    [(names, lr, decay)] = table_groups(full)
+    assert set(both) <= set(names) and (lr, decay) == (1e-3, 0.1)
+    assert table_groups(setup_method("lora", expanded, old, config, lr=1e-2, full_lr=1e-3)) == [(both, 1e-2, 0.0)]
