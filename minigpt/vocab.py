@@ -113,11 +113,17 @@ def train_new_rows_only(model: MiniGPT, base_vocab_size: int) -> list:
     Put both weights in an optimizer group with weight_decay 0 (see `new_rows_param_group`): AdamW
     then leaves the old rows bit-identical (zero gradient -> zero moments -> zero update).
 
+    A table without new rows stays frozen: with requires_grad it would train nothing, yet DDP would
+    all-reduce its (all-zero) gradient every step. Under DDP a table with new rows is sent whole, old rows
+    included (DDP synchronises whole parameters): docs/distributed.md gives the element counts.
+
     Returns:
         The hook handles (call .remove() on each to undo).
     """
     handles = []
     for weight in _embedding_weights(model):
+        if weight.size(0) <= base_vocab_size:
+            continue  # no new words (e.g. a byte-level BPE base): nothing to train here
         weight.requires_grad_(True)
 
         def zero_old_rows(grad: torch.Tensor) -> torch.Tensor:  # grad: (V, C)

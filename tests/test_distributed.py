@@ -54,6 +54,16 @@ def torchrun(script: str, options: dict, nproc: int = 2) -> subprocess.Completed
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread in this process too, as the torchrun ranks (OMP_NUM_THREADS=1): tiny models run as fast,
+    and several times faster when the 2-core machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_rank_group():
     """A real gloo process group of one rank, in this process (enough to build DDP and look inside it)."""
@@ -205,6 +215,36 @@ def test_ddp_synchronises_only_the_trainable_lora_parameters(one_rank_group):
     assert list(distributed.unwrap_model(wrapped).state_dict()) == list(model.state_dict())  # no "module."
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_elements_ddp_synchronises_in_the_default_finetune_setup(one_rank_group, method):
+    """The figures docs/distributed.md quotes: DDP all-reduces whole parameters, so besides A and B it sends
+    both embedding tables whole, though only their 40 new rows train (vocab.train_new_rows_only)."""
+    import finetune
+    from minigpt.finetuning import setup_method
+    from minigpt.data import new_domain_corpus
+    from minigpt.vocab import expand_vocabulary, new_words_in
+    from tokenizer import WordTokenizer
+
+    defaults, pretrain = finetune.FinetuneConfig(), train.PretrainConfig()
+    tokenizer = WordTokenizer.from_corpus(base_corpus().train)  # what train.py builds: the default base
+    base = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=pretrain.context_length,
+                             embed_dim=pretrain.embed_dim, n_layers=pretrain.n_layers, n_heads=pretrain.n_heads))
+    domain = new_domain_corpus()
+    expanded, _, new_ids = expand_vocabulary(base, tokenizer, new_words_in(tokenizer, domain.train + domain.val))
+    setup = setup_method(method, expanded, base.config.vocab_size, finetune.lora_config_from(defaults),
+                         lr=defaults.lr, full_lr=defaults.full_lr)
+    element_size = 4  # float32
+    synchronised = distributed.wrap_model(setup.model, "cpu")._get_ddp_logging_data()
+    elements = synchronised["total_parameter_size_bytes"] // element_size
+    width, vocab = pretrain.embed_dim, expanded.config.vocab_size
+    adapter = 2 * 4 * (width * defaults.rank + defaults.rank * width)  # 2 blocks x q,k,v,o x (A + B)
+    assert (tokenizer.vocab_size, len(new_ids), adapter) == (176, 40, 16_384)
+    assert elements == adapter + 2 * vocab * width == 44_032  # A, B and both tables whole
+    assert setup.trainable_params == adapter + 2 * len(new_ids) * width == 21_504  # what really changes
+    assert elements - setup.trainable_params == 2 * tokenizer.vocab_size * width == 22_528  # old rows: zero grads
+    assert synchronised["num_parameter_tensors"] == 2 * 4 * 2 + 2
+
+
 def test_qlora_trains_under_ddp_and_its_4bit_buffers_stay_put(one_rank_group):
     model = tiny_lora_model()
     model = lora.merge_and_unload(model)  # a plain MiniGPT again, then QLoRA: 4-bit base + fresh adapters
@@ -275,3 +315,25 @@ def test_finetune_py_under_torchrun_matches_one_process_for_lora_and_qlora(tmp_p
         ddp_losses = [loss for _, loss in ddp_method["train_curve"]]
         single_losses = [loss for _, loss in single_method.train_curve]
         assert ddp_losses == pytest.approx(single_losses, rel=LOSS_RTOL)  # step by step, global batch means
+
+
+def test_finetune_fact_correction_under_torchrun_matches_one_process(tmp_path):
+    import finetune
+
+    base = train.main(train.PretrainConfig(out=str(tmp_path / "base"), **TINY_TRAIN))["out_dir"]
+    options = dict(base=base, task="fact-correction", steps=4, batch_size=4, warmup_steps=1, rank=2, alpha=4.0,
+                   device="cpu", plot=False, progress=False)
+    result = torchrun("finetune.py", {**options, "out": str(tmp_path / "ddp" / "facts")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1 and result.stdout.count("efficacy") == 2  # rank 0 alone prints
+    assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == ["facts"]  # one folder, no leftovers
+    folders = ["attention_adapter", "fact_correction.txt", "v_proj_adapter"]
+    assert sorted(path.name for path in (tmp_path / "ddp" / "facts").iterdir()) == folders
+
+    finetune.main(finetune.FinetuneConfig(**options, out=str(tmp_path / "single" / "facts")))
+    for adapter in ("v_proj_adapter", "attention_adapter"):
+        ddp, single = (torch.load(tmp_path / run / "facts" / adapter / "lora_weights.pt", weights_only=True)
+                       for run in ("ddp", "single"))
+        assert list(ddp) == list(single)
+        for name in ddp:  # 4 steps of the same global batches: the same adapter up to float rounding
+            torch.testing.assert_close(ddp[name], single[name], rtol=LOSS_RTOL, atol=1e-6, msg=name)
