@@ -302,10 +302,11 @@ def format_top_words(predictions: list[tuple[str, float]]) -> str:
 def prediction_table(models: dict, tokenizer, prompts: list[str], k: int = 3) -> str:
     """A text table: one row per prompt, one column per model, the top-k next words with probabilities."""
     lines = []
+    width = max((len(name) for name in models), default=0)  # "layer_frozen" is 12 characters
     for prompt in prompts:
         lines.append(f'"{prompt} ..."')
         for name, (model, model_tokenizer) in models.items():
-            lines.append(f"    {name:<10} {format_top_words(top_next_words(model, model_tokenizer, prompt, k))}")
+            lines.append(f"    {name:<{width}}  {format_top_words(top_next_words(model, model_tokenizer, prompt, k))}")
     return "\n".join(lines)
 
 

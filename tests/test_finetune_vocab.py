@@ -146,3 +146,25 @@ def test_embedding_lr_gives_the_tables_one_group_in_every_method(base):
     [(names, lr, decay)] = table_groups(full)
     assert set(both) <= set(names) and (lr, decay) == (1e-3, 0.1)
     assert table_groups(setup_method("lora", expanded, old, config, lr=1e-2, full_lr=1e-3)) == [(both, 1e-2, 0.0)]
+
+
+def test_a_table_without_new_rows_stays_frozen(base):
+    # no new words (e.g. a byte-level BPE base): nothing to train there, so nothing for DDP to all-reduce
+    model, tokenizer = base
+    expanded, _, new_ids = expand_vocabulary(model, tokenizer, [])
+    setup = setup_method("lora", expanded, model.config.vocab_size, lora.LoRAConfig(r=2, target_modules=["v_proj"]),
+                         lr=1e-2, full_lr=1e-3)
+    assert new_ids == [] and setup.trainable_params == 2 * 16 + 16 * 2  # A [2, 16] and B [16, 2] only
+    assert [name for name, p in setup.model.named_parameters() if p.requires_grad] == [
+        "blocks.0.attn.v_proj.lora_A.default", "blocks.0.attn.v_proj.lora_B.default"]
+
+
+def test_prediction_table_aligns_every_model_name(base):
+    from minigpt.finetuning import prediction_table
+
+    model, tokenizer = base
+    table = prediction_table({"base": (model, tokenizer), "layer_frozen": (model, tokenizer)}, tokenizer,
+                             ["the cat sits on the"], k=2)
+    rows = table.splitlines()[1:]
+    assert [row.index("%") for row in rows][0] == [row.index("%") for row in rows][1]  # the columns line up
+    assert rows[0].startswith("    base          ") and rows[1].startswith("    layer_frozen  ")
