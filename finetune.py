@@ -14,7 +14,8 @@ The default run (task "new-domain"):
   2. adds the new-domain words (weather, cooking) to the tokenizer, and new rows to tok_emb / lm_head
      (minigpt/vocab.py);
   3. fine-tunes with LoRA on q/k/v/o, training only the adapters and the new rows;
-  4. writes, atomically (an interrupted run leaves the previous results untouched):
+  4. writes, atomically (Ctrl-C, SIGTERM or an error leaves the previous results untouched; a finished run
+     replaces the whole folder, folders of methods it did not run included):
 
          dist/finetuning_results/
            lora_adapter/    lora_weights.pt  embedding_weights.pt  lora_config.json  tokenizer.json
