@@ -44,8 +44,8 @@ import torch
 import lora
 from minigpt import load_model, save_model
 from minigpt.checkpoint import check_model_dir
-from minigpt.cli import parse_config
-from minigpt.atomic import check_output_dir
+from minigpt.cli import parse_config, stop_like_ctrl_c
+from minigpt.atomic import check_output_dir, folder_identity
 from minigpt.distributed import (SINGLE_PROCESS, RendezvousError, is_main_process_from_env, main_process_directory,
                                  process_group)
 from minigpt.data import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
@@ -405,21 +405,6 @@ DESCRIPTION = ("Fine-tune MiniGPT with LoRA and compare it with full fine-tuning
 
 def parse_args(argv=None) -> FinetuneConfig:
     return parse_config(FinetuneConfig, argv, description=DESCRIPTION)
-
-
-def folder_identity(path: Path):
-    """(device, inode) of a folder, or None: tells whether the atomic rename replaced it meanwhile."""
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return status.st_dev, status.st_ino
-
-
-def stop_like_ctrl_c(signum, frame):
-    """SIGTERM (kill, a batch system's time limit, torchrun ending a job) takes the Ctrl-C path: the
-    temporary folder is removed on the way out, and the previous results stay."""
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 
 def check_output_dir(final_dir, outputs=None) -> Path:
@@ -101,3 +102,13 @@ def current_umask() -> int:
     mask = os.umask(0)  # subtle: the only portable way to read it is to set it, then put it back at once
     os.umask(mask)
     return mask
+
+
+def folder_identity(path) -> Optional[tuple]:
+    """(device, inode) of a folder, or None if there is none: compared before and after a run, it tells
+    whether the atomic rename replaced the folder meanwhile (an interrupted run then says so)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino

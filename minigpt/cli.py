@@ -12,6 +12,8 @@ spelled in full: argparse's prefix matching (`--step 5` taken as `--steps 5`) is
 import argparse
 import dataclasses
 import difflib
+import inspect
+import re
 import typing
 
 
@@ -68,15 +70,49 @@ def parse_config(config_class, argv=None, description: str = ""):
         Demo(steps=3, plot=False)
     """
     defaults = config_class()
+    comments = field_comments(config_class)
     parser = StrictArgumentParser(description=description)
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
+        # subtle: argparse formats help with %, so a literal % in a comment must be doubled
+        help_text = comments.get(field.name, "").replace("%", "%%") + " (default: %(default)s)"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text.strip())
         else:
-            parser.add_argument(flag, type=_value_type(field), default=default, metavar=field.name.upper())
+            parser.add_argument(flag, type=_value_type(field), default=default, metavar=field.name.upper(),
+                                help=help_text.strip())
     return config_class(**vars(parser.parse_args(argv)))
+
+
+def field_comments(config_class) -> dict:
+    """{field name: its trailing comment} from the dataclass's source: what `--help` prints per option.
+
+    Example (the class must live in a file; one typed at a prompt has no source to read):
+        >>> from minigpt.training import TrainConfig        # steps: int = 1000  # optimizer steps in total
+        >>> field_comments(TrainConfig)["steps"]
+        'optimizer steps in total'
+    """
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):  # defined where there is no source file (an interactive session)
+        return {}
+    names = {field.name for field in dataclasses.fields(config_class)}
+    comments = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if match and match.group(1) in names and match.group(1) not in comments:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def stop_like_ctrl_c(signum=None, frame=None):
+    """A SIGTERM handler (kill, a batch system's time limit, torchrun ending a job) that takes the Ctrl-C
+    path: `atomic_directory` removes its temporary folder on the way out, and earlier results stay.
+
+    Install it with `signal.signal(signal.SIGTERM, stop_like_ctrl_c)` in a script's `__main__` block.
+    """
+    raise KeyboardInterrupt
 
 
 def _value_type(field) -> type:

@@ -167,3 +167,13 @@ def test_options_must_be_spelled_in_full_and_only_unknown_flags_are_listed(argv,
     assert exit_info.value.code == 2 and shown in error
     unknown_line = next(line for line in error.splitlines() if "unknown option(s)" in line)
     assert hidden is None or hidden not in unknown_line.replace("--steps", "")
+
+
+def test_help_shows_each_option_with_its_comment_and_default(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--steps STEPS enough for 100% on the built-in probes" in text
+    assert "(default: 600)" in text and "(default: dist/base_model)" in text
+    assert "--plot, --no-plot" in text
