@@ -103,7 +103,11 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
             old = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.old-", dir=adapter_dir.parent))
             os.rmdir(old)
             os.replace(adapter_dir, old)
-            os.replace(temporary, adapter_dir)
+            try:
+                os.replace(temporary, adapter_dir)
+            except BaseException:
+                os.replace(old, adapter_dir)  # put the previous adapter back before the error goes on
+                raise
             for name in ADAPTER_FILES:
                 (old / name).unlink(missing_ok=True)
             try:

@@ -30,7 +30,10 @@ rescales the running result (the base output plus the updates of the adapters be
 taken of W alone (W without any adapter). `merge` folds them in the same order with the same norms,
     W_k = W_{k-1} + s_k B_k A_k                                 (LoRA)
     W_k = (m_k / n_k)[:, None] · (W_{k-1} + s_k B_k A_k)         (DoRA, n_k = ||W + s_k B_k A_k||_row)
-so merged equals unmerged for any mix of LoRA and DoRA adapters.
+so merged equals unmerged for any mix of LoRA and DoRA adapters when they are merged together, all
+the active ones in their active order (`merge(model)` does that). Merging only some of them while a
+DoRA adapter stays active is not the same function: that DoRA adapter then rescales a weight that
+already holds the merged ones.
 """
 
 import math

@@ -429,7 +429,8 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     type holding the merged weight re-quantized (lossy).
 
     So that a QLoRA model comes back as one full-precision model, the 4-bit layers that had no adapter
-    are dequantized too (`quant.dequantize_model`, bit for bit what they computed); with requantize=True
+    are dequantized too (`quant.dequantize_model`: bit for bit what they computed when their compute_dtype
+    is None; with a bf16 compute dtype the full-precision matmul differs by bf16 rounding); with requantize=True
     every 4-bit layer stays 4-bit. (PEFT differs: its merge into a bitsandbytes 4-bit base always
     re-quantizes, so the whole model stays 4-bit.)
     """

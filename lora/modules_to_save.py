@@ -6,8 +6,8 @@
                                               modules_to_save["b"]     another one for adapter "b"
 
 The forward runs the active adapter's copy. `disable_adapters()` runs the original, `unload()` puts the
-original back and `merge_and_unload()` keeps the active adapter's copy (PEFT 0.21 does the same for both
-of these two, see model.py); a second adapter gets its own copy of the original, so adapters never
+original back and `merge_and_unload()` keeps the active adapter's copy (as PEFT 0.21's does; its
+`unload()` differs: it keeps the active copy too, see model.py); a second adapter gets its own copy of the original, so adapters never
 share or overwrite each other's module, and the base module itself is never trained.
 
 Saved adapter files keep the module's own parameter names ("lm_head.weight"), taken from the adapter's

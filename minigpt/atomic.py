@@ -50,6 +50,9 @@ def check_output_dir(final_dir, outputs=None) -> Path:
     if resolved == here or resolved in here.parents:
         raise ValueError(f"output folder {str(final_dir)!r} is the current folder or a folder above it; replacing "
                          f"it would delete everything in it, so choose a new folder name, e.g. dist/run1")
+    if final_dir.is_symlink():
+        raise ValueError(f"output folder {final_dir} is a symbolic link; replacing it would replace the link, not "
+                         f"the folder it points to: give the real folder's path")
     if final_dir.exists() and not final_dir.is_dir():
         raise ValueError(f"output folder {final_dir} is a file, not a folder; it is left alone: move it away or "
                          f"choose another output folder")
@@ -81,20 +84,32 @@ def atomic_directory(final_dir, outputs=None):
         yield tmp_dir
         written = {path.name for path in tmp_dir.iterdir()}
         check_output_dir(final_dir, written | set(outputs or ()))  # subtle: the folder may have changed meanwhile
+        # subtle: mkdtemp makes the folder private (0o700); give it the permissions mkdir would have given
+        os.chmod(tmp_dir, 0o777 & ~current_umask())
+        old_dir = swap_into_place(tmp_dir, final_dir)
     except BaseException:  # subtle: KeyboardInterrupt too, so Ctrl-C leaves nothing behind
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    # subtle: mkdtemp makes the folder private (0o700); give it the permissions mkdir would have given
-    os.chmod(tmp_dir, 0o777 & ~current_umask())
-    if final_dir.exists():
-        # Two renames: the old folder moves aside, the new one takes its name, then the old one goes.
-        old_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
-        os.rmdir(old_dir)
-        os.replace(final_dir, old_dir)
-        os.replace(tmp_dir, final_dir)
+    if old_dir is not None:
         shutil.rmtree(old_dir, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
+
+
+def swap_into_place(new_dir: Path, final_dir: Path) -> Optional[Path]:
+    """Rename `new_dir` to `final_dir`; an existing `final_dir` first moves aside, and is returned
+    (the caller deletes it) or, if the second rename fails, is put back, so `final_dir` always holds a
+    complete folder: the old one or the new one."""
+    if not final_dir.exists():
+        os.replace(new_dir, final_dir)
+        return None
+    old_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
+    os.rmdir(old_dir)
+    os.replace(final_dir, old_dir)
+    try:
+        os.replace(new_dir, final_dir)
+    except BaseException:
+        os.replace(old_dir, final_dir)  # put the previous folder back before the error goes on
+        raise
+    return old_dir
 
 
 def current_umask() -> int:

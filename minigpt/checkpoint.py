@@ -39,6 +39,13 @@ def save_model(model: MiniGPT, tokenizer, out_dir) -> Path:
         ...     folder.name, sorted(path.name for path in folder.iterdir())
         ('tiny_model', ['config.json', 'model.pt', 'tokenizer.json'])
     """
+    wrapped = [name for name, module in model.named_modules()
+               if type(module).__name__ in ("Linear4bit", "LoRALinear", "LoRAEmbedding", "ModulesToSaveWrapper")]
+    if wrapped:  # load_model builds a plain MiniGPT: these layers' state would not fit it
+        kind = type(model.get_submodule(wrapped[0])).__name__
+        raise ValueError(f"save_model writes a plain MiniGPT, but {wrapped[0]} is a {kind} "
+                         f"({len(wrapped)} such layers); call lora.merge_and_unload(model) (adapters) or "
+                         f"quant.dequantize_model(model) (4-bit layers) first, or lora.save_adapter for the adapter alone")
     if model.config.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model has {model.config.vocab_size} token rows but the tokenizer has "
                          f"{tokenizer.vocab_size} tokens; they must match to be saved together")

@@ -165,3 +165,48 @@ def test_weights_that_are_not_a_state_dict_and_a_file_for_a_folder_are_clear_err
         load_model(folder)
     with pytest.raises(ValueError, match="is a file, not a model folder"):
         load_model(folder / "config.json")
+
+
+def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    import os
+    from minigpt import atomic
+    final = tmp_path / "out"
+    with atomic.atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real_replace = os.replace
+
+    def failing_replace(source, destination):
+        if ".tmp-" in str(source):  # the new folder taking the final name
+            raise OSError("disk gone")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic.atomic_directory(final) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no .tmp- or .old- left
+
+
+def test_a_symlinked_output_folder_is_refused(tmp_path):
+    from minigpt.atomic import check_output_dir
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ValueError, match="symbolic link"):
+        check_output_dir(tmp_path / "link")
+
+
+def test_save_model_refuses_a_model_with_adapters_or_4bit_layers(tmp_path):
+    import lora
+    from quant import quantize_model
+    from tokenizer import WordTokenizer
+    from minigpt import GPTConfig, MiniGPT, save_model
+    tokenizer = WordTokenizer.from_corpus(["the cat sits on the mat ."])
+    model = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, embed_dim=16, n_heads=2, n_layers=1))
+    quantize_model(model)
+    with pytest.raises(ValueError, match="dequantize_model"):
+        save_model(model, tokenizer, tmp_path / "four_bit")
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        save_model(model, tokenizer, tmp_path / "adapted")
+    assert not list(tmp_path.iterdir())  # nothing written
