@@ -31,6 +31,7 @@ from lora.config import LoRAConfig
 from lora.model import (_existing_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
                         saved_modules, set_adapter)
 from lora.modules_to_save import ModulesToSaveWrapper
+from minigpt.atomic import current_umask, swap_into_place  # the same two-rename swap as checkpoints
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "lora_config.json"
@@ -88,37 +89,26 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
                                   f"or move those out first")
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
-    # subtle: mkdtemp makes the folder private (0o700); give it what mkdir would have given (umask applied)
-    mask = os.umask(0)  # the only portable way to read the umask is to set it, then put it back at once
-    os.umask(mask)
-    os.chmod(temporary, 0o777 & ~mask)
     try:
         with open(temporary / CONFIG_FILE, "w") as file:
             json.dump({"format_version": FORMAT_VERSION, **config.to_dict()}, file, indent=2)
         torch.save(state, temporary / WEIGHTS_FILE)
-        if adapter_dir.exists():
-            # Two renames, so that adapter_dir always holds a complete adapter: the old folder moves aside,
-            # the new one takes its name. Then only our own files are deleted and the folder removed with
-            # rmdir, which fails rather than delete a file that appeared in the meantime.
-            old = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.old-", dir=adapter_dir.parent))
-            os.rmdir(old)
-            os.replace(adapter_dir, old)
-            try:
-                os.replace(temporary, adapter_dir)
-            except BaseException:
-                os.replace(old, adapter_dir)  # put the previous adapter back before the error goes on
-                raise
-            for name in ADAPTER_FILES:
-                (old / name).unlink(missing_ok=True)
-            try:
-                os.rmdir(old)
-            except OSError:
-                warnings.warn(f"{old} (the previous {adapter_dir}) gained files while saving; left in place")
-        else:
-            os.replace(temporary, adapter_dir)
+        # subtle: mkdtemp makes the folder private (0o700); give it what mkdir would have given (umask applied)
+        os.chmod(temporary, 0o777 & ~current_umask())
+        # adapter_dir always holds a complete adapter: the old one moves aside, the new one takes its name
+        old = swap_into_place(temporary, adapter_dir)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    if old is not None:
+        # Only our own files are deleted and the folder removed with rmdir, which fails rather than
+        # delete a file that appeared in the meantime.
+        for name in ADAPTER_FILES:
+            (old / name).unlink(missing_ok=True)
+        try:
+            os.rmdir(old)
+        except OSError:
+            warnings.warn(f"{old} (the previous {adapter_dir}) gained files while saving; left in place")
     return adapter_dir
 
 
