@@ -31,9 +31,7 @@ The default run (task "new-domain"):
 
 import json
 import math
-import os
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,10 +42,9 @@ import torch
 import lora
 from minigpt import load_model, save_model
 from minigpt.checkpoint import check_model_dir
-from minigpt.cli import parse_config, stop_like_ctrl_c
-from minigpt.atomic import check_output_dir, folder_identity
-from minigpt.distributed import (SINGLE_PROCESS, RendezvousError, is_main_process_from_env, main_process_directory,
-                                 process_group)
+from minigpt.atomic import check_output_dir
+from minigpt.cli import parse_config, run_script
+from minigpt.distributed import SINGLE_PROCESS, main_process_directory, process_group
 from minigpt.data import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
                           new_domain_probes, read_text_file)
 from minigpt.finetuning import (ADAPTER_METHODS, METHODS, batched_probe_accuracy, comparison_table, edit_report,
@@ -409,17 +406,4 @@ def parse_args(argv=None) -> FinetuneConfig:
 
 if __name__ == "__main__":
     config = parse_args()
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
-    out_dir = output_folder(config)
-    before = folder_identity(out_dir)
-    speaks = is_main_process_from_env()  # under torchrun, rank 0 speaks for all: one copy of each message
-    try:
-        main(config)
-    except KeyboardInterrupt:
-        if speaks:  # atomic_directory removed the half-written folder: what was there is still there
-            written = folder_identity(out_dir) != before
-            print(f"\ninterrupted; {out_dir} " + ("was already written" if written else "unchanged"),
-                  file=sys.stderr)
-        sys.exit(130)
-    except (FileNotFoundError, ValueError, RendezvousError) as error:
-        sys.exit(f"error: {error}" if speaks else 1)
+    run_script(main, config, output_folder(config))

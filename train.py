@@ -16,7 +16,6 @@ Under torchrun every process runs main(): each trains on its share of the global
 DistributedDataParallel (minigpt/distributed.py), and only rank 0 prints, plots and writes the folder.
 """
 
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ from pathlib import Path
 import torch
 
 from minigpt import GPTConfig, MiniGPT, probe_accuracy, save_model
-from minigpt.atomic import check_output_dir, folder_identity
+from minigpt.atomic import check_output_dir
 from minigpt.checkpoint import CHECKPOINT_FILES
-from minigpt.cli import parse_config, stop_like_ctrl_c
-from minigpt.distributed import RendezvousError, is_main_process_from_env, process_group
+from minigpt.cli import parse_config, run_script
+from minigpt.distributed import process_group
 from minigpt.data import TokenStream, base_corpus, base_fact_probes, read_text_file
 from minigpt.training import TrainConfig, pick_device, train_model
 from tokenizer import BPETokenizer, WordTokenizer
@@ -155,19 +154,7 @@ def parse_args(argv=None) -> PretrainConfig:
 
 if __name__ == "__main__":
     config = parse_args()
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # a kill ends like Ctrl-C: no half-written folder
-    before = folder_identity(config.out)
-    speaks = is_main_process_from_env()  # under torchrun, rank 0 speaks for all: one copy of each message
-    try:
-        results = main(config)
-    except KeyboardInterrupt:
-        if speaks:  # atomic_directory removed the half-written folder: what was there is still there
-            written = folder_identity(config.out) != before
-            print(f"\ninterrupted; {config.out} " + ("was already written" if written else "unchanged"),
-                  file=sys.stderr)
-        sys.exit(130)
-    except (FileNotFoundError, ValueError, RendezvousError) as error:
-        sys.exit(f"error: {error}" if speaks else 1)
+    results = run_script(main, config, config.out)  # errors and Ctrl-C: one line and an exit status
     if results["rank"] != 0:  # under torchrun, rank 0 speaks for all
         sys.exit(0)
     print(f"saved {results['out_dir']} ({results['parameters']:,} parameters, vocabulary {results['vocab_size']}) "

@@ -14,7 +14,12 @@ import dataclasses
 import difflib
 import inspect
 import re
+import signal
+import sys
 import typing
+
+from minigpt.atomic import folder_identity
+from minigpt.distributed import RendezvousError, is_main_process_from_env
 
 
 class StrictArgumentParser(argparse.ArgumentParser):
@@ -108,11 +113,33 @@ def field_comments(config_class) -> dict:
 
 def stop_like_ctrl_c(signum=None, frame=None):
     """A SIGTERM handler (kill, a batch system's time limit, torchrun ending a job) that takes the Ctrl-C
-    path: `atomic_directory` removes its temporary folder on the way out, and earlier results stay.
-
-    Install it with `signal.signal(signal.SIGTERM, stop_like_ctrl_c)` in a script's `__main__` block.
-    """
+    path: `atomic_directory` removes its temporary folder on the way out, and earlier results stay."""
     raise KeyboardInterrupt
+
+
+def run_script(main, config, out_dir):
+    """A script's `__main__` block: `main(config)`, with the errors a user meets turned into one line.
+
+    - a bad option, a missing file, a failed torchrun rendezvous: `error: ...` and exit status 1;
+    - Ctrl-C or SIGTERM: `interrupted; OUT unchanged` (atomic_directory removed the half-written
+      folder) and exit status 130, as shells report an interrupted command;
+    - under torchrun only rank 0 prints, so each message appears once.
+
+    Returns what main returned.
+    """
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    before = folder_identity(out_dir)
+    speaks = is_main_process_from_env()
+    try:
+        return main(config)
+    except KeyboardInterrupt:
+        if speaks:
+            written = folder_identity(out_dir) != before
+            print(f"\ninterrupted; {out_dir} " + ("was already written" if written else "unchanged"),
+                  file=sys.stderr)
+        sys.exit(130)
+    except (FileNotFoundError, ValueError, RendezvousError) as error:
+        sys.exit(f"error: {error}" if speaks else 1)
 
 
 def _value_type(field) -> type:
