@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.common import check_device, machine_info
-from minigpt.atomic import atomic_directory
+from runtime.atomic import atomic_directory
 
 BENCHMARKS = ("training_step", "training_step_wide", "training_step_compile", "merged_latency", "rank_sweep",
               "lora_layers", "nf4", "finetune_run")

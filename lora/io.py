@@ -31,7 +31,7 @@ from lora.config import LoRAConfig
 from lora.model import (_existing_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
                         saved_modules, set_adapter)
 from lora.modules_to_save import ModulesToSaveWrapper
-from minigpt.atomic import current_umask, swap_into_place  # the same two-rename swap as checkpoints
+from runtime.atomic import current_umask, swap_into_place  # the same two-rename swap as checkpoints
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "lora_config.json"

@@ -6,11 +6,13 @@
     save_model(model, tokenizer, "dist/base_model")
     model, tokenizer = load_model("dist/base_model")
 
-Files, in reading order: config.py (GPTConfig), model.py (MiniGPT), data.py (the built-in corpora and
-batching), training.py (the shared training loop), predict.py (next-word predictions and probe
-accuracy), checkpoint.py (save/load folders), atomic.py (all-or-nothing folder writes), cli.py,
-then fine-tuning: vocab.py (new words: tokenizer + embedding rows), finetuning.py (the methods side by
-side, adapter folders), generate.py (sampling from any saved model).
+Files, in reading order: config.py (GPTConfig), model.py (MiniGPT), corpus.py (the built-in corpora,
+probes and batching; the text files are in data/), training.py (the shared training loop), pretrain.py
+(what `python train.py` runs), predict.py (next-word predictions and probe accuracy), checkpoint.py
+(save/load folders), then what fine-tuning needs of the model: vocab.py (new words: tokenizer +
+embedding rows), adapter_folder.py (a base plus an adapter folder), generate.py (sampling from any
+saved model). The experiment that compares the fine-tuning methods is the package above this one,
+finetuning/; the plumbing (atomic folder writes, the command line, torchrun) is runtime/, below it.
 
     model, tokenizer = load_model("dist/base_model", adapter="dist/finetuning_results/lora_adapter")
 """

@@ -5,7 +5,7 @@
       model.pt         the state_dict (tensors only; loaded with weights_only=True, so no pickled code runs)
       tokenizer.json   the tokenizer that produced the token ids the model was trained on
 
-Saving is atomic (see minigpt/atomic.py): an interrupted save leaves the previous folder intact.
+Saving is atomic (see runtime/atomic.py): an interrupted save leaves the previous folder intact.
 """
 
 import dataclasses
@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from minigpt.atomic import atomic_directory
+
 from minigpt.config import GPTConfig
 from minigpt.model import MiniGPT
+from tokenizer import load_tokenizer
+from runtime.atomic import atomic_directory
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
@@ -117,7 +119,7 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
         model_dir: a folder written by save_model (a base model, or a merged / fully fine-tuned one).
         adapter: an adapter folder written by finetune.py (lora_config.json, lora_weights.pt,
             embedding_weights.pt, tokenizer.json), made from this base; its new vocabulary rows are
-            added and its LoRA / DoRA adapter applied (see minigpt/finetuning.py).
+            added and its LoRA / DoRA adapter applied (see minigpt/adapter_folder.py).
         device: where the model goes.
         quantize_base: with an adapter, quantize the base to NF4 first (as QLoRA trained it).
 
@@ -130,13 +132,11 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
         >>> model, tokenizer = load_model("dist/finetuning_results/lora_merged")   # doctest: +SKIP
     """
     if adapter is not None:
-        from minigpt.finetuning import load_finetuned_adapter
+        from minigpt.adapter_folder import load_finetuned_adapter  # only an adapter needs lora/ and quant/
 
         base_model, base_tokenizer = load_model(model_dir)
         model, tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter, quantize_base=quantize_base)
         return model.to(device).eval(), tokenizer
-    from tokenizer import load_tokenizer
-
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir)
     try:

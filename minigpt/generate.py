@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt.checkpoint import load_model
-from minigpt.cli import parse_config
+from runtime.cli import parse_config
 from minigpt.predict import top_next_words
 
 

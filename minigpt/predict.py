@@ -49,3 +49,34 @@ def probe_accuracy(model, tokenizer, probes) -> float:
         raise ValueError("probe_accuracy needs at least one probe")
     hits = sum(top_next_words(model, tokenizer, probe.prompt, k=1)[0][0] == probe.answer for probe in probes)
     return hits / len(probes)
+
+
+@torch.no_grad()
+def batched_probe_accuracy(model, tokenizer, probes) -> float:
+    """`probe_accuracy` in one forward pass: the same numbers, faster (one model call instead of one per probe).
+
+    Prompts are right-padded to one (P, T) batch; causal attention means a position never sees the
+    padding after it, so the logits at each prompt's last real token are those of the prompt alone.
+
+    Example:
+        probes "the cat sits on the" -> table, "the dog says" -> woof: ids (2, 6) with the second padded
+        after its 4 tokens; logits[0, 5] and logits[1, 3] are compared with the answers' ids.
+    """
+    if len(probes) == 0:
+        raise ValueError("probe accuracy needs at least one probe")
+    context = model.config.context_length
+    prompts = [tokenizer.encode(probe.prompt, add_bos=True)[-context:] for probe in probes]
+    lengths = torch.tensor([len(ids) for ids in prompts])  # (P,)
+    idx = torch.full((len(prompts), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)  # (P, T)
+    for row, ids in enumerate(prompts):
+        idx[row, :len(ids)] = torch.tensor(ids)
+    answers = torch.tensor([tokenizer.token_to_id(probe.answer) if tokenizer.token_to_id(probe.answer) is not None
+                            else -1 for probe in probes])  # (P,), -1 never matches
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, _ = model(idx.to(device))  # (P, T, V)
+    model.train(was_training)
+    last = logits[torch.arange(len(prompts)), (lengths - 1).to(device)]  # (P, V): each prompt's last real token
+    hits = int((last.argmax(dim=-1).cpu() == answers).sum())
+    return hits / len(probes)

@@ -10,7 +10,7 @@ those. It is the loop people expect from nanoGPT and the Hugging Face Trainer:
         AdamW step, lr from warmup + cosine       weight decay on 2-D weights only
         every eval_interval steps: validation loss over the whole held-out stream (+ early stopping)
 
-Under torchrun (see minigpt/distributed.py) the same loop runs in every process: `model` is wrapped in
+Under torchrun (see runtime/distributed.py) the same loop runs in every process: `model` is wrapped in
 DistributedDataParallel, each rank keeps its slice of the global batch, and the logged losses are the
 averages over ranks, so the history reads like a single-process run with the same global batch.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from minigpt.distributed import SINGLE_PROCESS, DistributedContext, unwrap_model
+from runtime.distributed import SINGLE_PROCESS, DistributedContext, unwrap_model
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, stream, batch_size: int = 64, device: str = "cpu") -> float:
-    """Mean next-token loss over one full sweep of `stream` (a minigpt.data.TokenStream)."""
+    """Mean next-token loss over one full sweep of `stream` (a minigpt.corpus.TokenStream)."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -177,7 +177,7 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         train_stream, val_stream: TokenStreams (get_batch / iter_windows); val_stream may be None.
         config: the TrainConfig.
         optimizer: optional, e.g. built from LoRA+ parameter groups; default make_optimizer(model, ...).
-        distributed: under torchrun, the DistributedContext from minigpt.distributed.process_group(), with
+        distributed: under torchrun, the DistributedContext from runtime.distributed.process_group(), with
             `model` wrapped by its wrap(); the default SINGLE_PROCESS does nothing.
 
     Returns:
@@ -187,7 +187,7 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
     over the 10 tokens) to below 1.
 
         >>> from minigpt import GPTConfig, MiniGPT
-        >>> from minigpt.data import TokenStream
+        >>> from minigpt.corpus import TokenStream
         >>> from tokenizer import WordTokenizer
         >>> sentences = ["the cat sits on the mat ."] * 8
         >>> tokenizer = WordTokenizer.from_corpus(sentences)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minigpt import GPTConfig, MiniGPT, load_model, save_model
-from minigpt.atomic import atomic_directory, check_output_dir
+from runtime.atomic import atomic_directory, check_output_dir
 from tokenizer import WordTokenizer
 
 SENTENCES = ["the cat sits on the table .", "the dog sits on the rug ."]
@@ -169,7 +169,7 @@ def test_weights_that_are_not_a_state_dict_and_a_file_for_a_folder_are_clear_err
 
 def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
     import os
-    from minigpt import atomic
+    from runtime import atomic
     final = tmp_path / "out"
     with atomic.atomic_directory(final) as tmp:
         (tmp / "a.txt").write_text("old")
@@ -189,7 +189,7 @@ def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
 
 
 def test_a_symlinked_output_folder_is_refused(tmp_path):
-    from minigpt.atomic import check_output_dir
+    from runtime.atomic import check_output_dir
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     with pytest.raises(ValueError, match="symbolic link"):

@@ -139,18 +139,18 @@ def test_qlora_bf16_trains_only_adapters_and_merges_on_cuda():
 
 
 def test_finetune_tiny_run_on_cuda(tmp_path):
-    import finetune
-    import train
+    from finetuning import experiment
+    from minigpt import pretrain
     from minigpt import load_model
 
     base = tmp_path / "base"
-    train.main(train.PretrainConfig(out=str(base), steps=30, embed_dim=32, n_layers=1, n_heads=2,
+    pretrain.main(pretrain.PretrainConfig(out=str(base), steps=30, embed_dim=32, n_layers=1, n_heads=2,
                                     context_length=16, batch_size=16, plot=False, progress=False, device="cuda"))
     out = tmp_path / "results"
-    results = finetune.main(finetune.FinetuneConfig(base=str(base), out=str(out), steps=5, batch_size=4,
+    results = experiment.main(experiment.FinetuneConfig(base=str(base), out=str(out), steps=5, batch_size=4,
                                                     warmup_steps=1, rank=2, alpha=4.0, plot=False,
                                                     progress=False, device="cuda"))
-    assert [result.method for result in results["results"]] == list(finetune.METHODS)
+    assert [result.method for result in results["results"]] == list(experiment.METHODS)
     merged, _ = load_model(out / "lora_merged")
     adapted, tokenizer = load_model(base, adapter=out / "lora_adapter")
     ids = torch.tensor([tokenizer.encode("the cat sits on the")])

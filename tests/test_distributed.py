@@ -1,4 +1,4 @@
-"""torch.distributed support (minigpt/distributed.py): train.py under torchrun trains like one process with
+"""torch.distributed support (runtime/distributed.py): train.py under torchrun trains like one process with
 the same global batch, only trainable parameters are synchronised, and bad launches get clear messages.
 
 The torchrun tests start 2 CPU processes (gloo) with `python -m torch.distributed.run --standalone`; they
@@ -18,15 +18,15 @@ import torch
 import torch.distributed as dist
 
 import lora
-import train
+from minigpt import pretrain
 from minigpt import GPTConfig, MiniGPT, load_model
-from minigpt import distributed
-from minigpt.data import TokenStream, base_corpus
-from minigpt.distributed import DistributedContext, RendezvousError
+from runtime import distributed
+from minigpt.corpus import TokenStream, base_corpus
+from runtime.distributed import DistributedContext, RendezvousError
 from minigpt.training import evaluate
 from quant import quantize_model
 
-ROOT = Path(train.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py and finetune.py live there
 # Two ranks sum the same float32 numbers in a different order than one process does; over a few AdamW steps
 # that moves the loss by ~1e-7 relative. 1e-4 relative leaves room and still catches any wrong sharding
 # (another batch, or a gradient summed instead of averaged, changes the loss at the 1e-2 level).
@@ -97,9 +97,9 @@ def test_batch_size_that_does_not_divide_is_a_clear_error():
 
 
 def test_train_py_checks_the_batch_before_any_work(tmp_path):
-    config = train.PretrainConfig(out=str(tmp_path / "base"), **{**TINY_TRAIN, "batch_size": 7})
+    config = pretrain.PretrainConfig(out=str(tmp_path / "base"), **{**TINY_TRAIN, "batch_size": 7})
     with pytest.raises(ValueError, match="batch_size 7 does not split evenly over 2 processes"):
-        train.pretrain(config, DistributedContext(rank=0, world_size=2), start=0.0)
+        pretrain.pretrain(config, DistributedContext(rank=0, world_size=2), start=0.0)
     assert not (tmp_path / "base").exists()
 
 
@@ -219,24 +219,24 @@ def test_ddp_synchronises_only_the_trainable_lora_parameters(one_rank_group):
 def test_elements_ddp_synchronises_in_the_default_finetune_setup(one_rank_group, method):
     """The figures docs/distributed.md quotes: DDP all-reduces whole parameters, so besides A and B it sends
     both embedding tables whole, though only their 40 new rows train (vocab.train_new_rows_only)."""
-    import finetune
-    from minigpt.finetuning import setup_method
-    from minigpt.data import new_domain_corpus
+    from finetuning import experiment
+    from finetuning.methods import setup_method
+    from minigpt.corpus import new_domain_corpus
     from minigpt.vocab import expand_vocabulary, new_words_in
     from tokenizer import WordTokenizer
 
-    defaults, pretrain = finetune.FinetuneConfig(), train.PretrainConfig()
+    defaults, pretrain_defaults = experiment.FinetuneConfig(), pretrain.PretrainConfig()
     tokenizer = WordTokenizer.from_corpus(base_corpus().train)  # what train.py builds: the default base
-    base = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=pretrain.context_length,
-                             embed_dim=pretrain.embed_dim, n_layers=pretrain.n_layers, n_heads=pretrain.n_heads))
+    base = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=pretrain_defaults.context_length,
+                             embed_dim=pretrain_defaults.embed_dim, n_layers=pretrain_defaults.n_layers, n_heads=pretrain_defaults.n_heads))
     domain = new_domain_corpus()
     expanded, _, new_ids = expand_vocabulary(base, tokenizer, new_words_in(tokenizer, domain.train + domain.val))
-    setup = setup_method(method, expanded, base.config.vocab_size, finetune.lora_config_from(defaults),
+    setup = setup_method(method, expanded, base.config.vocab_size, experiment.lora_config_from(defaults),
                          lr=defaults.lr, full_lr=defaults.full_lr)
     element_size = 4  # float32
     synchronised = distributed.wrap_model(setup.model, "cpu")._get_ddp_logging_data()
     elements = synchronised["total_parameter_size_bytes"] // element_size
-    width, vocab = pretrain.embed_dim, expanded.config.vocab_size
+    width, vocab = pretrain_defaults.embed_dim, expanded.config.vocab_size
     adapter = 2 * 4 * (width * defaults.rank + defaults.rank * width)  # 2 blocks x q,k,v,o x (A + B)
     assert (tokenizer.vocab_size, len(new_ids), adapter) == (176, 40, 16_384)
     assert elements == adapter + 2 * vocab * width == 44_032  # A, B and both tables whole
@@ -277,7 +277,7 @@ def test_train_py_under_torchrun_matches_one_process_with_the_same_global_batch(
     assert result.stdout.count("saved ") == 1 and "x 2 processes" in result.stdout  # rank 0 alone prints
     assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == ["base"]  # one folder, no leftovers
 
-    single = train.main(train.PretrainConfig(out=str(tmp_path / "single" / "base"), **TINY_TRAIN))
+    single = pretrain.main(pretrain.PretrainConfig(out=str(tmp_path / "single" / "base"), **TINY_TRAIN))
     ddp_model, tokenizer = load_model(tmp_path / "ddp" / "base")
     single_model, _ = load_model(single["out_dir"])
     assert list(ddp_model.state_dict()) == list(single_model.state_dict())  # saved unwrapped: same keys
@@ -294,9 +294,9 @@ def test_train_py_under_torchrun_matches_one_process_with_the_same_global_batch(
 # ---- finetune.py under torchrun ----------------------------------------------------------------------------
 
 def test_finetune_py_under_torchrun_matches_one_process_for_lora_and_qlora(tmp_path):
-    import finetune  # imported here: the rest of the file does not need it
+    from finetuning import experiment  # imported here: the rest of the file does not need it
 
-    base = train.main(train.PretrainConfig(out=str(tmp_path / "base"), **TINY_TRAIN))["out_dir"]
+    base = pretrain.main(pretrain.PretrainConfig(out=str(tmp_path / "base"), **TINY_TRAIN))["out_dir"]
     options = dict(base=base, methods="lora,qlora", steps=4, batch_size=4, warmup_steps=1, rank=2, alpha=4.0,
                    device="cpu", plot=False, progress=False)
     result = torchrun("finetune.py", {**options, "out": str(tmp_path / "ddp" / "results")})
@@ -306,7 +306,7 @@ def test_finetune_py_under_torchrun_matches_one_process_for_lora_and_qlora(tmp_p
     assert sorted(path.name for path in (tmp_path / "ddp" / "results").iterdir()) == [
         "lora_adapter", "lora_merged", "qlora_adapter", "results.json"]
 
-    single = finetune.main(finetune.FinetuneConfig(**options, out=str(tmp_path / "single" / "results")))
+    single = experiment.main(experiment.FinetuneConfig(**options, out=str(tmp_path / "single" / "results")))
     summary = json.loads((tmp_path / "ddp" / "results" / "results.json").read_text())
     assert [entry["method"] for entry in summary["methods"]] == ["lora", "qlora"]
     for ddp_method, single_method in zip(summary["methods"], single["results"]):
@@ -318,9 +318,9 @@ def test_finetune_py_under_torchrun_matches_one_process_for_lora_and_qlora(tmp_p
 
 
 def test_finetune_fact_correction_under_torchrun_matches_one_process(tmp_path):
-    import finetune
+    from finetuning import experiment
 
-    base = train.main(train.PretrainConfig(out=str(tmp_path / "base"), **TINY_TRAIN))["out_dir"]
+    base = pretrain.main(pretrain.PretrainConfig(out=str(tmp_path / "base"), **TINY_TRAIN))["out_dir"]
     options = dict(base=base, task="fact-correction", steps=4, batch_size=4, warmup_steps=1, rank=2, alpha=4.0,
                    device="cpu", plot=False, progress=False)
     result = torchrun("finetune.py", {**options, "out": str(tmp_path / "ddp" / "facts")})
@@ -330,7 +330,7 @@ def test_finetune_fact_correction_under_torchrun_matches_one_process(tmp_path):
     folders = ["attention_adapter", "fact_correction.txt", "v_proj_adapter"]
     assert sorted(path.name for path in (tmp_path / "ddp" / "facts").iterdir()) == folders
 
-    finetune.main(finetune.FinetuneConfig(**options, out=str(tmp_path / "single" / "facts")))
+    experiment.main(experiment.FinetuneConfig(**options, out=str(tmp_path / "single" / "facts")))
     for adapter in ("v_proj_adapter", "attention_adapter"):
         ddp, single = (torch.load(tmp_path / run / "facts" / adapter / "lora_weights.pt", weights_only=True)
                        for run in ("ddp", "single"))

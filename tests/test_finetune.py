@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import finetune
-import minigpt.finetuning
-import train
-from minigpt import load_model
-from minigpt.data import TokenStream, new_domain_corpus
+from finetuning import experiment
+from minigpt import load_model, pretrain
+from minigpt.corpus import TokenStream, new_domain_corpus
+from runtime.cli import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: finetune.py lives there
 
 # A base that knows some facts (fact correction needs something to correct) in a few seconds.
 TINY_BASE = dict(steps=200, embed_dim=32, n_layers=1, n_heads=2, context_length=16, batch_size=16, lr=1e-2,
@@ -39,21 +40,21 @@ def one_thread():
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base") / "base_model"
-    train.main(train.PretrainConfig(out=str(folder), **TINY_BASE))
+    pretrain.main(pretrain.PretrainConfig(out=str(folder), **TINY_BASE))
     return folder
 
 
-def tiny_config(base_dir, out, **changes) -> finetune.FinetuneConfig:
+def tiny_config(base_dir, out, **changes) -> experiment.FinetuneConfig:
     fields = dict(base=str(base_dir), out=str(out), steps=3, batch_size=4, warmup_steps=1, rank=2, alpha=4.0,
                   plot=False, progress=False, device="cpu")
     fields.update(changes)
-    return finetune.FinetuneConfig(**fields)
+    return experiment.FinetuneConfig(**fields)
 
 
 @pytest.fixture(scope="module")
 def run(base_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("results") / "finetuning_results"
-    return finetune.main(tiny_config(base_dir, out, plot=True)), out
+    return experiment.main(tiny_config(base_dir, out, plot=True)), out
 
 
 def names(folder) -> list[str]:
@@ -68,9 +69,9 @@ def test_default_run_writes_every_folder_and_file(run):
         assert names(out / adapter) == ADAPTER_FILES
     for model in ("lora_merged", "full_finetuned", "layer_frozen"):
         assert names(out / model) == MODEL_FILES
-    assert [result.method for result in results["results"]] == list(finetune.METHODS)
+    assert [result.method for result in results["results"]] == list(experiment.METHODS)
     summary = json.loads((out / "results.json").read_text())
-    assert [entry["method"] for entry in summary["methods"]] == list(finetune.METHODS)
+    assert [entry["method"] for entry in summary["methods"]] == list(experiment.METHODS)
     assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]  # no temp folders left
 
 
@@ -102,8 +103,8 @@ def test_adapter_methods_leave_old_vocabulary_rows_bit_identical(run, base_dir):
 
 def test_batched_probe_accuracy_equals_probe_accuracy(run, base_dir):
     from minigpt import probe_accuracy
-    from minigpt.data import base_fact_probes, new_domain_probes
-    from minigpt.finetuning import batched_probe_accuracy
+    from minigpt.corpus import base_fact_probes, new_domain_probes
+    from minigpt.predict import batched_probe_accuracy
 
     _, out = run
     for folder, probes in ((base_dir, base_fact_probes()), (out / "lora_merged", new_domain_probes())):
@@ -123,15 +124,15 @@ def test_adapter_folder_is_small_and_qlora_loads_on_a_quantized_base(run, base_d
 
 
 def test_methods_subset_and_same_seed_same_numbers(base_dir, tmp_path):
-    first = finetune.main(tiny_config(base_dir, tmp_path / "a", methods="lora"))
-    second = finetune.main(tiny_config(base_dir, tmp_path / "b", methods="lora"))
+    first = experiment.main(tiny_config(base_dir, tmp_path / "a", methods="lora"))
+    second = experiment.main(tiny_config(base_dir, tmp_path / "b", methods="lora"))
     assert names(tmp_path / "a") == ["lora_adapter", "lora_merged", "results.json"]
     assert first["results"][0].val_curve == second["results"][0].val_curve
     assert first["results"][0].train_curve == second["results"][0].train_curve
 
 
 def test_fact_correction_raises_the_edited_facts_probability(base_dir, tmp_path):
-    results = finetune.main(tiny_config(base_dir, tmp_path / "facts", task="fact-correction", steps=100, rank=4,
+    results = experiment.main(tiny_config(base_dir, tmp_path / "facts", task="fact-correction", steps=100, rank=4,
                                         alpha=8.0, lr=3e-2, batch_size=16))
     assert names(tmp_path / "facts") == ["attention_adapter", "fact_correction.txt", "v_proj_adapter"]
     for report in results["reports"]:
@@ -149,9 +150,9 @@ def test_interrupted_write_keeps_the_previous_results(run, base_dir, monkeypatch
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as Ctrl-C in the middle of writing
 
-    monkeypatch.setattr(finetune, "save_finetuned_adapter", crash)
+    monkeypatch.setattr(experiment, "save_finetuned_adapter", crash)
     with pytest.raises(KeyboardInterrupt):
-        finetune.main(tiny_config(base_dir, out, methods="full,lora"))
+        experiment.main(tiny_config(base_dir, out, methods="full,lora"))
     after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     assert after == before
     assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]
@@ -159,20 +160,20 @@ def test_interrupted_write_keeps_the_previous_results(run, base_dir, monkeypatch
 
 def test_missing_or_invalid_base_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        finetune.main(tiny_config(tmp_path / "nowhere", tmp_path / "out"))
+        experiment.main(tiny_config(tmp_path / "nowhere", tmp_path / "out"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a MiniGPT checkpoint"):
-        finetune.main(tiny_config(tmp_path / "empty", tmp_path / "out"))
+        experiment.main(tiny_config(tmp_path / "empty", tmp_path / "out"))
     junk = tmp_path / "junk"  # a folder with files, just not a model's
     junk.mkdir()
     (junk / "notes.txt").write_text("not a model\n")
     (junk / "model.pt").write_bytes(b"garbage")
     with pytest.raises(FileNotFoundError, match=r"junk is not a MiniGPT checkpoint: missing config.json, tokenizer.json"):
-        finetune.main(tiny_config(junk, tmp_path / "out"))
+        experiment.main(tiny_config(junk, tmp_path / "out"))
     for name in ("config.json", "tokenizer.json"):  # every file there, but junk inside
         (junk / name).write_text("{not json")
     with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
-        finetune.main(tiny_config(junk, tmp_path / "out"))
+        experiment.main(tiny_config(junk, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -180,19 +181,19 @@ def test_bad_data_files_are_clear_errors(base_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match="empty"):
-        finetune.main(tiny_config(base_dir, tmp_path / "out", data=str(empty)))
+        experiment.main(tiny_config(base_dir, tmp_path / "out", data=str(empty)))
     known = tmp_path / "known.txt"
     known.write_text("the cat sits on the table .\n" * 12)
     with pytest.raises(ValueError, match="no words the base model does not know"):
-        finetune.main(tiny_config(base_dir, tmp_path / "out", data=str(known)))
+        experiment.main(tiny_config(base_dir, tmp_path / "out", data=str(known)))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        finetune.main(tiny_config(base_dir, tmp_path / "out", data=str(tmp_path / "missing.txt")))
+        experiment.main(tiny_config(base_dir, tmp_path / "out", data=str(tmp_path / "missing.txt")))
 
 
 def test_own_data_file_runs(base_dir, tmp_path):
     text = tmp_path / "mine.txt"
     text.write_text("".join(f"the zorblax sits on the table {i % 3} .\n" for i in range(20)))
-    results = finetune.main(tiny_config(base_dir, tmp_path / "out", data=str(text), methods="lora"))
+    results = experiment.main(tiny_config(base_dir, tmp_path / "out", data=str(text), methods="lora"))
     assert "zorblax" in results["new_words"]
     model, tokenizer = load_model(base_dir, adapter=tmp_path / "out" / "lora_adapter")
     assert tokenizer.token_to_id("zorblax") is not None
@@ -201,44 +202,44 @@ def test_own_data_file_runs(base_dir, tmp_path):
 def test_adapter_from_a_different_base_is_refused(run, tmp_path):
     _, out = run
     other = tmp_path / "other_base"
-    train.main(train.PretrainConfig(out=str(other), **{**TINY_BASE, "steps": 1, "embed_dim": 8}))
+    pretrain.main(pretrain.PretrainConfig(out=str(other), **{**TINY_BASE, "steps": 1, "embed_dim": 8}))
     with pytest.raises(ValueError, match="embed_dim|shape"):
         load_model(other, adapter=out / "lora_adapter")
     text = tmp_path / "small.txt"
     text.write_text("".join(f"a b c d e f {i} .\n" for i in range(40)))
     small = tmp_path / "small_base"
-    train.main(train.PretrainConfig(out=str(small), data=str(text), **{**TINY_BASE, "steps": 1}))
+    pretrain.main(pretrain.PretrainConfig(out=str(small), data=str(text), **{**TINY_BASE, "steps": 1}))
     with pytest.raises(ValueError, match="different base|tokens"):
         load_model(small, adapter=out / "lora_adapter")
 
 
 def test_bad_options_are_rejected(capsys):
     with pytest.raises(SystemExit):
-        finetune.parse_args(["--rnak", "4"])
+        parse_config(experiment.FinetuneConfig, ["--rnak", "4"])
     message = capsys.readouterr().err
     assert "unknown option(s): --rnak (did you mean --rank?)" in message
     valid = message.split("valid options:")[1].split()
     assert {"--rank", "--alpha", "--methods", "--task", "--init", "--replay", "--out"} <= set(valid)
-    assert finetune.parse_args(["--rank", "4", "--no-plot", "--methods", "lora,qlora"]).rank == 4
+    assert parse_config(experiment.FinetuneConfig, ["--rank", "4", "--no-plot", "--methods", "lora,qlora"]).rank == 4
     with pytest.raises(ValueError, match="choose a comma-separated subset"):
-        finetune.main(finetune.FinetuneConfig(methods="lora,sgd"))
+        experiment.main(experiment.FinetuneConfig(methods="lora,sgd"))
     with pytest.raises(ValueError, match="--task"):
-        finetune.main(finetune.FinetuneConfig(task="translate"))
+        experiment.main(experiment.FinetuneConfig(task="translate"))
     with pytest.raises(ValueError, match="--replay must be >= 0"):
-        finetune.main(finetune.FinetuneConfig(replay=-0.5))
+        experiment.main(experiment.FinetuneConfig(replay=-0.5))
 
 
 def test_replay_mixes_known_base_sentences_without_changing_the_step_count(base_dir):
     _, tokenizer = load_model(base_dir)
-    config = finetune.FinetuneConfig(replay=0.5, seed=3)
-    picked = finetune.replay_sentences(config, tokenizer, n_finetune_sentences=10)
+    config = experiment.FinetuneConfig(replay=0.5, seed=3)
+    picked = experiment.replay_sentences(config, tokenizer, n_finetune_sentences=10)
     assert len(picked) == 5 and len(set(picked)) == 5
     assert all(not tokenizer.unknown_words(sentence) for sentence in picked)
-    assert picked == finetune.replay_sentences(config, tokenizer, 10)  # seeded
-    assert finetune.replay_sentences(finetune.FinetuneConfig(replay=0.0), tokenizer, 10) == []
-    many = finetune.replay_sentences(finetune.FinetuneConfig(replay=100.0), tokenizer, 10)
+    assert picked == experiment.replay_sentences(config, tokenizer, 10)  # seeded
+    assert experiment.replay_sentences(experiment.FinetuneConfig(replay=0.0), tokenizer, 10) == []
+    many = experiment.replay_sentences(experiment.FinetuneConfig(replay=100.0), tokenizer, 10)
     assert len(many) == 1000  # more than the corpus holds: whole passes, then a sample
-    steps = {finetune.train_config_for(finetune.FinetuneConfig(replay=r), 1000, 32, "cpu", "").steps for r in (0, 1)}
+    steps = {experiment.train_config_for(experiment.FinetuneConfig(replay=r), 1000, 32, "cpu", "").steps for r in (0, 1)}
     assert steps == {round(50 * 2)}  # 1000 tokens / (16 x 32) -> 2 steps an epoch, 50 epochs, with or without replay
 
 
@@ -246,9 +247,9 @@ def test_init_pissa_or_olora_with_qlora_is_refused_before_any_work(tmp_path):
     for init in ("pissa", "olora"):
         with pytest.raises(ValueError, match=rf"--init {init} .* 4-bit .* use --methods without qlora "
                                              rf"\(--methods full,layer_frozen,lora,dora\)"):
-            finetune.main(finetune.FinetuneConfig(init=init, base=str(tmp_path / "nowhere"), out=str(tmp_path / "o")))
-        finetune.check_config(finetune.FinetuneConfig(init=init, methods="lora,dora"))  # no qlora: fine
-        finetune.check_config(finetune.FinetuneConfig(init=init, task="fact-correction"))  # LoRA only: fine
+            experiment.main(experiment.FinetuneConfig(init=init, base=str(tmp_path / "nowhere"), out=str(tmp_path / "o")))
+        experiment.check_config(experiment.FinetuneConfig(init=init, methods="lora,dora"))  # no qlora: fine
+        experiment.check_config(experiment.FinetuneConfig(init=init, task="fact-correction"))  # LoRA only: fine
     assert not (tmp_path / "o").exists()
 
 
@@ -256,10 +257,10 @@ def test_fact_correction_refuses_the_options_it_does_not_use():
     given = dict(data="mine.txt", methods="lora", targets="q_proj", dora=True)
     with pytest.raises(ValueError, match=r"--task fact-correction does not use --data, --methods, --targets, "
                                          r"--dora: .* leave those options out"):
-        finetune.check_config(finetune.FinetuneConfig(task="fact-correction", **given))
+        experiment.check_config(experiment.FinetuneConfig(task="fact-correction", **given))
     with pytest.raises(ValueError, match=r"does not use --replay: .* leave that option out"):
-        finetune.check_config(finetune.FinetuneConfig(task="fact-correction", replay=0.0))
-    finetune.check_config(finetune.FinetuneConfig(task="fact-correction", rank=4, lr=1e-2, plot=False))  # used
+        experiment.check_config(experiment.FinetuneConfig(task="fact-correction", replay=0.0))
+    experiment.check_config(experiment.FinetuneConfig(task="fact-correction", rank=4, lr=1e-2, plot=False))  # used
 
 
 def test_a_previous_results_folder_is_replaced_as_a_whole_and_says_so(base_dir, tmp_path, capsys):
@@ -267,12 +268,12 @@ def test_a_previous_results_folder_is_replaced_as_a_whole_and_says_so(base_dir, 
     (out / "full_finetuned").mkdir(parents=True)  # what an earlier run with every method left
     (out / "full_finetuned" / "model.pt").write_bytes(b"old")
     (out / "comparison.png").write_bytes(b"old")
-    finetune.main(tiny_config(base_dir, out, methods="lora"))
+    experiment.main(tiny_config(base_dir, out, methods="lora"))
     assert "holds a previous run: it is replaced as a whole" in capsys.readouterr().out
     assert names(out) == ["lora_adapter", "lora_merged", "results.json"]  # one results.json, one run
     (out / "notes.txt").write_text("mine")  # not a results folder any more: refused before training
     with pytest.raises(ValueError, match="notes.txt, which is not part of this output"):
-        finetune.main(tiny_config(base_dir, out, methods="lora"))
+        experiment.main(tiny_config(base_dir, out, methods="lora"))
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -283,7 +284,7 @@ def run_script(argv, monkeypatch, rank=None):
     monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
     previous_handler = signal.getsignal(signal.SIGTERM)
     try:
-        runpy.run_path(str(Path(finetune.__file__)), run_name="__main__")
+        runpy.run_path(str(ROOT / "finetune.py"), run_name="__main__")
     except SystemExit as exit_info:
         return exit_info.code
     finally:
@@ -300,7 +301,7 @@ def test_sigterm_mid_run_keeps_the_previous_results_and_exits_130(base_dir, tmp_
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the run")
 
-    monkeypatch.setattr(minigpt.finetuning, "train_method", killed)
+    monkeypatch.setattr(experiment, "train_method", killed)
     code = run_script(["--base", str(base_dir), "--out", str(out), "--methods", "lora", "--steps", "2",
                        "--no-plot", "--no-progress", "--device", "cpu"], monkeypatch)
     assert code == 130

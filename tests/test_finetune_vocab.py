@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minigpt import GPTConfig, MiniGPT
-from minigpt.finetuning import load_finetuned_adapter, save_finetuned_adapter, setup_method
+from finetuning.methods import setup_method
+from minigpt.adapter_folder import load_finetuned_adapter, save_finetuned_adapter
 from minigpt.vocab import (expand_vocabulary, load_new_rows, new_rows_param_group, new_words_in, save_new_rows,
                            train_new_rows_only)
 from tokenizer import WordTokenizer
@@ -160,7 +161,7 @@ def test_a_table_without_new_rows_stays_frozen(base):
 
 
 def test_prediction_table_aligns_every_model_name(base):
-    from minigpt.finetuning import prediction_table
+    from finetuning.report import prediction_table
 
     model, tokenizer = base
     table = prediction_table({"base": (model, tokenizer), "layer_frozen": (model, tokenizer)}, tokenizer,

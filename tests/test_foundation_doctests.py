@@ -1,4 +1,5 @@
-"""Every docstring example in minigpt/ runs and prints what it says (as the tokenizer tests do for tokenizer/)."""
+"""Every docstring example in minigpt/, runtime/ and finetuning/ runs and prints what it says (as the
+tokenizer tests do for tokenizer/)."""
 
 import doctest
 import importlib
@@ -6,11 +7,14 @@ import pkgutil
 
 import pytest
 
+import finetuning
 import minigpt
+import runtime
 
-MODULES = ["minigpt"] + [f"minigpt.{info.name}" for info in pkgutil.iter_modules(minigpt.__path__)]
+MODULES = [f"{package.__name__}.{info.name}" for package in (minigpt, runtime, finetuning)
+           for info in pkgutil.iter_modules(package.__path__)] + ["minigpt", "runtime", "finetuning"]
 # the files whose docstrings must carry a worked example (STYLE.md)
-WITH_EXAMPLES = {"minigpt.atomic", "minigpt.checkpoint", "minigpt.cli", "minigpt.config", "minigpt.data",
+WITH_EXAMPLES = {"runtime.atomic", "minigpt.checkpoint", "runtime.cli", "minigpt.config", "minigpt.corpus",
                  "minigpt.model", "minigpt.training"}
 
 

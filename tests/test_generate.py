@@ -5,7 +5,8 @@ import torch
 
 import lora
 from minigpt import GPTConfig, MiniGPT, save_model
-from minigpt.finetuning import save_finetuned_adapter, setup_method
+from finetuning.methods import setup_method
+from minigpt.adapter_folder import save_finetuned_adapter
 from minigpt.generate import GenerateConfig, main
 from minigpt.vocab import expand_vocabulary
 from tokenizer import WordTokenizer

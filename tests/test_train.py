@@ -3,26 +3,27 @@ refused with a clear message and damages nothing on disk."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import train
-from minigpt import load_model
+from minigpt import load_model, pretrain
 from minigpt.training import TrainConfig, lr_multiplier
+from runtime.cli import parse_config
 
-ROOT = train.Path(train.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py lives there
 
 
-def quick_config(tmp_path, **overrides) -> train.PretrainConfig:
+def quick_config(tmp_path, **overrides) -> pretrain.PretrainConfig:
     fields = dict(out=str(tmp_path / "base"), steps=30, eval_interval=15, embed_dim=16, n_heads=2,
                   n_layers=1, batch_size=8, warmup_steps=5, lr=1e-2, plot=False, progress=False, device="cpu")
     fields.update(overrides)
-    return train.PretrainConfig(**fields)
+    return pretrain.PretrainConfig(**fields)
 
 
 def test_a_few_steps_lower_the_loss_and_write_a_loadable_folder(tmp_path):
-    results = train.main(quick_config(tmp_path, plot=True))
+    results = pretrain.main(quick_config(tmp_path, plot=True))
     history = results["history"]
     first = sum(h["train_loss"] for h in history[:5]) / 5
     last = sum(h["train_loss"] for h in history[-5:]) / 5
@@ -34,8 +35,8 @@ def test_a_few_steps_lower_the_loss_and_write_a_loadable_folder(tmp_path):
 
 
 def test_same_seed_gives_the_same_weights(tmp_path):
-    first = train.main(quick_config(tmp_path / "a", steps=5))
-    second = train.main(quick_config(tmp_path / "b", steps=5))
+    first = pretrain.main(quick_config(tmp_path / "a", steps=5))
+    second = pretrain.main(quick_config(tmp_path / "b", steps=5))
     model_a, _ = load_model(first["out_dir"])
     model_b, _ = load_model(second["out_dir"])
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
@@ -43,14 +44,14 @@ def test_same_seed_gives_the_same_weights(tmp_path):
 
 
 def test_bpe_tokenizer_trains_too(tmp_path):
-    results = train.main(quick_config(tmp_path, steps=3, tokenizer="bpe", bpe_vocab_size=300))
+    results = pretrain.main(quick_config(tmp_path, steps=3, tokenizer="bpe", bpe_vocab_size=300))
     assert results["vocab_size"] == 300 and results["probe_accuracy"] is None
 
 
 def test_own_data_file(tmp_path):
     text = tmp_path / "mine.txt"
     text.write_text("\n".join(f"my sentence number {i} is here ." for i in range(40)))
-    results = train.main(quick_config(tmp_path, steps=3, data=str(text)))
+    results = pretrain.main(quick_config(tmp_path, steps=3, data=str(text)))
     assert results["probe_accuracy"] is None
 
 
@@ -59,11 +60,11 @@ def test_missing_and_empty_data_files_are_clear_errors_and_touch_nothing(tmp_pat
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        train.main(quick_config(tmp_path, data=str(tmp_path / "nope.txt")))
+        pretrain.main(quick_config(tmp_path, data=str(tmp_path / "nope.txt")))
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     with pytest.raises(ValueError, match="empty"):
-        train.main(quick_config(tmp_path, data=str(empty)))
+        pretrain.main(quick_config(tmp_path, data=str(empty)))
     assert (out / "keep.txt").read_text() == "earlier results"
 
 
@@ -92,16 +93,16 @@ def _no_training(*args, **kwargs):
 
 
 def test_an_output_folder_holding_other_files_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "train_model", _no_training)
+    monkeypatch.setattr(pretrain, "train_model", _no_training)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("my notes")
     with pytest.raises(ValueError, match=r"precious already holds notes\.txt"):
-        train.main(quick_config(tmp_path, out=str(precious)))
+        pretrain.main(quick_config(tmp_path, out=str(precious)))
     assert [p.name for p in precious.iterdir()] == ["notes.txt"]
     monkeypatch.chdir(precious)
     with pytest.raises(ValueError, match="current folder"):
-        train.main(quick_config(tmp_path, out="."))
+        pretrain.main(quick_config(tmp_path, out="."))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]  # no `..tmp-*` folder anywhere
 
 
@@ -110,7 +111,7 @@ def test_train_py_replaces_its_own_previous_output(tmp_path):
     previous.mkdir()
     for name in ("config.json", "model.pt", "tokenizer.json"):  # an earlier checkpoint (here: a broken one)
         (previous / name).write_text("old")
-    results = train.main(quick_config(tmp_path, steps=1, eval_interval=1))
+    results = pretrain.main(quick_config(tmp_path, steps=1, eval_interval=1))
     assert load_model(results["out_dir"])[0].config.vocab_size == results["vocab_size"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
@@ -135,24 +136,24 @@ def test_train_config_refuses_values_the_loop_cannot_use(field, value, message):
 
 
 def test_bad_training_options_are_refused_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "train_model", _no_training)
+    monkeypatch.setattr(pretrain, "train_model", _no_training)
     with pytest.raises(ValueError, match="eval_interval must be"):
-        train.main(quick_config(tmp_path, eval_interval=0))
+        pretrain.main(quick_config(tmp_path, eval_interval=0))
     with pytest.raises(ValueError, match="batch_size must be"):
-        train.main(quick_config(tmp_path, batch_size=0))
+        pretrain.main(quick_config(tmp_path, batch_size=0))
     assert not (tmp_path / "base").exists()
 
 
 def test_a_too_short_validation_split_names_the_split_and_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "train_model", _no_training)
+    monkeypatch.setattr(pretrain, "train_model", _no_training)
     text = tmp_path / "mine.txt"
     text.write_text("\n".join(f"my sentence number {i} is here ." for i in range(12)))  # 1 line held out
     with pytest.raises(ValueError, match=r"the validation split of .*mine\.txt \(its every 10th non-blank line\) "
                                          r"has only 9 tokens.*context_length=32.*at most 8"):
-        train.main(quick_config(tmp_path, data=str(text)))
+        pretrain.main(quick_config(tmp_path, data=str(text)))
     with pytest.raises(ValueError, match=r"the validation split of the built-in corpus has only \d+ tokens.*"
                                          r"context_length=1000"):
-        train.main(quick_config(tmp_path, context_length=1000))
+        pretrain.main(quick_config(tmp_path, context_length=1000))
 
 
 @pytest.mark.parametrize("argv, shown, hidden", [
@@ -162,7 +163,7 @@ def test_a_too_short_validation_split_names_the_split_and_the_file(tmp_path, mon
 ])
 def test_options_must_be_spelled_in_full_and_only_unknown_flags_are_listed(argv, shown, hidden, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(argv)
+        parse_config(pretrain.PretrainConfig, argv)
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and shown in error
     unknown_line = next(line for line in error.splitlines() if "unknown option(s)" in line)
@@ -171,7 +172,7 @@ def test_options_must_be_spelled_in_full_and_only_unknown_flags_are_listed(argv,
 
 def test_help_shows_each_option_with_its_comment_and_default(capsys):
     with pytest.raises(SystemExit) as stop:
-        train.parse_args(["--help"])
+        parse_config(pretrain.PretrainConfig, ["--help"])
     assert stop.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--steps STEPS enough for 100% on the built-in probes" in text

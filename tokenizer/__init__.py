@@ -1,7 +1,7 @@
 """Tokenizers for minilora: turn text into token ids for MiniGPT, and back.
 
 Two tokenizers share one interface (tokenizer/base.py) and one versioned file format
-(tokenizer.json, read back by `load_tokenizer`):
+(tokenizer.json, read back by `load_tokenizer` in loading.py):
 
 - `WordTokenizer` (word.py): one token per lower-cased word or punctuation mark, built from a corpus;
   unknown words map to <unk> and can be listed with `unknown_words(text)`.
@@ -35,8 +35,9 @@ Example:
     >>> bpe.decode(bpe.encode("the 🐈 sits on the table."))   # any UTF-8 text, no <unk>
     'the 🐈 sits on the table.'
 """
-from tokenizer.base import SPECIAL_TOKENS, Tokenizer, load_tokenizer
+from tokenizer.base import SPECIAL_TOKENS, Tokenizer
 from tokenizer.bpe import BPETokenizer
+from tokenizer.loading import load_tokenizer
 from tokenizer.word import WordTokenizer
 
 __all__ = ["SPECIAL_TOKENS", "Tokenizer", "WordTokenizer", "BPETokenizer", "load_tokenizer"]

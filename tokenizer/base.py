@@ -132,11 +132,15 @@ class Tokenizer:
     @classmethod
     def load(cls, path) -> "Tokenizer":
         """Load a tokenizer.json and check that it holds this class of tokenizer."""
-        tokenizer = load_tokenizer(path)
-        if not isinstance(tokenizer, cls):
-            raise ValueError(f"{path}: holds a {type(tokenizer).__name__} (type {tokenizer.type_name!r}), "
-                             f"not a {cls.__name__}; use tokenizer.load_tokenizer(path) to load either kind")
-        return tokenizer
+        data, path = read_tokenizer_file(path)
+        if data.get("type") != cls.type_name:
+            raise ValueError(f"{path}: holds a tokenizer of type {data.get('type')!r}, not a {cls.__name__} "
+                             f"(type {cls.type_name!r}); use tokenizer.load_tokenizer(path) to load either kind")
+        try:
+            return cls.from_dict(data, source=str(path))
+        except (KeyError, TypeError, IndexError) as error:
+            raise ValueError(f"{path}: corrupt {cls.type_name} tokenizer.json ({type(error).__name__}: {error}); "
+                             f"re-create it with tok.save(path)") from error
 
 
 def _current_umask() -> int:
@@ -146,28 +150,13 @@ def _current_umask() -> int:
     return mask
 
 
-def load_tokenizer(path) -> "Tokenizer":
-    """Read a tokenizer.json written by `Tokenizer.save` and rebuild the right tokenizer class.
+def read_tokenizer_file(path, known_types=None) -> tuple[dict, Path]:
+    """Read and check a tokenizer.json (or a folder holding one): (its JSON object, the file's path).
 
-    Args:
-        path: the tokenizer.json file, or a folder that contains one.
-
-    Returns:
-        A WordTokenizer or BPETokenizer, chosen by the file's "type" field.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not valid JSON, or has a missing/unknown "type" or "format_version".
-
-    Example:
-        >>> tok = load_tokenizer("dist/base_model/tokenizer.json")   # doctest: +SKIP
+    Checks what every tokenizer file shares: valid JSON, an object, a "type" (one of `known_types`,
+    when given), this FORMAT_VERSION, and the SPECIAL_TOKENS in their order. Each problem is a
+    ValueError naming the file; a missing file is a FileNotFoundError.
     """
-    # subtle: imported here, not at the top, because word.py and bpe.py import this module
-    from tokenizer.bpe import BPETokenizer
-    from tokenizer.word import WordTokenizer
-
-    tokenizer_classes = {WordTokenizer.type_name: WordTokenizer, BPETokenizer.type_name: BPETokenizer}
-
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_FILENAME
@@ -182,9 +171,8 @@ def load_tokenizer(path) -> "Tokenizer":
         raise ValueError(f"{path}: expected a JSON object with 'type' and 'format_version', "
                          f"got a {type(data).__name__}")
     tokenizer_type = data.get("type")
-    if tokenizer_type not in tokenizer_classes:
-        raise ValueError(f"{path}: unknown tokenizer type {tokenizer_type!r}; "
-                         f"valid types are {sorted(tokenizer_classes)}")
+    if known_types is not None and tokenizer_type not in known_types:
+        raise ValueError(f"{path}: unknown tokenizer type {tokenizer_type!r}; valid types are {list(known_types)}")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported format_version {version!r}; this version of minilora reads "
@@ -192,8 +180,4 @@ def load_tokenizer(path) -> "Tokenizer":
     special_tokens = data.get("special_tokens")
     if special_tokens != list(SPECIAL_TOKENS):
         raise ValueError(f"{path}: special_tokens must be {list(SPECIAL_TOKENS)}, got {special_tokens!r}")
-    try:
-        return tokenizer_classes[tokenizer_type].from_dict(data, source=str(path))
-    except (KeyError, TypeError, IndexError) as error:
-        raise ValueError(f"{path}: corrupt {tokenizer_type} tokenizer.json ({type(error).__name__}: {error}); "
-                         f"re-create it with tok.save(path)") from error
+    return data, path

@@ -4,7 +4,7 @@
 
 Everything here is a fixed table of facts rendered through fixed sentence templates and shuffled with
 a fixed seed, so running it again writes byte-identical files. The package never runs this at import
-time: `minigpt.data` only reads the files this script wrote.
+time: `minigpt.corpus` only reads the files this script wrote.
 
     fact tables ──templates──► sentences ──fixed-seed shuffle──► base_train.txt / base_val.txt
                 └─probe rule─► base_probes.json          [{"prompt": "the cat sits on the", "answer": "table"}, ...]
@@ -241,7 +241,7 @@ def build_new_domain() -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Weather and cooking: probes with one right next word, recipe and weather-report sentences.
 
     Function words ("you", "when", "with") come from the base corpus, so the genuinely new words are
-    the domain's nouns and verbs (listed by minigpt.data.new_domain_words()).
+    the domain's nouns and verbs (listed by minigpt.corpus.new_domain_words()).
     """
     rng = random.Random(SEED + 1)
     sentences, probes = [], []

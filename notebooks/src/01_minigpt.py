@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip
 import matplotlib.pyplot as plt
 import torch
 
-import train
+from minigpt import pretrain
 from minigpt import GPTConfig, MiniGPT, load_model, probe_accuracy, top_next_words
-from minigpt.data import base_corpus, base_fact_probes
+from minigpt.corpus import base_corpus, base_fact_probes
 from tokenizer import BPETokenizer, WordTokenizer
 
 BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"  # the base model every later notebook loads
@@ -132,7 +132,7 @@ print(f"\nformula: attention {attention_per_layer:,} + MLP {mlp_per_layer:,} per
 # checkpoint from `dist/notebooks/base_model/`.
 
 # %%
-results = train.main(train.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
+results = pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
 print(f"{results['parameters']:,} parameters trained for {results['steps']} steps "
       f"in {results['train_time_s']:.1f} s ({results['tokens_per_second']:,.0f} tokens/s)")
 print(f"final loss: train {results['final_train_loss']:.3f} nats/token, "
@@ -229,7 +229,7 @@ plt.show()
 # %% [markdown]
 # ## Exercises
 #
-# 1. Pretrain with `steps=150` and `steps=1200` (`train.PretrainConfig(out=..., steps=..., plot=False)`).
+# 1. Pretrain with `steps=150` and `steps=1200` (`pretrain.PretrainConfig(out=..., steps=..., plot=False)`).
 #    Plot both validation curves and the probe accuracy. When does the model know its facts, and when
 #    does it start to memorise sentences?
 # 2. Train with `tokenizer="bpe"`. How many tokens does an average sentence take now? Why does

@@ -24,16 +24,16 @@ sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip
 import matplotlib.pyplot as plt
 import torch
 
-import train
+from minigpt import pretrain
 from minigpt import load_model, probe_accuracy
-from minigpt.data import base_fact_probes
+from minigpt.corpus import base_fact_probes
 from quant import (NF4_CODE, VALID_BLOCK_SIZES, derive_nf4_code, memory_report, quantize_model, quantize_nf4,
                    unpack_nibbles)
 
 BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
 if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
     print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    train.main(train.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
+    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
 torch.manual_seed(0);  # the ';' keeps Jupyter from echoing the returned generator
 
 # %% [markdown]

@@ -29,18 +29,18 @@ import torch
 import torch.nn as nn
 
 import lora
-import train
+from minigpt import pretrain
 from benchmarks.common import Ratio, time_side_by_side
 from minigpt import load_model
-from minigpt.data import TokenStream, base_fact_probes, new_domain_corpus, new_domain_probes
-from minigpt.finetuning import setup_method, train_method
+from minigpt.corpus import TokenStream, base_fact_probes, new_domain_corpus, new_domain_probes
+from finetuning.methods import setup_method, train_method
 from minigpt.training import TrainConfig
 from minigpt.vocab import expand_vocabulary, new_words_in
 
 BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
 if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
     print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    train.main(train.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
+    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
 base_model, base_tokenizer = load_model(BASE_DIR)
 
 domain = new_domain_corpus()

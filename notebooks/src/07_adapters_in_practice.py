@@ -25,13 +25,14 @@ sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip
 import matplotlib.pyplot as plt
 import torch
 
-import finetune
 import lora
-import train
+from finetuning import experiment
+from minigpt import pretrain
 from minigpt import load_model, probe_accuracy, save_model, top_next_words
-from minigpt.data import TokenStream, base_fact_probes, fact_correction_set, new_domain_corpus, new_domain_probes
-from minigpt.finetuning import (edit_report, folder_bytes, load_finetuned_adapter, save_finetuned_adapter,
-                                setup_method, train_method)
+from minigpt.corpus import TokenStream, base_fact_probes, fact_correction_set, new_domain_corpus, new_domain_probes
+from finetuning.fact_edit import edit_report
+from finetuning.methods import folder_bytes, setup_method, train_method
+from minigpt.adapter_folder import load_finetuned_adapter, save_finetuned_adapter
 from minigpt.predict import probability_of
 from minigpt.training import TrainConfig, train_model
 from minigpt.vocab import expand_vocabulary, new_words_in
@@ -39,7 +40,7 @@ from minigpt.vocab import expand_vocabulary, new_words_in
 BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
 if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
     print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    train.main(train.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
+    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
 base_model, base_tokenizer = load_model(BASE_DIR)
 WORK_DIR = ROOT / "dist" / "notebooks" / "07_adapters"  # the folders written below (dist/ is git-ignored)
 
@@ -259,7 +260,7 @@ plt.show()
 # **locality** (related facts that must not change). We call its `main` with our base model.
 
 # %%
-edit_results = finetune.main(finetune.FinetuneConfig(task="fact-correction", base=str(BASE_DIR),
+edit_results = experiment.main(experiment.FinetuneConfig(task="fact-correction", base=str(BASE_DIR),
                                                      out=str(WORK_DIR / "fact_correction"), plot=False, progress=False))
 
 # %% [markdown]
@@ -275,7 +276,7 @@ edit_results = finetune.main(finetune.FinetuneConfig(task="fact-correction", bas
 # 1. Combine "domain" and "edit" with weights 1 and 0.5 using `cat`. How do p(lyon) and the domain
 #    probes compare with `set_adapter_scale(model, "edit", 0.5)` on the stacked adapters?
 # 2. Fight forgetting with replay: fine-tune with `domain.train + base_corpus().train[:100]`
-#    (`minigpt.data.base_corpus`) for both full fine-tuning and LoRA. How much base-fact accuracy comes back,
+#    (`minigpt.corpus.base_corpus`) for both full fine-tuning and LoRA. How much base-fact accuracy comes back,
 #    and what happens to the new-domain validation loss?
 # 3. Save the edit adapter with `lora.save_adapter(model, folder, adapter_name="edit")`, corrupt
 #    `lora_weights.pt` (write a few bytes into it) and load it back. What does the error say?

@@ -18,8 +18,8 @@ import signal
 import sys
 import typing
 
-from minigpt.atomic import folder_identity
-from minigpt.distributed import RendezvousError, is_main_process_from_env
+from runtime.atomic import folder_identity
+from runtime.distributed import RendezvousError, is_main_process_from_env
 
 
 class StrictArgumentParser(argparse.ArgumentParser):
@@ -94,9 +94,9 @@ def field_comments(config_class) -> dict:
     """{field name: its trailing comment} from the dataclass's source: what `--help` prints per option.
 
     Example (the class must live in a file; one typed at a prompt has no source to read):
-        >>> from minigpt.training import TrainConfig        # steps: int = 1000  # optimizer steps in total
-        >>> field_comments(TrainConfig)["steps"]
-        'optimizer steps in total'
+        >>> from runtime.distributed import DistributedContext   # world_size: int = 1  # processes in all; ...
+        >>> field_comments(DistributedContext)["world_size"]
+        'processes in all; 1 means a plain single-process run, nothing distributed'
     """
     try:
         source = inspect.getsource(config_class)

@@ -1,11 +1,11 @@
-"""Tests for minigpt.data: the shipped corpora are consistent with their probes, splits are disjoint,
+"""Tests for minigpt.corpus: the shipped corpora are consistent with their probes, splits are disjoint,
 the new domain really is new, the fact edit is well-formed, and TokenStream batches exactly."""
 import importlib.util
 
 import pytest
 import torch
 
-from minigpt.data import (DATA_DIR, EditProbe, FactEdit, Probe, TextSplit, TokenStream, base_corpus,
+from minigpt.corpus import (DATA_DIR, EditProbe, FactEdit, Probe, TextSplit, TokenStream, base_corpus,
                           base_fact_probes, fact_correction_set, new_domain_corpus, new_domain_probes,
                           new_domain_words, read_text_file)
 from tokenizer import WordTokenizer

@@ -1,0 +1,71 @@
+"""A fine-tuned MiniGPT saved small: the base's checkpoint plus an adapter folder.
+
+finetune.py's adapter methods (LoRA, DoRA, QLoRA) change only the LoRA tensors and the rows of the new
+words, so that is all an adapter folder holds; the base checkpoint it was made from supplies the rest:
+
+    lora_adapter/
+      lora_config.json      the LoRAConfig (lora.save_adapter)
+      lora_weights.pt       A [r, in], B [out, r] (and DoRA's magnitude [out]) per target
+      embedding_weights.pt  the new rows of tok_emb and lm_head, and the base vocabulary size (vocab.py)
+      tokenizer.json        the expanded tokenizer (base vocabulary + new words)
+
+    model, tokenizer = load_finetuned_adapter(base_model, base_tokenizer, "dist/finetuning_results/lora_adapter")
+
+This is the one file of minigpt that uses lora/ and quant/ (both sit below minigpt: neither imports it).
+"""
+
+from pathlib import Path
+
+import torch
+
+import lora
+from minigpt.model import MiniGPT
+from minigpt.vocab import EMBEDDING_FILE, check_tokenizer_extends, load_new_rows, save_new_rows, with_new_rows
+from quant import quantize_model
+from runtime.atomic import atomic_directory
+from tokenizer import load_tokenizer
+
+
+def save_finetuned_adapter(model: torch.nn.Module, tokenizer, base_vocab_size: int, out_dir) -> Path:
+    """Write an adapter folder (lora files + new embedding rows + tokenizer), atomically."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        lora.save_adapter(model, tmp)  # lora_config.json + lora_weights.pt
+        save_new_rows(model, base_vocab_size, tmp / EMBEDDING_FILE)
+        tokenizer.save(tmp / "tokenizer.json")
+    return out_dir
+
+
+def load_finetuned_adapter(base_model: MiniGPT, base_tokenizer, adapter_dir, quantize_base: bool = False):
+    """Rebuild a fine-tuned model from its base and an adapter folder; returns (model, tokenizer).
+
+    Checks, before anything is built, that the adapter's tokenizer extends the base tokenizer and that
+    its embedding rows and LoRA tensors fit the base model; each mismatch is a ValueError naming it.
+
+    Args:
+        base_model, base_tokenizer: the base, as `load_model(base_dir)` returns them (not modified).
+        adapter_dir: a folder written by `save_finetuned_adapter`.
+        quantize_base: quantize the base to NF4 first, as a QLoRA adapter was trained (exact QLoRA
+            logits); False puts the adapter on the full-precision base (close, and faster).
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist; finetune.py writes one, "
+                                f"e.g. dist/finetuning_results/lora_adapter")
+    tokenizer_path = adapter_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path} not found: an adapter folder holds lora_config.json, "
+                                f"lora_weights.pt, {EMBEDDING_FILE} and tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer_extends(base_tokenizer, tokenizer, str(adapter_dir))
+    new_rows = load_new_rows(adapter_dir / EMBEDDING_FILE, base_model)
+    if base_model.config.vocab_size + new_rows["tok_emb.weight"].size(0) != tokenizer.vocab_size:
+        raise ValueError(f"{adapter_dir}: {EMBEDDING_FILE} adds {new_rows['tok_emb.weight'].size(0)} rows to "
+                         f"{base_model.config.vocab_size}, but tokenizer.json has {tokenizer.vocab_size} tokens")
+    model = with_new_rows(base_model, new_rows)
+    if quantize_base:
+        quantize_model(model)
+    lora.load_adapter(model, adapter_dir)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval(), tokenizer

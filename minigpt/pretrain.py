@@ -1,0 +1,147 @@
+"""Pretraining: MiniGPT learns the built-in corpus (or your text) and is saved as a checkpoint folder.
+
+`python train.py` is the command-line face of this file; notebooks and finetune.py call `main` directly:
+
+    from minigpt.pretrain import PretrainConfig, main
+    results = main(PretrainConfig(out="dist/base_model"))     # -> {"out_dir": ..., "final_val_loss": ...}
+
+    corpus ──► tokenizer (word-level or BPE) ──► TokenStream ──► train_model (training.py) ──► save_model
+                                                                                                 │
+                                           <out>/config.json  model.pt  tokenizer.json  ◄────────┘
+
+An existing `<out>/` is replaced only if it is a previous checkpoint (nothing in it but those three
+files); any other folder, `.` or a folder above the current one is refused before training starts,
+and nothing is written. Under torchrun every process runs main(): each trains on its share of the
+global batch_size with DistributedDataParallel (runtime/distributed.py), and only rank 0 writes.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minigpt.checkpoint import CHECKPOINT_FILES, save_model
+from minigpt.config import GPTConfig
+from minigpt.corpus import TokenStream, base_corpus, base_fact_probes, read_text_file
+from minigpt.model import MiniGPT
+from minigpt.predict import probe_accuracy
+from minigpt.training import TrainConfig, pick_device, train_model
+from runtime.atomic import check_output_dir
+from runtime.distributed import process_group
+from tokenizer import BPETokenizer, WordTokenizer
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    out: str = "dist/base_model"  # the checkpoint folder to write
+    data: str | None = None  # a text file to train on instead of the built-in corpus
+    tokenizer: str = "word"  # "word" (default: next-word probes, one row per new word) or "bpe"
+    bpe_vocab_size: int = 512  # vocabulary size when tokenizer="bpe"
+    steps: int = 600  # enough for 100% on the built-in probes; longer only memorises harder (val loss rises)
+    batch_size: int = 32  # windows of context_length tokens per step, in all (torchrun: split over processes)
+    lr: float = 3e-3  # peak AdamW learning rate
+    warmup_steps: int = 50  # linear warmup before the cosine decay
+    shuffled_copies: int = 8  # train stream = 8 differently shuffled copies: no memorised sentence order
+    eval_interval: int = 100  # steps between validation passes
+    context_length: int = 32  # tokens the model sees at once
+    embed_dim: int = 64  # model width
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # attention heads
+    dropout: float = 0.0  # dropout everywhere in the model
+    seed: int = 0  # same seed, same weights (on CPU); dropout is seeded with seed + rank under torchrun
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    plot: bool = True  # write the loss-curve PNG
+    progress: bool = True  # show a progress bar
+
+
+def build_tokenizer(config: PretrainConfig, sentences: list[str]):
+    if config.tokenizer == "word":
+        return WordTokenizer.from_corpus(sentences)
+    if config.tokenizer == "bpe":
+        return BPETokenizer.train("\n".join(sentences), vocab_size=config.bpe_vocab_size)
+    raise ValueError(f"unknown tokenizer {config.tokenizer!r}; use 'word' or 'bpe'")
+
+
+def plot_losses(result, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # subtle: no display needed (servers, CI)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps, losses = zip(*result.train_curve)
+    ax.plot(steps, losses, label="train", alpha=0.6)
+    if result.val_curve:
+        ax.plot(*zip(*result.val_curve), "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(config: PretrainConfig) -> dict:
+    """Pretrain, save, and return the figures of the run (losses, timings, probe accuracy).
+
+    Under torchrun every rank returns the same losses; only rank 0 writes the folder and the plot and
+    measures probe accuracy ("rank" in the results says which process this is).
+    """
+    start = time.perf_counter()
+    with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
+        return pretrain(config, distributed, start)
+
+
+def pretrain(config: PretrainConfig, distributed, start: float) -> dict:
+    device = distributed.device
+    # Every check that can fail comes before any work: the training options, the ranks' share of the
+    # batch, the data file, and the output folder (never replace a folder that is not a checkpoint).
+    train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                               warmup_steps=config.warmup_steps, eval_interval=config.eval_interval,
+                               seed=config.seed, device=device, progress=config.progress, desc="pretrain")
+    distributed.local_batch_size(config.batch_size)
+    corpus = read_text_file(config.data) if config.data else base_corpus()
+    check_output_dir(config.out, outputs=CHECKPOINT_FILES)
+    source = config.data or "the built-in corpus"
+    held_out = " (its every 10th non-blank line)" if config.data else ""  # read_text_file's split
+    tokenizer = build_tokenizer(config, corpus.train + corpus.val)
+    train_stream = TokenStream(corpus.train, tokenizer, config.context_length,  # see TokenStream: val 2.26 -> 1.53
+                               shuffled_copies=config.shuffled_copies, shuffle_seed=config.seed,
+                               name=f"the training split of {source}")
+    val_stream = TokenStream(corpus.val, tokenizer, config.context_length,
+                             name=f"the validation split of {source}{held_out}")
+
+    torch.manual_seed(config.seed)  # the same seed on every rank: identical initial weights
+    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=config.context_length,
+                             embed_dim=config.embed_dim, n_layers=config.n_layers, n_heads=config.n_heads,
+                             dropout=config.dropout)
+    model = MiniGPT(model_config).to(device)
+    torch.manual_seed(config.seed + distributed.rank)  # dropout masks differ between ranks (rank 0: seed)
+    result = train_model(distributed.wrap(model), train_stream, val_stream, train_config,
+                         distributed=distributed)
+
+    out_dir, accuracy, plot_path = Path(config.out), None, None
+    if distributed.is_main:  # one writer; `model` is the unwrapped MiniGPT, so no "module." prefixes
+        out_dir = save_model(model.cpu(), tokenizer, config.out)
+        if config.data is None and config.tokenizer == "word":  # probes are whole words of the built-in corpus
+            accuracy = probe_accuracy(model, tokenizer, base_fact_probes())
+        if config.plot:
+            plot_path = out_dir.parent / f"{out_dir.name}_loss.png"
+            plot_losses(result, plot_path, f"MiniGPT pretraining ({model.num_parameters():,} parameters)")
+    distributed.barrier()  # the other ranks wait here until the folder is complete
+    return {
+        "out_dir": str(out_dir),
+        "plot": str(plot_path) if plot_path else None,
+        "parameters": model.num_parameters(),
+        "vocab_size": tokenizer.vocab_size,
+        "device": device,
+        "rank": distributed.rank,
+        "world_size": distributed.world_size,
+        "steps": result.steps_done,
+        "final_train_loss": result.history[-1]["train_loss"],
+        "final_val_loss": result.final_val_loss,
+        "probe_accuracy": accuracy,
+        "tokens_per_second": result.tokens_per_second,
+        "train_time_s": result.wall_time_s,
+        "wall_time_s": time.perf_counter() - start,
+        "history": result.history,
+    }
