@@ -13,6 +13,7 @@ Task "fact-correction", in `fact_correction`: LoRA on v_proj only and on q, k, v
 finetune.py's docstring lists what the results folder holds.
 """
 
+import dataclasses
 import json
 import math
 import random
@@ -29,7 +30,7 @@ from finetuning.methods import (ADAPTER_METHODS, METHODS, folder_bytes, max_logi
 from finetuning.report import comparison_table, plot_comparison, prediction_table
 from minigpt import pretrain
 from minigpt.adapter_folder import save_finetuned_adapter
-from minigpt.checkpoint import check_model_dir, load_model, save_model
+from minigpt.checkpoint import check_model_dir, load_config, load_model, save_model
 from minigpt.corpus import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
                             new_domain_probes, read_text_file)
 from minigpt.predict import batched_probe_accuracy
@@ -37,6 +38,7 @@ from minigpt.training import TrainConfig, pick_device, train_model
 from minigpt.vocab import expand_vocabulary, new_words_in
 from runtime.atomic import check_output_dir
 from runtime.distributed import SINGLE_PROCESS, main_process_directory, process_group
+from runtime.threads import use_threads
 
 DEFAULT_BASE = "dist/base_model"
 TASKS = ("new-domain", "fact-correction")
@@ -78,6 +80,7 @@ class FinetuneConfig:
     shuffled_copies: int = 8  # train stream = 8 differently shuffled copies: no memorised sentence order
     replay: float = 1.0  # base-corpus sentences mixed in per fine-tuning sentence ("rehearsal"); 0 = none
     early_stopping_patience: int | None = None  # stop after this many epochs without a better val loss
+    threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     plot: bool = True  # write comparison.png
@@ -159,7 +162,7 @@ def load_or_pretrain_base(config: FinetuneConfig, device: str, distributed=SINGL
     if config.base == DEFAULT_BASE and not Path(DEFAULT_BASE).exists():
         distributed.print(f"no base model at {DEFAULT_BASE}/: pretraining one first (python train.py)")
         pretrain.main(pretrain.PretrainConfig(out=DEFAULT_BASE, device=device, seed=config.seed, progress=config.progress,
-                                        plot=config.plot))
+                                              plot=config.plot, threads=config.threads))
     check_model_dir(config.base)
     return load_model(config.base)
 
@@ -242,6 +245,14 @@ def known_probes(probes, tokenizer):
     return [probe for probe in probes if not tokenizer.unknown_words(probe.prompt + " " + probe.answer)]
 
 
+def base_width(config: FinetuneConfig) -> int:
+    """embed_dim of --base (read from its config.json), or of the base that would be pretrained."""
+    try:
+        return load_config(config.base).embed_dim
+    except (OSError, ValueError):  # no base yet (or a broken one, which load_or_pretrain_base reports)
+        return pretrain.PretrainConfig().embed_dim
+
+
 def main(config: FinetuneConfig) -> dict:
     """Run the task of `config`; returns its figures (see the module docstring).
 
@@ -250,7 +261,10 @@ def main(config: FinetuneConfig) -> dict:
     """
     check_config(config)
     check_output_dir(output_folder(config), RESULT_NAMES[config.task])  # a foreign folder: refused before any work
+    threads = use_threads(config.threads, base_width(config))
+    config = dataclasses.replace(config, threads=threads.count)  # a base pretrained first uses the same count
     with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
+        distributed.print(threads.describe())
         distributed.local_batch_size(config.batch_size)  # fail before any work if the ranks cannot share it
         if config.task == "fact-correction":
             return fact_correction(config, distributed)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from minigpt.checkpoint import load_model
-from runtime.cli import parse_config
 from minigpt.predict import top_next_words
+from runtime.cli import parse_config
+from runtime.threads import use_threads
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class GenerateConfig:
     samples: int = 3  # how many continuations to print
     seed: int = 0  # same seed, same samples
     stop_at_eos: bool = True  # cut each sample at the end of its first sentence
+    threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
 
 
 def main(config: GenerateConfig) -> dict:
@@ -37,6 +39,7 @@ def main(config: GenerateConfig) -> dict:
         raise ValueError(f"--max-new-tokens and --samples must be at least 1, got "
                          f"{config.max_new_tokens} and {config.samples}")
     model, tokenizer = load_model(config.model, adapter=config.adapter)
+    use_threads(config.threads, model.config.embed_dim)
     prompt_ids = tokenizer.encode(config.prompt, add_bos=True)
     generator = torch.Generator().manual_seed(config.seed)
     idx = torch.tensor([prompt_ids] * config.samples, dtype=torch.long)  # (samples, T)

@@ -29,6 +29,7 @@ from minigpt.predict import probe_accuracy
 from minigpt.training import TrainConfig, pick_device, train_model
 from runtime.atomic import check_output_dir
 from runtime.distributed import process_group
+from runtime.threads import use_threads
 from tokenizer import BPETokenizer, WordTokenizer
 
 
@@ -51,6 +52,7 @@ class PretrainConfig:
     dropout: float = 0.0  # dropout everywhere in the model
     seed: int = 0  # same seed, same weights (on CPU); dropout is seeded with seed + rank under torchrun
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
     plot: bool = True  # write the loss-curve PNG
     progress: bool = True  # show a progress bar
 
@@ -87,8 +89,10 @@ def main(config: PretrainConfig) -> dict:
     measures probe accuracy ("rank" in the results says which process this is).
     """
     start = time.perf_counter()
+    threads = use_threads(config.threads, config.embed_dim)
     with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
-        return pretrain(config, distributed, start)
+        distributed.print(threads.describe())
+        return {**pretrain(config, distributed, start), "threads": threads.count}
 
 
 def pretrain(config: PretrainConfig, distributed, start: float) -> dict:

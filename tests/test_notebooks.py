@@ -10,7 +10,6 @@ whole set runs in a few minutes on a 2-core CPU.
 """
 
 import importlib.util
-import os
 from pathlib import Path
 
 import nbformat
@@ -60,14 +59,10 @@ def test_notebook_is_committed_without_outputs_and_matches_its_source(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, monkeypatch):
+def test_notebook_runs_top_to_bottom(path):
     from nbclient import NotebookClient
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        # subtle: MiniGPT's matmuls are tiny, so a second thread buys nothing, and when other jobs share
-        # the CPU, OpenMP's spinning threads slow training down 10-15x (measured); the kernel inherits this.
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
+    # the kernel inherits OMP_NUM_THREADS, which conftest.py sets from the free cores (runtime/threads.py)
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
