@@ -1,6 +1,6 @@
 """Fine-tune the base MiniGPT on a new domain with LoRA, save adapter and merged model, compare methods.
 
-    python finetune.py                              # everything below, about a minute on a laptop CPU
+    python finetune.py                              # everything below (aim: about a minute on a laptop CPU)
     python finetune.py --methods lora               # only LoRA (any subset of full,layer_frozen,lora,dora,qlora)
     python finetune.py --rank 16 --alpha 32 --targets q_proj,v_proj --lr 3e-3 --epochs 40
     python finetune.py --data my_text.txt           # your own text (it must contain words the base lacks)

@@ -1,6 +1,6 @@
 """Pretrain MiniGPT on the built-in corpus (or your own text) and save it as dist/base_model/.
 
-    python train.py                                 # built-in corpus, about 25 s on a 2-core laptop CPU
+    python train.py                                 # built-in corpus (docs/benchmarks.md has timings)
     python train.py --steps 300 --out dist/tiny     # a quicker run somewhere else
     python train.py --data my_text.txt              # your own text, one sentence per line
     python train.py --tokenizer bpe                 # byte-level BPE instead of the word-level tokenizer

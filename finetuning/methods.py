@@ -130,11 +130,10 @@ def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lor
                 module.requires_grad_(True)
         trainable = [p for p in model.parameters() if p.requires_grad]
         # Why the default (embedding_lr None) gives the new rows full_lr here but lr in the adapter methods:
-        # each method trains everything it trains at its own learning rate, and at 1e-3 the new words learn
-        # slowly (the "domain" column: 17% against LoRA's 100%; weight decay 0.1 changes nothing measurable
-        # in 150 steps). One rate for the new rows everywhere is not a fairer default either: measured with
-        # --embedding-lr (default run, seed 0), 5e-3 makes full fine-tuning 1.232 against LoRA's 1.500 (and forget more, 82%),
-        # 1e-3 makes LoRA 1.794 against full's 1.411. finetune.py prints this note under its table.
+        # each method trains everything it trains at its own learning rate, and at full_lr the new words learn
+        # slowly (the table's "domain" column). One rate for the new rows everywhere is not a fairer default
+        # either: docs/measurements.md ("The new rows' learning rate") has both rates measured, and
+        # finetune.py prints a note on it under its table.
         # subtle: AdamW groups hold whole tensors, so with embedding_lr the old rows share that treatment
         tables = {id(p) for p in (model.tok_emb.weight, model.lm_head.weight)} if embedding_lr else set()
         others = [p for p in trainable if id(p) not in tables]
