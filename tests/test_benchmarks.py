@@ -122,3 +122,32 @@ def test_nf4_code_comparison_tells_ties_from_real_differences():
     wrong = ours.packed.clone()
     wrong[40] ^= 0x10  # element 80, in the linspace row: no tie there
     assert "WARNING: 1 of them are not ties" in compare_codes(ours, wrong, weight)
+
+
+def test_threads_benchmark_reports_the_goals_from_its_four_runs(monkeypatch):
+    from benchmarks import threads as threads_benchmark
+
+    walls = {(0, "quiet"): 40.0, (2, "quiet"): 38.0, (0, "busy"): 48.0, (2, "busy"): 140.0}
+    load = {"now": "quiet"}
+    real_spin = threads_benchmark.spin_one_core
+
+    def fake_spin():
+        load["now"] = "busy"
+        return real_spin()
+
+    monkeypatch.setattr(threads_benchmark.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads_benchmark, "spin_one_core", fake_spin)
+    monkeypatch.setattr(threads_benchmark, "timed_run",
+                        lambda config, threads: (walls[(threads, load["now"])], f"threads: {threads or 1}"))
+    results = threads_benchmark.main(threads_benchmark.BenchmarkConfig())
+    assert results["ratios"]["wall busy/quiet: policy"] == pytest.approx(48 / 40)
+    assert results["ratios"]["wall quiet: policy/all cores"] == pytest.approx(40 / 38)
+    assert [check["met"] for check in results["checks"]] == [True, True]
+
+
+def test_threads_benchmark_times_a_real_run_and_reads_its_header():
+    from benchmarks import threads as threads_benchmark
+
+    config = threads_benchmark.BenchmarkConfig(**threads_benchmark.QUICK)
+    wall, header = threads_benchmark.timed_run(config, threads=1)
+    assert wall > 0 and header.startswith("threads: 1 (--threads")
