@@ -5,10 +5,12 @@
     └──► dropout ──► A [r, in] ──► B [out, r] ──► × s ─────────────┘
 
     DoRA rescales each output row:  y = (m / n) · (W x + s B A x) + b,   n = ||W + s B A||_row (detached)
+    (Liu et al. 2024 eq. 5, n detached as in section 4.3; docs/reference.md#dora)
 
 This file follows Hugging Face PEFT 0.21 (`peft.tuners.lora.layer.Linear`) so that the numbers agree:
 A is stored `[r, in]`, B `[out, r]`, s = alpha / r (alpha / sqrt(r) with rsLoRA), and B starts at
-zero so a fresh adapter is a no-op (docs/reference.md#lora, #rslora). Shapes: x (..., in) -> y (..., out).
+zero so a fresh adapter is a no-op (docs/reference.md#lora, docs/reference.md#rslora).
+Shapes: x (..., in) -> y (..., out).
 
 Read it top to bottom: `__init__`, `forward` (the LoRA math in a few lines), `merge` / `unmerge`,
 then how an adapter is created. The rest lives next door:
@@ -211,7 +213,9 @@ class LoRALinear(LoRALayerBase):
         **replace the base weight by the residual W - s·B·A** (the layer's output is unchanged, but the
         base layer is no longer the original one: the adapter only makes sense with that residual base).
         use_dora adds the magnitude m = ||W + s·B·A||_row (lora/dora.py). The parameters get the base
-        weight's dtype, or a 4-bit base's compute dtype (`lora.base_layer._adapter_dtype`).
+        weight's dtype, or a 4-bit base's compute dtype; PEFT's default `autocast_adapter_dtype` would
+        upcast bf16 adapters to float32, a deliberate difference (`lora.base_layer._adapter_dtype`,
+        docs/reference.md#where-we-differ).
         """
         self._check_new_adapter(adapter_name, rank, alpha, min(self.in_features, self.out_features), init)
         if self.merged_adapters:
