@@ -57,8 +57,8 @@ def dora_forward_plain(layer, adapter_name: str, x: torch.Tensor, result: torch.
         weight_x = F.linear(x_dropped, layer._dense_weight(x.dtype))  # W x_d   (..., out)
     else:
         x_dropped = x
-        weight_x = (result if bias is None else result - bias).to(x.dtype)  # W x = result - b   (..., out)
-    scaled_B = (magnitude_scale * scaling)[:, None] * lora_B  # diag(m/n · s) B: row i times (m/n)_i · s   [out, r]
+        weight_x = (result if bias is None else result - bias).to(x.dtype)  # result - b: W x (+ earlier updates)
+    scaled_B = (magnitude_scale * scaling)[:, None] * lora_B  # diag(m/n · s) B: row i times (m/n)_i · s
     lora_out = F.linear(F.linear(x_dropped, lora_A), scaled_B)  # (m/n) · s · B A x_d   (..., r) -> (..., out)
     update = torch.addcmul(lora_out, magnitude_scale - 1, weight_x)  # ... + (m/n - 1) · W x_d   (..., out)
     return result + update.to(result.dtype)
