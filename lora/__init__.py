@@ -17,8 +17,10 @@ After (LoRA: the model is frozen, small adapters A, B train next to q_proj and v
     lora.load_adapter(fresh_base_model, "dist/my_adapter")
     plain = lora.merge_and_unload(model)         # nn.Linear layers again, no adapter parameters left
 
-Files, in reading order: config.py (LoRAConfig), layer.py (LoRALinear: the math, inits, DoRA,
-merge), embedding.py (LoRAEmbedding), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
+Files, in reading order: config.py (LoRAConfig), layer.py (LoRALinear: the LoRA forward, merge),
+dora.py (DoRA: the formula, then the fast path and its cache), inits.py (kaiming, gaussian, PiSSA,
+OLoRA), bookkeeping.py (LoRALayerBase: named adapters), base_layer.py (nn.Linear or 4-bit base),
+embedding.py (LoRAEmbedding), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
 one copy per adapter), model.py (apply_lora, target matching, adapters on a model),
 combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+).
 """

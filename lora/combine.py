@@ -1,6 +1,6 @@
 """combine_adapters: a new adapter from a weighted mix of existing ones (PEFT's `add_weighted_adapter`).
 
-With weights w_i, scalings s_i and updates ΔW_i = s_i B_i A_i (REFERENCE.md, "Weighted combination"):
+With weights w_i, scalings s_i and updates ΔW_i = s_i B_i A_i (docs/reference.md#combining-adapters):
 
     "cat"     A' = cat[w_i s_i A_i] (rank axis), B' = cat[B_i]   ->  ΔW' = Σ w_i s_i B_i A_i exactly,
               rank Σ r_i, scaling 1

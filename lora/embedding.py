@@ -8,7 +8,7 @@ An embedding is a lookup, so the adapter is a second, low-rank lookup table s·(
 A is `[r, vocab]` and B is `[dim, r]` (the same orientation as PEFT's `lora_embedding_A/B`). The init
 is reversed with respect to Linear: A = 0, B ~ N(0, 1), so the adapter again starts as a no-op. There
 is no dropout on the branch (a dropped-out token id would mean nothing). DoRA, PiSSA and OLoRA are not
-offered for embeddings here.
+offered for embeddings here. The formula: docs/reference.md#lora-on-embeddings.
 """
 
 import math
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora.layer import LoRALayerBase
+from lora.bookkeeping import LoRALayerBase
 
 
 class LoRAEmbedding(LoRALayerBase):
@@ -76,14 +76,7 @@ class LoRAEmbedding(LoRALayerBase):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (...) -> (..., dim): the base rows plus each active, unmerged adapter's rows."""
         result = self.base_layer(idx)  # (..., dim)
-        if self.adapters_disabled:
-            if self.merged_adapters:
-                raise RuntimeError(f"adapters {self.merged_adapters} are merged into the weight, so they cannot be "
-                                   f"disabled; call unmerge(model) first")
-            return result
-        for adapter_name in self.active_adapters:
-            if adapter_name in self.merged_adapters:
-                continue
+        for adapter_name in self._adapters_to_run():
             rows = self._lookup(idx, self.lora_A[adapter_name].t())  # Aᵀ [vocab, r] -> (..., r)
             result = result + (rows @ self.lora_B[adapter_name].t()) * self.scaling[adapter_name]  # (..., dim)
         return result
