@@ -1,7 +1,8 @@
 """quant: pure-PyTorch NF4 quantization with double quantization, and the 4-bit base layer of QLoRA.
 
-Follows QLoRA (Dettmers et al., 2023) and matches bitsandbytes 0.50 byte for byte (REFERENCE.md),
-without needing bitsandbytes at run time. Read the files in this order:
+Follows QLoRA (Dettmers et al., 2023) and matches bitsandbytes 0.50 byte for byte
+(docs/reference.md#nf4-quantize, docs/reference.md#where-we-differ), without needing bitsandbytes at
+run time. Read the files in this order:
 
     nf4_code.py    the 16 NF4 values and the 8-bit dynamic map, rebuilt from their definitions
     nf4.py         quantize_nf4 / NF4Weight.dequantize: blocks, absmax, packing, double quantization
