@@ -5,7 +5,8 @@ Follows QLoRA (Dettmers et al., 2023) and matches bitsandbytes 0.50 byte for byt
 run time. Read the files in this order:
 
     nf4_code.py    the 16 NF4 values and the 8-bit dynamic map, rebuilt from their definitions
-    nf4.py         quantize_nf4 / NF4Weight.dequantize: blocks, absmax, packing, double quantization
+    nf4.py         the plain quantize_nf4_reference / dequantize_nf4_reference first, then the same
+                   numbers faster: quantize_nf4 / NF4Weight.dequantize, double quantization
     linear4bit.py  Linear4bit: a frozen NF4 weight dequantized on the fly in forward
     model.py       quantize_model (swap Linear -> Linear4bit), dequantize_model (back), memory_report
 
@@ -42,11 +43,15 @@ from quant.nf4 import (
     NF4Weight,
     byte_to_pair_table,
     dequantize_absmax,
+    dequantize_absmax_reference,
     dequantize_nf4,
+    dequantize_nf4_reference,
     nearest_codes,
     pack_nibbles,
     quantize_absmax,
+    quantize_absmax_reference,
     quantize_nf4,
+    quantize_nf4_reference,
     unpack_nibbles,
 )
 from quant.nf4_code import DYNAMIC_MAP_SIGNED, NF4_CODE, code_midpoints, create_dynamic_map_signed, derive_nf4_code
@@ -55,6 +60,7 @@ __all__ = [
     "NF4_CODE", "DYNAMIC_MAP_SIGNED", "derive_nf4_code", "create_dynamic_map_signed", "code_midpoints",
     "NF4Weight", "quantize_nf4", "dequantize_nf4", "nearest_codes", "quantize_absmax", "dequantize_absmax",
     "pack_nibbles", "unpack_nibbles", "byte_to_pair_table", "VALID_BLOCK_SIZES",
+    "quantize_nf4_reference", "dequantize_nf4_reference", "quantize_absmax_reference", "dequantize_absmax_reference",
     "Linear4bit", "LinearNF4Function",
     "quantize_model", "dequantize_model", "QuantizationReport", "memory_report", "MemoryReport", "nf4_storage_bytes",
 ]

@@ -1,7 +1,9 @@
-"""quantize_nf4 / NF4Weight: exact oracles first (REFERENCE.md NF4 steps 2-9), then error bounds.
+"""quantize_nf4 / NF4Weight: exact oracles first (docs/reference.md#nf4-quantize), then error bounds.
 
-The oracle `reference_quantize` below follows REFERENCE.md literally, one block at a time, one element
-at a time, with no chunking, lookup tables or packing tricks; the fast code must agree with it exactly.
+The oracle is the library's plain `quantize_nf4_reference` (the top of quant/nf4.py), which follows
+docs/reference.md#nf4-quantize step by step with no chunking, lookup tables or packing tricks; the fast
+code must agree with it exactly. tests/test_nf4_fast_equals_reference.py compares the two on many more
+cases, and checks the reference against the literal count of midpoints below each value.
 """
 
 import math
@@ -22,6 +24,7 @@ from quant import (
     pack_nibbles,
     quantize_absmax,
     quantize_nf4,
+    quantize_nf4_reference,
     unpack_nibbles,
 )
 
@@ -29,23 +32,9 @@ MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) * 0.5  # [15], float32
 
 
 def reference_quantize(weight: torch.Tensor, block_size: int):
-    """REFERENCE.md steps 2-5, slowly: returns (codes [n] int64, absmax [num_blocks] float32)."""
-    flat = weight.reshape(-1).float()
-    codes, absmaxes = [], []
-    for start in range(0, flat.numel(), block_size):
-        block = flat[start:start + block_size]
-        absmax = block.abs().max()
-        clamped = torch.clamp(absmax, min=1e-38)
-        if block.numel() == block_size:
-            scaled = block * (1.0 / clamped)  # full block: multiply by the float32 reciprocal
-            absmaxes.append(absmax)
-        else:
-            scaled = block / clamped  # partial last block: a true division, clamped value stored
-            absmaxes.append(clamped)
-        scaled = scaled.clamp(-1.0, 1.0)
-        for value in scaled:
-            codes.append(int((MIDPOINTS < value).sum()))  # number of midpoints strictly below
-    return torch.tensor(codes), torch.stack(absmaxes)
+    """The library's plain reference, unpacked: returns (codes [n] int64, absmax [num_blocks] float32)."""
+    packed, absmax = quantize_nf4_reference(weight, block_size)
+    return unpack_nibbles(packed, weight.numel()).long(), absmax
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,7 +84,7 @@ def test_dequantize_equals_code_times_absmax_in_float32(shape, block_size):
     nf4 = quantize_nf4(weight, block_size=block_size, double_quant=False)
     codes = unpack_nibbles(nf4.packed, weight.numel()).long()
     block_of = torch.arange(weight.numel()) // block_size
-    expected = (NF4_CODE[codes] * nf4.absmax[block_of]).reshape(shape)  # REFERENCE.md step 7
+    expected = (NF4_CODE[codes] * nf4.absmax[block_of]).reshape(shape)  # docs/reference.md#nf4-dequantize
     assert torch.equal(nf4.dequantize(), expected)
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(nf4.dequantize(dtype), expected.to(dtype))
@@ -114,7 +103,7 @@ def test_values_exactly_on_midpoints_go_to_the_lower_code():
     assert codes_above[:15].tolist() == list(range(1, 16))
 
 
-# A value where REFERENCE.md step 4's two rules disagree: x / absmax lands exactly on midpoint 12
+# A value where the two scaling rules of docs/reference.md#nf4-quantize disagree: x / absmax lands exactly on midpoint 12
 # (between codes 12 and 13; a tie goes to the lower code), while x * float32(1 / absmax) is one float32
 # step above it. So the same two values give code 13 in a full block and 12 in the partial last block.
 RULE_ABSMAX, RULE_X = 1.1976676, 0.6008261
