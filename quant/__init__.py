@@ -46,6 +46,7 @@ from quant.nf4 import (
     dequantize_absmax_reference,
     dequantize_nf4,
     dequantize_nf4_reference,
+    mean_absmax,
     nearest_codes,
     pack_nibbles,
     quantize_absmax,
@@ -61,6 +62,7 @@ __all__ = [
     "NF4Weight", "quantize_nf4", "dequantize_nf4", "nearest_codes", "quantize_absmax", "dequantize_absmax",
     "pack_nibbles", "unpack_nibbles", "byte_to_pair_table", "VALID_BLOCK_SIZES",
     "quantize_nf4_reference", "dequantize_nf4_reference", "quantize_absmax_reference", "dequantize_absmax_reference",
+    "mean_absmax",
     "Linear4bit", "LinearNF4Function",
     "quantize_model", "dequantize_model", "QuantizationReport", "memory_report", "MemoryReport", "nf4_storage_bytes",
 ]

@@ -113,6 +113,28 @@ def dequantize_nf4_reference(packed: torch.Tensor, absmax: torch.Tensor, shape, 
     return values.to(dtype).reshape(shape)
 
 
+def mean_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """The offset of double quantization: the mean of the block scales, float32, without overflowing.
+
+    bitsandbytes takes `absmax.mean()`, and so do we, for the same bits. But that float32 sum overflows
+    to inf once the block scales add up past 3.4e38 (a finite weight with values near the float32
+    limit), and an infinite offset would turn every rebuilt block scale into NaN. Only in that case we
+    take the mean of `absmax / max(absmax)` instead, times the max: every term is at most 1, so nothing
+    overflows. Ordinary weights never reach that line, so their bytes still equal bitsandbytes'.
+
+    Example:
+        >>> mean_absmax(torch.tensor([1.0, 2.0, 6.0])).item()
+        3.0
+        >>> mean_absmax(torch.tensor([3e38, 3e38, 3e38])).item() == torch.tensor(3e38).item()
+        True
+    """
+    offset = absmax.mean()  # [] float32, the same reduction as bitsandbytes
+    if torch.isfinite(offset) or not torch.isfinite(absmax).all():
+        return offset  # NaN or inf in absmax itself is the caller's to report (quantize_nf4 names the block)
+    largest = absmax.max()
+    return (absmax / largest).mean() * largest
+
+
 def quantize_absmax_reference(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE):
     """Double quantization written plainly: returns (absmax_q, absmax_scale, absmax_offset).
 
@@ -126,7 +148,7 @@ def quantize_absmax_reference(absmax: torch.Tensor, dq_block_size: int = DEFAULT
         >>> q.tolist(), scale.tolist(), offset.item()     # -1, 0, +1 times scale 1.0, plus 2.0
         ([0, 127, 255], [1.0], 2.0)
     """
-    absmax_offset = absmax.mean()  # [] float32, the same reduction as bitsandbytes
+    absmax_offset = mean_absmax(absmax)  # [] float32
     centered = absmax - absmax_offset  # [nb]; both terms lie in [0, max], so this cannot overflow
     numel = centered.numel()
     num_blocks = -(-numel // dq_block_size)
@@ -422,6 +444,30 @@ def _raise_on_non_finite(flat: torch.Tensor, absmax: torch.Tensor, block_size: i
         f"blocks are affected. Fix the weight (e.g. torch.nan_to_num) before quantizing.")
 
 
+def _raise_on_overflowing_absmax(absmax: torch.Tensor, rebuilt: torch.Tensor, dtype: torch.dtype,
+                                 block_size: int, shape) -> None:
+    """Refuse a double quantization whose rebuilt block scale overflows the weight's dtype.
+
+    The 8-bit code of a block scale is the nearest value of the dynamic map, which may lie a little
+    above the true scale; rebuilt, `map[q] * absmax_scale + offset` can then pass the largest float32
+    (or float16, bfloat16) value when the weight holds values close to it, and the block's largest
+    weight would dequantize to inf. bitsandbytes returns that inf; we name the block instead. A block's
+    largest weight has code 0 or 15 (the values -1 and 1), so it dequantizes to minus or plus the
+    rebuilt scale: checking the rebuilt scales in `dtype` is enough.
+    """
+    bad_blocks = torch.nonzero(~torch.isfinite(rebuilt.to(dtype))).flatten()
+    if bad_blocks.numel() == 0:
+        return
+    block = int(bad_blocks[0])
+    raise ValueError(
+        f"double quantization cannot store the scale of block {block} (flattened elements "
+        f"{block * block_size} to {min((block + 1) * block_size, math.prod(shape)) - 1} of the weight of shape "
+        f"{tuple(shape)}): its absmax {absmax[block].item()} comes back from 8 bits as {rebuilt[block].item()}, "
+        f"past the largest {dtype} value {torch.finfo(dtype).max}, so dequantizing would give inf "
+        f"({bad_blocks.numel()} of {absmax.numel()} blocks are affected). Quantize this weight with "
+        f"double_quant=False (absmax is then stored exactly) or scale it down first.")
+
+
 def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
     """max |x| per row of a [num_blocks, block_size] tensor, float32 (NaN and inf propagate)."""
     return blocks.float().abs().amax(dim=1)  # [num_blocks]
@@ -469,8 +515,9 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         NF4Weight on the weight's device.
 
     Raises:
-        ValueError: a non-float tensor, an invalid block_size or dq_block_size, or NaN/inf in the weight
-            (naming the block).
+        ValueError: a non-float tensor, an invalid block_size or dq_block_size, NaN/inf in the weight
+            (naming the block), or, with double quantization, a block scale whose 8-bit form would
+            dequantize past the largest value of the weight's dtype (naming the block).
 
     Example:
         >>> weight = torch.tensor([[0.6, -1.0, 0.0, 0.25]])
@@ -528,6 +575,8 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         return NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, block_size=block_size,
                          absmax=absmax)
     absmax_q, absmax_scale, absmax_offset = quantize_absmax(absmax, dq_block_size)
+    _raise_on_overflowing_absmax(absmax, dequantize_absmax(absmax_q, absmax_scale, absmax_offset, dq_block_size),
+                                 weight.dtype, block_size, weight.shape)
     return NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, block_size=block_size,
                      absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset,
                      dq_block_size=dq_block_size)
@@ -558,7 +607,7 @@ def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_
         ([0, 127, 255], [1.0], 2.0)
     """
     dq_block_size = check_block_size(dq_block_size, "dq_block_size")
-    absmax_offset = absmax.mean()  # [] float32, the same reduction as bitsandbytes
+    absmax_offset = mean_absmax(absmax)  # [] float32, bitsandbytes' mean unless that one overflows
     centered = absmax - absmax_offset  # [num_blocks]
     num_values = centered.numel()
     num_full = num_values // dq_block_size

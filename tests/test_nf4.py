@@ -349,6 +349,51 @@ def test_nan_in_partial_last_block():
         quantize_nf4(weight)
 
 
+# Values near the float32 limit. The double quantization offset is the mean of the block scales; its
+# float32 sum used to overflow to inf, and every dequantized weight became NaN. A weight like this one
+# now gives finite values; the rare weight whose rebuilt 8-bit scale itself lands past the limit is
+# refused with a ValueError naming the block. Ordinary weights keep bitsandbytes' offset, bit for bit.
+
+def test_values_near_the_float32_limit_dequantize_to_finite_values():
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    weight[:, 0] = 3e38  # one value per block: the plain mean of 300 such absmax overflows
+    weight[7, 9] = -3e38
+    plain_absmax = quantize_nf4(weight, double_quant=False).absmax
+    assert not torch.isfinite(plain_absmax.mean())  # the overflow that used to turn everything into NaN
+    nf4 = quantize_nf4(weight)  # double quantization
+    assert torch.isfinite(nf4.absmax_offset) and torch.isfinite(nf4.absmax_scale).all()
+    restored = nf4.dequantize()
+    assert torch.isfinite(restored).all()
+    # the big values come back within the usual error of double quantization: 1% of the block scale
+    assert torch.allclose(restored[:, 0], weight[:, 0], rtol=0.01, atol=0)
+    assert torch.allclose(restored[7, 9], weight[7, 9], rtol=0.01, atol=0)
+
+
+def test_ordinary_weights_keep_the_plain_mean_as_offset():
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(1))
+    nf4 = quantize_nf4(weight)
+    plain_absmax = quantize_nf4(weight, double_quant=False).absmax
+    assert nf4.absmax_offset.item() == plain_absmax.mean().item()  # bitsandbytes' reduction, same bits
+    assert quantize_absmax(plain_absmax)[2].item() == plain_absmax.mean().item()
+
+
+@pytest.mark.parametrize("dtype, maxima", [
+    (torch.float32, [1.0, 0.9, 0.5]),  # fractions of the largest float32
+    (torch.float16, [1.0, 50848 / 65504, 63968 / 65504, 33952 / 65504]),  # of the largest float16, 65504
+])
+def test_a_rebuilt_scale_past_the_dtype_limit_names_the_block(dtype, maxima):
+    # The 8-bit code of block 0's scale is the nearest dynamic-map value, a little above the true
+    # scale; rebuilt, it passes the dtype's largest value and block 0 would dequantize to inf.
+    weight = torch.zeros(len(maxima), 64, dtype=dtype)
+    weight[:, 5] = (torch.tensor(maxima, dtype=torch.float64) * torch.finfo(dtype).max).to(dtype)
+    weight[:, 6] = 1.0
+    with pytest.raises(ValueError, match=r"scale of block 0 \(flattened elements 0 to 63 .*double_quant=False"):
+        quantize_nf4(weight)
+    # without double quantization absmax is stored exactly: finite in, finite out
+    restored = quantize_nf4(weight, double_quant=False).dequantize()
+    assert torch.isfinite(restored).all() and torch.equal(restored[:, 5], weight[:, 5])
+
+
 def test_nf4weight_needs_exactly_one_kind_of_absmax():
     with pytest.raises(ValueError, match="either"):
         NF4Weight(packed=torch.zeros(1, dtype=torch.uint8), shape=torch.Size([2]), dtype=torch.float32,

@@ -161,6 +161,14 @@ def test_all_zero_and_tiny_blocks(numel):
     assert_fast_equals_reference(torch.ones(numel), 64)  # every absmax equal: the centred values are 0
 
 
+def test_outliers_and_huge_values():
+    weight = random_weight((40, 64), torch.float32, seed=0)
+    weight[3, 7] = 1e6
+    weight[20, 0] = -3e38  # near the float32 limit: the double quantization offset takes its safe path
+    assert_fast_equals_reference(weight, 64)
+    assert_fast_equals_reference(torch.full((300, 64), 3e38), 64)
+
+
 finite_floats = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32)
 
 
