@@ -1,10 +1,12 @@
 """quant: pure-PyTorch NF4 quantization with double quantization, and the 4-bit base layer of QLoRA.
 
-Follows QLoRA (Dettmers et al., 2023) and matches bitsandbytes 0.50 byte for byte (REFERENCE.md),
-without needing bitsandbytes at run time. Read the files in this order:
+Follows QLoRA (Dettmers et al., 2023) and matches bitsandbytes 0.50 byte for byte
+(docs/reference.md#nf4-quantize, docs/reference.md#where-we-differ), without needing bitsandbytes at
+run time. Read the files in this order:
 
     nf4_code.py    the 16 NF4 values and the 8-bit dynamic map, rebuilt from their definitions
-    nf4.py         quantize_nf4 / NF4Weight.dequantize: blocks, absmax, packing, double quantization
+    nf4.py         the plain quantize_nf4_reference / dequantize_nf4_reference first, then the same
+                   numbers faster: quantize_nf4 / NF4Weight.dequantize, double quantization
     linear4bit.py  Linear4bit: a frozen NF4 weight dequantized on the fly in forward
     model.py       quantize_model (swap Linear -> Linear4bit), dequantize_model (back), memory_report
 
@@ -41,11 +43,16 @@ from quant.nf4 import (
     NF4Weight,
     byte_to_pair_table,
     dequantize_absmax,
+    dequantize_absmax_reference,
     dequantize_nf4,
+    dequantize_nf4_reference,
+    mean_absmax,
     nearest_codes,
     pack_nibbles,
     quantize_absmax,
+    quantize_absmax_reference,
     quantize_nf4,
+    quantize_nf4_reference,
     unpack_nibbles,
 )
 from quant.nf4_code import DYNAMIC_MAP_SIGNED, NF4_CODE, code_midpoints, create_dynamic_map_signed, derive_nf4_code
@@ -54,6 +61,8 @@ __all__ = [
     "NF4_CODE", "DYNAMIC_MAP_SIGNED", "derive_nf4_code", "create_dynamic_map_signed", "code_midpoints",
     "NF4Weight", "quantize_nf4", "dequantize_nf4", "nearest_codes", "quantize_absmax", "dequantize_absmax",
     "pack_nibbles", "unpack_nibbles", "byte_to_pair_table", "VALID_BLOCK_SIZES",
+    "quantize_nf4_reference", "dequantize_nf4_reference", "quantize_absmax_reference", "dequantize_absmax_reference",
+    "mean_absmax",
     "Linear4bit", "LinearNF4Function",
     "quantize_model", "dequantize_model", "QuantizationReport", "memory_report", "MemoryReport", "nf4_storage_bytes",
 ]

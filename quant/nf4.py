@@ -4,7 +4,7 @@ QLoRA (Dettmers et al., 2023) stores a frozen weight in 4 bits: the weight is cu
 values, each block is divided by its largest magnitude ("absmax", QLoRA eq. 1) so it lies in [-1, 1],
 and each value is replaced by the index of the nearest of the 16 NF4 values (`quant/nf4_code.py`).
 Double quantization (QLoRA section 3) then quantizes the float32 absmax values themselves to 8 bits,
-in blocks of 256, which cuts their cost from 0.5 to 0.127 bits per weight.
+in blocks of 256, which cuts their cost from 0.5 to 0.127 bits per weight (docs/reference.md#storage-cost).
 
     weight [out, in] ── flatten ── blocks of 64 ──┬── absmax per block (float32) ── double quantization
                                                   │                                   │
@@ -13,15 +13,27 @@ in blocks of 256, which cuts their cost from 0.5 to 0.127 bits per weight.
     NF4Weight: packed (uint8, 2 codes per byte) + absmax_q (uint8) + absmax_scale + absmax_offset
     dequantize: NF4_CODE[code] * absmax[block]          (QLoRA eq. 6, the doubleDequant)
 
-The rules (REFERENCE.md, NF4 steps 2-9) follow bitsandbytes 0.50 exactly, down to which blocks divide
-and which multiply by a reciprocal, so `packed` and `dequantize()` equal bitsandbytes' `quantize_4bit`
-/ `dequantize_4bit(quant_type="nf4")` bit for bit (tests/test_nf4_vs_bitsandbytes.py).
+The file reads in two passes:
 
-Speed (benchmarks/nf4.py): the big tensors are processed in chunks of about a million elements, so
-the temporaries stay small (and in cache) whatever the weight's size, and dequantization turns each
-byte into its two code values with one 256-entry lookup table instead of unpacking nibbles one by one.
+1. The idea, plainly: `quantize_nf4_reference` / `dequantize_nf4_reference` and
+   `quantize_absmax_reference` / `dequantize_absmax_reference`, each a dozen lines straight from the
+   definitions (docs/reference.md#nf4-quantize, #nf4-packing, #nf4-dequantize, #double-quantization).
+2. The same numbers, faster: `quantize_nf4`, `dequantize_nf4`, `quantize_absmax`, `dequantize_absmax`,
+   what `NF4Weight` and `Linear4bit` use. tests/test_nf4_fast_equals_reference.py checks that they
+   give the same bytes and the same dequantized tensors as the plain versions.
+
+The rules follow bitsandbytes 0.50 exactly, down to which blocks divide and which multiply by a
+reciprocal, so `packed` and `dequantize()` equal bitsandbytes' `quantize_4bit` /
+`dequantize_4bit(quant_type="nf4")` bit for bit (tests/test_nf4_vs_bitsandbytes.py); the few places
+where we differ are in docs/reference.md#where-we-differ.
+
+Speed (benchmarks/nf4.py, docs/benchmarks.md): the fast versions process big tensors in chunks of about
+a million elements, so the temporaries stay small (and in cache) whatever the weight's size, and
+dequantization turns each byte into its two code values with one 256-entry lookup table instead of
+unpacking nibbles one by one.
 """
 
+import math
 import operator
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -38,38 +50,142 @@ ABSMAX_FLOOR = 1e-38  # bitsandbytes clamps absmax to this before dividing (an a
 CHUNK_ELEMENTS = 1 << 20  # weights processed per step on CPU: 4 MB of float32, cache-sized temporaries
 GPU_CHUNK_ELEMENTS = 1 << 22  # on a GPU: big enough to fill it, small enough to bound the temporaries
 
-_TABLE_CACHE = {}  # (name, device) -> small constant tensors, so we copy them to a GPU only once
 
+# ----------------------------------------------------------------------------------------------------
+# The idea, plainly: quantize and dequantize in a few lines each (the reference)
+# ----------------------------------------------------------------------------------------------------
 
-def _cached_table(name: str, device: torch.device) -> torch.Tensor:
-    """The constant lookup tables on `device`: NF4 midpoints, dynamic-map midpoints, byte-to-pair."""
-    key = (name, str(device))
-    if key not in _TABLE_CACHE:
-        if name == "nf4_midpoints":
-            table = code_midpoints(NF4_CODE)  # [15]
-        elif name == "dynamic_midpoints":
-            table = code_midpoints(DYNAMIC_MAP_SIGNED)  # [255]
-        elif name == "dynamic_map":
-            table = DYNAMIC_MAP_SIGNED  # [256]
-        elif name == "byte_to_pair_bits":
-            # subtle: each row of the [256, 2] float32 table is 8 bytes; viewed as one int64 per byte
-            # value, a 1-D lookup copies both code values at once (about 2x faster than a row gather)
-            # and, being an integer copy, moves the bits untouched.
-            table = byte_to_pair_table().view(torch.int64).reshape(256)  # [256]
-        else:
-            raise KeyError(name)
-        _TABLE_CACHE[key] = table.to(device)
-    return _TABLE_CACHE[key]
+def quantize_nf4_reference(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE):
+    """NF4 quantization written plainly, one step per line: returns (packed, absmax).
 
+    docs/reference.md#nf4-quantize and #nf4-packing. `quantize_nf4` computes the same bytes faster,
+    checks its input and adds double quantization; this version works on the whole weight at once, so
+    its temporaries are a few times the weight's size.
 
-def _chunk_elements(device: torch.device) -> int:
-    """How many weights to process per step: a CPU wants cache-sized chunks, a GPU few big launches.
+    Args:
+        weight: float32, float16 or bfloat16 tensor of any shape.
+        block_size: consecutive weights sharing one absmax (64 in QLoRA).
 
-    Either way the temporaries (scaled values, int32 codes) stay a fixed size, so quantizing a weight
-    never needs more than a small fraction of the weight's own size in extra memory.
+    Returns:
+        (packed uint8 [ceil(n / 2)], absmax float32 [ceil(n / block_size)])
+
+    Example:
+        >>> packed, absmax = quantize_nf4_reference(torch.tensor([[0.6, -1.0, 0.0, 0.25]]), block_size=32)
+        >>> [hex(byte) for byte in packed.tolist()], absmax.tolist()   # codes 13, 0, 7, 10
+        (['0xd0', '0x7a'], [1.0])
     """
-    return CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    flat = weight.detach().reshape(-1).float()  # [n], row-major: blocks may cross row boundaries
+    numel = flat.numel()
+    num_blocks = -(-numel // block_size)  # the last block may be partial
+    padding = num_blocks * block_size - numel  # zeros, which change no block's absmax
+    blocks = torch.nn.functional.pad(flat, (0, padding)).view(num_blocks, block_size)  # [blocks, bs]
+    absmax = blocks.abs().amax(dim=1)  # [blocks], QLoRA eq. 1: absmax(X)
+    clamped = absmax.clamp(min=ABSMAX_FLOOR)  # an all-zero block must not divide by zero
+    scaled = blocks * (1.0 / clamped)[:, None]  # [blocks, bs]: x times the float32 reciprocal
+    if padding:
+        # subtle: bitsandbytes divides the partial last block instead, and stores its clamped absmax.
+        # The last bit of a scaled value, and so the code of a value on a midpoint, depends on it.
+        scaled[-1] = blocks[-1] / clamped[-1]
+        absmax[-1] = clamped[-1]
+    midpoints = code_midpoints(NF4_CODE).to(flat.device)  # [15]
+    codes = torch.bucketize(scaled.clamp(-1.0, 1.0), midpoints)  # nearest code: midpoints strictly below
+    codes = codes.reshape(-1)[:numel + numel % 2]  # [n, rounded up to even]; a padding zero gets code 7
+    packed = (codes[0::2] * 16 + codes[1::2]).to(torch.uint8)  # two codes per byte, the first one high
+    return packed, absmax
 
+
+def dequantize_nf4_reference(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size: int,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rebuild a weight plainly: `out[j] = NF4_CODE[code[j]] * absmax[j // block_size]`, cast once.
+
+    docs/reference.md#nf4-dequantize. The product is taken in float32 and rounded once to `dtype`, as
+    bitsandbytes does. `dequantize_nf4` computes the same numbers faster.
+
+    Example:
+        >>> packed = torch.tensor([0xF0, 0x7F], dtype=torch.uint8)      # codes 15, 0, 7, 15
+        >>> dequantize_nf4_reference(packed, torch.tensor([2.0]), (4,), block_size=64)
+        tensor([ 2., -2.,  0.,  2.])
+    """
+    numel = math.prod(shape)
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:numel]  # [n], high nibble first
+    block_of = torch.arange(numel, device=packed.device) // block_size  # [n]: each weight's block
+    values = NF4_CODE.to(packed.device)[codes.long()] * absmax[block_of]  # [n], float32
+    return values.to(dtype).reshape(shape)
+
+
+def mean_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """The offset of double quantization: the mean of the block scales, float32, without overflowing.
+
+    bitsandbytes takes `absmax.mean()`, and so do we, for the same bits. But that float32 sum overflows
+    to inf once the block scales add up past 3.4e38 (a finite weight with values near the float32
+    limit), and an infinite offset would turn every rebuilt block scale into NaN. Only in that case we
+    take the mean of `absmax / max(absmax)` instead, times the max: every term is at most 1, so nothing
+    overflows. Ordinary weights never reach that line, so their bytes still equal bitsandbytes'.
+
+    Example:
+        >>> mean_absmax(torch.tensor([1.0, 2.0, 6.0])).item()
+        3.0
+        >>> mean_absmax(torch.tensor([3e38, 3e38, 3e38])).item() == torch.tensor(3e38).item()
+        True
+    """
+    offset = absmax.mean()  # [] float32, the same reduction as bitsandbytes
+    if torch.isfinite(offset) or not torch.isfinite(absmax).all():
+        return offset  # NaN or inf in absmax itself is the caller's to report (quantize_nf4 names the block)
+    largest = absmax.max()
+    return (absmax / largest).mean() * largest
+
+
+def quantize_absmax_reference(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE):
+    """Double quantization written plainly: returns (absmax_q, absmax_scale, absmax_offset).
+
+    docs/reference.md#double-quantization. The block scales are all positive, so they are centred on
+    their mean first and the signed 8-bit map can use both halves of its range; then comes the same
+    blockwise absmax quantization as for the weights, with blocks of 256 and the 256 values of the
+    dynamic map in place of the 16 NF4 values. `quantize_absmax` computes the same bytes faster.
+
+    Example:
+        >>> q, scale, offset = quantize_absmax_reference(torch.tensor([1.0, 2.0, 3.0]))
+        >>> q.tolist(), scale.tolist(), offset.item()     # -1, 0, +1 times scale 1.0, plus 2.0
+        ([0, 127, 255], [1.0], 2.0)
+    """
+    absmax_offset = mean_absmax(absmax)  # [] float32
+    centered = absmax - absmax_offset  # [nb]; both terms lie in [0, max], so this cannot overflow
+    numel = centered.numel()
+    num_blocks = -(-numel // dq_block_size)
+    padding = num_blocks * dq_block_size - numel
+    blocks = torch.nn.functional.pad(centered, (0, padding)).view(num_blocks, dq_block_size)  # [nb2, 256]
+    absmax_scale = blocks.abs().amax(dim=1)  # [nb2]
+    clamped = absmax_scale.clamp(min=ABSMAX_FLOOR)
+    scaled = blocks * (1.0 / clamped)[:, None]  # [nb2, 256]: full blocks multiply by the reciprocal
+    if padding:
+        # subtle: as for the weights, the partial last block divides; unlike them it stores its scale
+        # unclamped (bitsandbytes' rule for the second level)
+        scaled[-1] = blocks[-1] / clamped[-1]
+    midpoints = code_midpoints(DYNAMIC_MAP_SIGNED).to(absmax.device)  # [255]
+    codes = torch.bucketize(scaled.clamp(-1.0, 1.0), midpoints)  # [nb2, 256], nearest of the 256 values
+    absmax_q = codes.reshape(-1)[:numel].to(torch.uint8)  # [nb]
+    return absmax_q, absmax_scale, absmax_offset
+
+
+def dequantize_absmax_reference(absmax_q: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor,
+                                dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE) -> torch.Tensor:
+    """Rebuild the block scales plainly: `float32(map[q] * absmax_scale[i // 256]) + offset`.
+
+    docs/reference.md#double-quantization; `dequantize_absmax` computes the same numbers.
+
+    Example:
+        >>> q = torch.tensor([0, 127, 255], dtype=torch.uint8)
+        >>> dequantize_absmax_reference(q, torch.tensor([1.0]), torch.tensor(2.0))
+        tensor([1.0070, 2.0000, 3.0000])
+    """
+    block_of = torch.arange(absmax_q.numel(), device=absmax_q.device) // dq_block_size  # [nb]
+    values = DYNAMIC_MAP_SIGNED.to(absmax_q.device)[absmax_q.long()] * absmax_scale[block_of]  # [nb]
+    return values + absmax_offset  # QLoRA eq. 6, inner part
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block sizes
+# ----------------------------------------------------------------------------------------------------
 
 def check_block_size(block_size, name: str = "block_size") -> int:
     """Validate a block size (`block_size` or `dq_block_size`) and return it as a plain int.
@@ -112,7 +228,7 @@ def check_block_size(block_size, name: str = "block_size") -> int:
 # ----------------------------------------------------------------------------------------------------
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit codes two per byte, the first element in the high nibble (REFERENCE.md step 6).
+    """Pack 4-bit codes two per byte, the first element in the high nibble (docs/reference.md#nf4-packing).
 
     Args:
         codes: integer tensor [n] with values 0..15.
@@ -260,8 +376,47 @@ class NF4Weight:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Quantize
+# The same numbers, faster: quantize
 # ----------------------------------------------------------------------------------------------------
+#
+# `quantize_nf4` computes exactly what `quantize_nf4_reference` and `quantize_absmax_reference` do, but
+# a chunk of full blocks at a time, so its temporaries (the float32 copy, the scaled values, the int32
+# codes) stay cache-sized and bounded whatever the weight's size, where the reference makes several
+# weight-sized ones; it packs each chunk straight into the output. `dequantize_nf4` further below
+# decodes two weights per lookup in a 256-entry byte -> (value, value) table.
+
+_TABLE_CACHE = {}  # (name, device) -> small constant tensors, so we copy them to a GPU only once
+
+
+def _cached_table(name: str, device: torch.device) -> torch.Tensor:
+    """The constant lookup tables on `device`: NF4 midpoints, dynamic-map midpoints, byte-to-pair."""
+    key = (name, str(device))
+    if key not in _TABLE_CACHE:
+        if name == "nf4_midpoints":
+            table = code_midpoints(NF4_CODE)  # [15]
+        elif name == "dynamic_midpoints":
+            table = code_midpoints(DYNAMIC_MAP_SIGNED)  # [255]
+        elif name == "dynamic_map":
+            table = DYNAMIC_MAP_SIGNED  # [256]
+        elif name == "byte_to_pair_bits":
+            # subtle: each row of the [256, 2] float32 table is 8 bytes; viewed as one int64 per byte
+            # value, a 1-D lookup copies both code values at once (faster than gathering rows) and,
+            # being an integer copy, moves the bits untouched.
+            table = byte_to_pair_table().view(torch.int64).reshape(256)  # [256]
+        else:
+            raise KeyError(name)
+        _TABLE_CACHE[key] = table.to(device)
+    return _TABLE_CACHE[key]
+
+
+def _chunk_elements(device: torch.device) -> int:
+    """How many weights to process per step: a CPU wants cache-sized chunks, a GPU few big launches.
+
+    Either way the temporaries (scaled values, int32 codes) stay a fixed size, so quantizing a weight
+    never needs more than a small fraction of the weight's own size in extra memory.
+    """
+    return CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+
 
 def _check_weight(weight: torch.Tensor) -> None:
     if not isinstance(weight, torch.Tensor):
@@ -289,15 +444,40 @@ def _raise_on_non_finite(flat: torch.Tensor, absmax: torch.Tensor, block_size: i
         f"blocks are affected. Fix the weight (e.g. torch.nan_to_num) before quantizing.")
 
 
+def _raise_on_overflowing_absmax(absmax: torch.Tensor, rebuilt: torch.Tensor, dtype: torch.dtype,
+                                 block_size: int, shape) -> None:
+    """Refuse a double quantization whose rebuilt block scale overflows the weight's dtype.
+
+    The 8-bit code of a block scale is the nearest value of the dynamic map, which may lie a little
+    above the true scale; rebuilt, `map[q] * absmax_scale + offset` can then pass the largest float32
+    (or float16, bfloat16) value when the weight holds values close to it, and the block's largest
+    weight would dequantize to inf. bitsandbytes returns that inf; we name the block instead. A block's
+    largest weight has code 0 or 15 (the values -1 and 1), so it dequantizes to minus or plus the
+    rebuilt scale: checking the rebuilt scales in `dtype` is enough.
+    """
+    bad_blocks = torch.nonzero(~torch.isfinite(rebuilt.to(dtype))).flatten()
+    if bad_blocks.numel() == 0:
+        return
+    block = int(bad_blocks[0])
+    raise ValueError(
+        f"double quantization cannot store the scale of block {block} (flattened elements "
+        f"{block * block_size} to {min((block + 1) * block_size, math.prod(shape)) - 1} of the weight of shape "
+        f"{tuple(shape)}): its absmax {absmax[block].item()} comes back from 8 bits as {rebuilt[block].item()}, "
+        f"past the largest {dtype} value {torch.finfo(dtype).max}, so dequantizing would give inf "
+        f"({bad_blocks.numel()} of {absmax.numel()} blocks are affected). Quantize this weight with "
+        f"double_quant=False (absmax is then stored exactly) or scale it down first.")
+
+
 def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
     """max |x| per row of a [num_blocks, block_size] tensor, float32 (NaN and inf propagate)."""
     return blocks.float().abs().amax(dim=1)  # [num_blocks]
 
 
 def nearest_codes(scaled: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code value: the number of midpoints strictly below each value (step 5).
+    """Index of the nearest code value: the number of midpoints strictly below each value.
 
-    A value exactly on a midpoint goes to the lower code, which is bitsandbytes' rule.
+    A value exactly on a midpoint goes to the lower code, which is bitsandbytes' rule
+    (docs/reference.md#nf4-quantize).
 
     Args:
         scaled: float32 tensor, any shape, values in [-1, 1].
@@ -321,6 +501,9 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
                  dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE) -> NF4Weight:
     """Quantize a weight to NF4, optionally with double quantization (QLoRA section 3).
 
+    The same bytes as `quantize_nf4_reference` (and, with double quantization, `quantize_absmax_reference`
+    on its absmax), computed a chunk of full blocks at a time; the library's default path.
+
     Args:
         weight: float32, float16 or bfloat16 tensor of any shape and element count, on any device.
         block_size: weights per absmax block, one of 32, 64, ..., 4096 (an int, or int-like such as np.int64).
@@ -332,8 +515,9 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         NF4Weight on the weight's device.
 
     Raises:
-        ValueError: a non-float tensor, an invalid block_size or dq_block_size, or NaN/inf in the weight
-            (naming the block).
+        ValueError: a non-float tensor, an invalid block_size or dq_block_size, NaN/inf in the weight
+            (naming the block), or, with double quantization, a block scale whose 8-bit form would
+            dequantize past the largest value of the weight's dtype (naming the block).
 
     Example:
         >>> weight = torch.tensor([[0.6, -1.0, 0.0, 0.25]])
@@ -347,7 +531,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
     dq_block_size = check_block_size(dq_block_size, "dq_block_size")
     _check_weight(weight)
     device = weight.device
-    flat = weight.detach().reshape(-1)  # [n], row-major; blocks may cross row boundaries (step 2)
+    flat = weight.detach().reshape(-1)  # [n], row-major; blocks may cross row boundaries
     numel = flat.numel()
     num_full_blocks = numel // block_size
     num_blocks = -(-numel // block_size)
@@ -374,7 +558,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         # subtle: no clamp to [-1, 1] needed here: a value just past +-1 (x * (1/x) can round up)
         # already gets code 15 or 0, since no midpoint lies beyond +-1. One pass less per chunk.
         codes = nearest_codes(scaled, midpoints)  # [b, bs] int32, 0..15
-        # Pack two codes per byte, first element high (step 6): byte = 16 * first + second.
+        # Pack two codes per byte, first element high (docs/reference.md#nf4-packing): 16 * first + second.
         torch.add(codes[:, 1::2], codes[:, 0::2], alpha=16, out=packed_full[start:end])  # [b, bs/2] uint8
         del blocks, scaled, codes  # free this chunk's temporaries before the next one allocates its own
 
@@ -391,20 +575,23 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         return NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, block_size=block_size,
                          absmax=absmax)
     absmax_q, absmax_scale, absmax_offset = quantize_absmax(absmax, dq_block_size)
+    _raise_on_overflowing_absmax(absmax, dequantize_absmax(absmax_q, absmax_scale, absmax_offset, dq_block_size),
+                                 weight.dtype, block_size, weight.shape)
     return NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, block_size=block_size,
                      absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset,
                      dq_block_size=dq_block_size)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Double quantization of the block scales (QLoRA section 3, REFERENCE.md step 8)
+# The same numbers, faster: double quantization of the block scales (QLoRA section 3)
 # ----------------------------------------------------------------------------------------------------
 
 def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE):
     """Quantize float32 block scales to 8 bits with the signed dynamic map, in blocks of `dq_block_size`.
 
-    absmax values are all positive, so they are centred on their mean first; the signed map then uses
-    both halves of its range.
+    The same bytes as `quantize_absmax_reference` (docs/reference.md#double-quantization), with the
+    block size checked, the tables cached on the device and no padded copy: full blocks and the partial
+    last block are scaled separately.
 
     Args:
         absmax: float32 [num_blocks].
@@ -420,7 +607,7 @@ def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_
         ([0, 127, 255], [1.0], 2.0)
     """
     dq_block_size = check_block_size(dq_block_size, "dq_block_size")
-    absmax_offset = absmax.mean()  # [] float32, the same reduction as bitsandbytes
+    absmax_offset = mean_absmax(absmax)  # [] float32, bitsandbytes' mean unless that one overflows
     centered = absmax - absmax_offset  # [num_blocks]
     num_values = centered.numel()
     num_full = num_values // dq_block_size
@@ -448,6 +635,8 @@ def dequantize_absmax(absmax_q: torch.Tensor, absmax_scale: torch.Tensor, absmax
                       dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE) -> torch.Tensor:
     """Inverse of `quantize_absmax`: `float32(map[q] * absmax_scale[i // 256]) + offset`, float32 [num_blocks].
 
+    The same numbers as `dequantize_absmax_reference`, without building a [num_blocks] index tensor.
+
     Example:
         >>> dequantize_absmax(torch.tensor([0, 127, 255], dtype=torch.uint8), torch.tensor([1.0]), torch.tensor(2.0))
         tensor([1.0070, 2.0000, 3.0000])
@@ -471,15 +660,18 @@ def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, block_size: int) -
 
 
 # ----------------------------------------------------------------------------------------------------
-# Dequantize
+# The same numbers, faster: dequantize
 # ----------------------------------------------------------------------------------------------------
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rebuild a weight from packed NF4 codes and float32 block scales (REFERENCE.md step 7).
+    """Rebuild a weight from packed NF4 codes and float32 block scales (docs/reference.md#nf4-dequantize).
 
     `out[j] = dtype(float32(NF4_CODE[code[j]] * absmax[j // block_size]))`: the product is taken in
-    float32 and rounded once to `dtype`, as bitsandbytes does.
+    float32 and rounded once to `dtype`, as bitsandbytes does. The same numbers as
+    `dequantize_nf4_reference`, faster: a chunk of blocks at a time into preallocated buffers, and each
+    byte decoded into both of its code values by one lookup in a 256-entry table (`byte_to_pair_table`)
+    instead of shifting, masking and interleaving nibbles.
 
     Args:
         packed: uint8 [ceil(n / 2)], from `quantize_nf4`.

@@ -28,7 +28,7 @@ bitsandbytes ships (see tests/test_nf4_code.py).
 import torch
 
 # The 16 NF4 values as bitsandbytes stores them (float32, index = 4-bit code, sorted ascending).
-# REFERENCE.md, NF4 step 1. `derive_nf4_code()` recomputes them from normal quantiles.
+# docs/reference.md#nf4-code-table. `derive_nf4_code()` recomputes them from normal quantiles.
 NF4_CODE = torch.tensor(
     [
         -1.0,
@@ -127,7 +127,7 @@ def code_midpoints(code: torch.Tensor) -> torch.Tensor:
     """Decision boundaries between neighbouring code values, `(c[i] + c[i+1]) * 0.5` in float32.
 
     `torch.bucketize(x, midpoints)` then counts the midpoints strictly below x, which is the index of
-    the nearest code value, a tie (x exactly on a midpoint) going to the lower code (REFERENCE.md step 5).
+    the nearest code value, a tie (x exactly on a midpoint) going to the lower code (docs/reference.md#nf4-quantize).
 
     Args:
         code: sorted float32 tensor [K].

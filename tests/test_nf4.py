@@ -1,7 +1,9 @@
-"""quantize_nf4 / NF4Weight: exact oracles first (REFERENCE.md NF4 steps 2-9), then error bounds.
+"""quantize_nf4 / NF4Weight: exact oracles first (docs/reference.md#nf4-quantize), then error bounds.
 
-The oracle `reference_quantize` below follows REFERENCE.md literally, one block at a time, one element
-at a time, with no chunking, lookup tables or packing tricks; the fast code must agree with it exactly.
+The oracle is the library's plain `quantize_nf4_reference` (the top of quant/nf4.py), which follows
+docs/reference.md#nf4-quantize step by step with no chunking, lookup tables or packing tricks; the fast
+code must agree with it exactly. tests/test_nf4_fast_equals_reference.py compares the two on many more
+cases, and checks the reference against the literal count of midpoints below each value.
 """
 
 import math
@@ -22,6 +24,7 @@ from quant import (
     pack_nibbles,
     quantize_absmax,
     quantize_nf4,
+    quantize_nf4_reference,
     unpack_nibbles,
 )
 
@@ -29,23 +32,9 @@ MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) * 0.5  # [15], float32
 
 
 def reference_quantize(weight: torch.Tensor, block_size: int):
-    """REFERENCE.md steps 2-5, slowly: returns (codes [n] int64, absmax [num_blocks] float32)."""
-    flat = weight.reshape(-1).float()
-    codes, absmaxes = [], []
-    for start in range(0, flat.numel(), block_size):
-        block = flat[start:start + block_size]
-        absmax = block.abs().max()
-        clamped = torch.clamp(absmax, min=1e-38)
-        if block.numel() == block_size:
-            scaled = block * (1.0 / clamped)  # full block: multiply by the float32 reciprocal
-            absmaxes.append(absmax)
-        else:
-            scaled = block / clamped  # partial last block: a true division, clamped value stored
-            absmaxes.append(clamped)
-        scaled = scaled.clamp(-1.0, 1.0)
-        for value in scaled:
-            codes.append(int((MIDPOINTS < value).sum()))  # number of midpoints strictly below
-    return torch.tensor(codes), torch.stack(absmaxes)
+    """The library's plain reference, unpacked: returns (codes [n] int64, absmax [num_blocks] float32)."""
+    packed, absmax = quantize_nf4_reference(weight, block_size)
+    return unpack_nibbles(packed, weight.numel()).long(), absmax
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,7 +84,7 @@ def test_dequantize_equals_code_times_absmax_in_float32(shape, block_size):
     nf4 = quantize_nf4(weight, block_size=block_size, double_quant=False)
     codes = unpack_nibbles(nf4.packed, weight.numel()).long()
     block_of = torch.arange(weight.numel()) // block_size
-    expected = (NF4_CODE[codes] * nf4.absmax[block_of]).reshape(shape)  # REFERENCE.md step 7
+    expected = (NF4_CODE[codes] * nf4.absmax[block_of]).reshape(shape)  # docs/reference.md#nf4-dequantize
     assert torch.equal(nf4.dequantize(), expected)
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(nf4.dequantize(dtype), expected.to(dtype))
@@ -114,7 +103,7 @@ def test_values_exactly_on_midpoints_go_to_the_lower_code():
     assert codes_above[:15].tolist() == list(range(1, 16))
 
 
-# A value where REFERENCE.md step 4's two rules disagree: x / absmax lands exactly on midpoint 12
+# A value where the two scaling rules of docs/reference.md#nf4-quantize disagree: x / absmax lands exactly on midpoint 12
 # (between codes 12 and 13; a tie goes to the lower code), while x * float32(1 / absmax) is one float32
 # step above it. So the same two values give code 13 in a full block and 12 in the partial last block.
 RULE_ABSMAX, RULE_X = 1.1976676, 0.6008261
@@ -358,6 +347,51 @@ def test_nan_in_partial_last_block():
     weight[69] = float("nan")
     with pytest.raises(ValueError, match=r"block 1 \(flattened elements 64 to 69\)"):
         quantize_nf4(weight)
+
+
+# Values near the float32 limit. The double quantization offset is the mean of the block scales; its
+# float32 sum used to overflow to inf, and every dequantized weight became NaN. A weight like this one
+# now gives finite values; the rare weight whose rebuilt 8-bit scale itself lands past the limit is
+# refused with a ValueError naming the block. Ordinary weights keep bitsandbytes' offset, bit for bit.
+
+def test_values_near_the_float32_limit_dequantize_to_finite_values():
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    weight[:, 0] = 3e38  # one value per block: the plain mean of 300 such absmax overflows
+    weight[7, 9] = -3e38
+    plain_absmax = quantize_nf4(weight, double_quant=False).absmax
+    assert not torch.isfinite(plain_absmax.mean())  # the overflow that used to turn everything into NaN
+    nf4 = quantize_nf4(weight)  # double quantization
+    assert torch.isfinite(nf4.absmax_offset) and torch.isfinite(nf4.absmax_scale).all()
+    restored = nf4.dequantize()
+    assert torch.isfinite(restored).all()
+    # the big values come back within the usual error of double quantization: 1% of the block scale
+    assert torch.allclose(restored[:, 0], weight[:, 0], rtol=0.01, atol=0)
+    assert torch.allclose(restored[7, 9], weight[7, 9], rtol=0.01, atol=0)
+
+
+def test_ordinary_weights_keep_the_plain_mean_as_offset():
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(1))
+    nf4 = quantize_nf4(weight)
+    plain_absmax = quantize_nf4(weight, double_quant=False).absmax
+    assert nf4.absmax_offset.item() == plain_absmax.mean().item()  # bitsandbytes' reduction, same bits
+    assert quantize_absmax(plain_absmax)[2].item() == plain_absmax.mean().item()
+
+
+@pytest.mark.parametrize("dtype, maxima", [
+    (torch.float32, [1.0, 0.9, 0.5]),  # fractions of the largest float32
+    (torch.float16, [1.0, 50848 / 65504, 63968 / 65504, 33952 / 65504]),  # of the largest float16, 65504
+])
+def test_a_rebuilt_scale_past_the_dtype_limit_names_the_block(dtype, maxima):
+    # The 8-bit code of block 0's scale is the nearest dynamic-map value, a little above the true
+    # scale; rebuilt, it passes the dtype's largest value and block 0 would dequantize to inf.
+    weight = torch.zeros(len(maxima), 64, dtype=dtype)
+    weight[:, 5] = (torch.tensor(maxima, dtype=torch.float64) * torch.finfo(dtype).max).to(dtype)
+    weight[:, 6] = 1.0
+    with pytest.raises(ValueError, match=r"scale of block 0 \(flattened elements 0 to 63 .*double_quant=False"):
+        quantize_nf4(weight)
+    # without double quantization absmax is stored exactly: finite in, finite out
+    restored = quantize_nf4(weight, double_quant=False).dequantize()
+    assert torch.isfinite(restored).all() and torch.equal(restored[:, 5], weight[:, 5])
 
 
 def test_nf4weight_needs_exactly_one_kind_of_absmax():

@@ -1,4 +1,4 @@
-"""The code tables: NF4 from normal quantiles, and the signed 8-bit dynamic map (REFERENCE.md, NF4 step 1)."""
+"""The code tables: NF4 from normal quantiles, and the signed 8-bit dynamic map (docs/reference.md#nf4-code-table)."""
 
 import torch
 
@@ -11,7 +11,7 @@ from quant.nf4_code import (
     derive_nf4_code,
 )
 
-# REFERENCE.md, NF4 step 1, written out once more by hand: the oracle for everything below.
+# docs/reference.md#nf4-code-table, written out once more by hand: the oracle for everything below.
 REFERENCE_NF4 = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -40,7 +40,7 @@ def test_nf4_code_shape_facts():
 
 def test_float64_linspace_would_move_entries_by_one_ulp():
     # Why derive_nf4_code insists on float32 probabilities: a float64 linspace moves 8 of the 16
-    # entries (REFERENCE.md step 1). This pins that fact down.
+    # entries (docs/reference.md#nf4-code-table). This pins that fact down.
     p = torch.linspace(NF4_QUANTILE_OFFSET, 0.5, 9, dtype=torch.float64)[:-1]
     q = torch.linspace(NF4_QUANTILE_OFFSET, 0.5, 8, dtype=torch.float64)[:-1]
     values = torch.cat([(-torch.special.ndtri(q)).float(), torch.zeros(1), torch.special.ndtri(p).float()])

@@ -3,7 +3,7 @@
     y = x · doubleDequant(W_NF4)ᵀ + b + s · B(A x)        W frozen in 4 bits, A and B train
 
 Merging into a 4-bit base is dequantize + add (exact in full precision); re-quantizing the merged
-weight is optional and not exact (REFERENCE.md NF4 step 10): `test_requantized_merge_error` measures
+weight is optional and not exact (docs/reference.md#qlora): `test_requantized_merge_error` measures
 and reports what it adds.
 """
 
@@ -148,7 +148,7 @@ def test_4bit_base_in_bf16_compute_dtype_with_lora():
 
 
 def test_lora_branch_runs_in_the_compute_dtype():
-    """REFERENCE.md NF4 step 10: on a bf16-compute 4-bit base, A and B are bf16 and the branch runs in bf16
+    """docs/reference.md#qlora: on a bf16-compute 4-bit base, A and B are bf16 and the branch runs in bf16
     (PEFT's autocast_adapter_dtype would upcast them to float32: a deliberate difference, see lora/layer.py)."""
     model = qlora_model(compute_dtype=torch.bfloat16)
     for kind in ("lora_A", "lora_B"):
@@ -173,7 +173,7 @@ def test_merge_and_unload_of_a_bf16_compute_base_is_full_precision():
         lora_a = adapter_parameters(model, "lora_A")[path].detach()  # [r, in], bf16
         lora_b = adapter_parameters(model, "lora_B")[path].detach()  # [out, r], bf16
         assert lora_a.dtype == lora_b.dtype == torch.bfloat16
-        # the update s·B@A is formed in the adapters' dtype (REFERENCE.md NF4 step 10), then added to the
+        # the update s·B@A is formed in the adapters' dtype (docs/reference.md#qlora), then added to the
         # float32 dequantized weight; s = 2 is a power of two, so where the scaling is applied is exact
         delta_float32 = SCALING * (lora_b.float() @ lora_a.float())  # [out, in]
         exact = base.dequantize_weight(torch.float32) + (SCALING * (lora_b @ lora_a)).float()  # [out, in]
