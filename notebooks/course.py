@@ -6,6 +6,7 @@ pretraining in 01, `expand_vocabulary`, `TokenStream`, `setup_method` and `train
     import course                      -> the repository root is importable (no `pip install -e .`)
     course.setup(threads=0)            -> CPU threads from the free cores (runtime/threads.py), printed
     course.load_base()                 -> the base model of notebook 01, pretrained first if it is missing
+                                          (course.ensure_base() only makes sure it is there)
     course.new_domain_job(...)         -> the new-domain job of notebooks 02-07, ready to fine-tune:
 
         base model ─ expand_vocabulary(new words) ─► expanded_model, tokenizer
@@ -63,18 +64,24 @@ def setup(threads: int = 0) -> ThreadChoice:
     return choice
 
 
-def load_base(base_dir: Path = BASE_DIR) -> tuple[MiniGPT, object]:
-    """(model, tokenizer) of the course's base model; pretrains it as notebook 01 does if it is missing.
+def ensure_base(base_dir: Path = BASE_DIR) -> Path:
+    """The base model's folder; pretrains the base there first, as notebook 01 does, if it is missing.
 
     Pretraining uses the threads torch uses now (the ones `setup` chose), so nothing is chosen twice.
     """
-    if not (Path(base_dir) / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
+    base_dir = Path(base_dir)
+    if not (base_dir / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
         print(f"no base model in {base_dir} yet: pretraining one as in notebook 01")
         start = time.perf_counter()
         pretrain.main(pretrain.PretrainConfig(out=str(base_dir), plot=False, progress=False,
                                               threads=torch.get_num_threads()))
         print(f"pretrained in {time.perf_counter() - start:.0f} s")
-    return load_model(base_dir)
+    return base_dir
+
+
+def load_base(base_dir: Path = BASE_DIR) -> tuple[MiniGPT, object]:
+    """(model, tokenizer) of the course's base model (ensure_base: pretrained first if it is missing)."""
+    return load_model(ensure_base(base_dir))
 
 
 @dataclass(frozen=True)
