@@ -96,6 +96,7 @@ def test_load_base_pretrains_a_missing_base_with_the_chosen_threads(tiny_base, t
 
     monkeypatch.setattr(course.pretrain, "main", fake_pretrain)
     model, _ = course.load_base(tmp_path / "missing")
+    assert course.ensure_base(tmp_path / "missing") == tmp_path / "missing"  # there now: no second pretraining
     assert len(calls) == 1 and calls[0].out == str(tmp_path / "missing")
     assert calls[0].threads == torch.get_num_threads() and not calls[0].plot and not calls[0].progress
     assert model.config == base_model.config
