@@ -2,8 +2,9 @@
 
 Each notebook is executed with nbclient (kernel "python3", cwd notebooks/, as a learner runs it); the
 test fails if any cell raises. The notebooks share one pretrained base model, cached in
-dist/notebooks/base_model/ (01_minigpt writes it; the others train it first if it is missing), so the
-whole set runs in a few minutes on a 2-core CPU.
+dist/notebooks/base_model/ (01_minigpt writes it; the others train it first if it is missing, through
+notebooks/course.py, tested in test_notebook_course.py), so the whole set runs in a few minutes on a
+2-core CPU.
 
     python -m pytest tests/test_notebooks.py -q              # every notebook
     python -m pytest tests/test_notebooks.py -q -k 04_nf4     # one of them

@@ -9,27 +9,24 @@
 # 4. **Next-word predictions** with their probabilities.
 # 5. **Attention maps**: which earlier words each position looks at.
 #
-# Everything is imported from the package (`minigpt`, `tokenizer`, `train.py`); nothing is redefined
-# here. The model is deliberately tiny (embed_dim 64, 2 blocks, about 125 thousand parameters) so that
-# it trains in well under a minute on a laptop CPU.
+# Everything is imported from the package (`minigpt`, `tokenizer`); nothing is redefined here.
+# `notebooks/course.py` holds the setup all seven notebooks share (paths, CPU threads, the base model).
+# The model is deliberately tiny (embed_dim 64, 2 blocks, about 125 thousand parameters) so that it
+# trains in well under a minute on a laptop CPU.
 
 # %%
-import pathlib
-import sys
 import time
-
-ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
-sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
 
 import matplotlib.pyplot as plt
 import torch
 
+import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 from minigpt import pretrain
 from minigpt import GPTConfig, MiniGPT, load_model, probe_accuracy, top_next_words
 from minigpt.corpus import base_corpus, base_fact_probes
 from tokenizer import BPETokenizer, WordTokenizer
 
-BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"  # the base model every later notebook loads
+threads = course.setup()  # CPU threads from the cores free now, as `python train.py --threads 0` picks them
 torch.manual_seed(0);  # the ';' keeps Jupyter from echoing the returned generator
 
 # %% [markdown]
@@ -125,14 +122,15 @@ print(f"\nformula: attention {attention_per_layer:,} + MLP {mlp_per_layer:,} per
 # %% [markdown]
 # ## 3. Pretraining
 #
-# `train.py`'s `main` is the same function `python train.py` runs: it builds the word tokenizer, trains
-# MiniGPT to predict the next token (cross-entropy loss, AdamW, warmup + cosine learning rate), and saves
-# a checkpoint folder (`config.json`, `model.pt`, `tokenizer.json`). The default is 600 steps of 32
-# windows of 32 tokens: enough to learn every fact of the corpus. Every later notebook loads this
-# checkpoint from `dist/notebooks/base_model/`.
+# `minigpt.pretrain.main` is the same function `python train.py` runs: it builds the word tokenizer,
+# trains MiniGPT to predict the next token (cross-entropy loss, AdamW, warmup + cosine learning rate),
+# and saves a checkpoint folder (`config.json`, `model.pt`, `tokenizer.json`). The default is 600 steps
+# of 32 windows of 32 tokens: enough to learn every fact of the corpus. Every later notebook loads this
+# checkpoint from `dist/notebooks/base_model/` (`course.BASE_DIR`), with the threads chosen above.
 
 # %%
-results = pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
+results = pretrain.main(pretrain.PretrainConfig(out=str(course.BASE_DIR), plot=False, progress=False,
+                                                threads=threads.count))
 print(f"{results['parameters']:,} parameters trained for {results['steps']} steps "
       f"in {results['train_time_s']:.1f} s ({results['tokens_per_second']:,.0f} tokens/s)")
 print(f"final loss: train {results['final_train_loss']:.3f} nats/token, "
@@ -170,7 +168,7 @@ plt.show()
 # `p = softmax(z)` turns them into probabilities. `top_next_words` shows the three most likely words.
 
 # %%
-model, tokenizer = load_model(BASE_DIR)
+model, tokenizer = load_model(course.BASE_DIR)
 for prompt in ["the cat sits on the", "the capital of france is", "the colour of the sky is",
                "a cow says", "the opposite of hot is"]:
     guesses = ", ".join(f"{word} {probability:.1%}" for word, probability in top_next_words(model, tokenizer, prompt, k=3))

@@ -14,30 +14,22 @@
 
 # %%
 import copy
-import pathlib
-import sys
-
-ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
-sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
+import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 import lora
-from minigpt import pretrain
 from benchmarks.common import Ratio, time_side_by_side
-from minigpt import load_model, probe_accuracy, top_next_words
+from minigpt import top_next_words
 from minigpt.corpus import TokenStream, base_fact_probes, new_domain_corpus, new_domain_probes
 from finetuning.methods import setup_method, train_method
 from minigpt.training import TrainConfig
 from minigpt.vocab import expand_vocabulary, new_words_in
 
-BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
-if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
-    print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
-base_model, base_tokenizer = load_model(BASE_DIR)
+course.setup()  # CPU threads from the cores free now
+base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
 torch.manual_seed(0);  # the ';' keeps Jupyter from echoing the returned generator
 
 # %% [markdown]
@@ -131,6 +123,7 @@ print(f"all B are zero: {all(bool((layer.lora_B['default'] == 0).all()) for _, l
 # must train too (a word has to have *some* vector), everything else of the base stays frozen.
 # `setup_method("lora", ...)` wraps q, k, v, o of both blocks with r = 8, alpha = 16 and builds the
 # optimizer groups; `train_method` runs the same training loop as pretraining. 150 steps, a few seconds.
+# (Notebooks 03-07 run this same job, built by `course.new_domain_job` from exactly these calls.)
 
 # %%
 domain = new_domain_corpus()

@@ -12,50 +12,22 @@
 #
 # Every run is the small job of notebook 02 (the new domain: weather, cooking; LoRA on q, k, v, o of
 # both blocks; batches of 16 × 32 tokens), shortened from 150 to 100 steps because this notebook trains
-# 12 models: about 3 s per run, under a minute for the whole notebook on a 2-core laptop CPU.
+# 12 models (a few seconds each; section 2 prints their times). `job.finetune(method, lora_config)` is notebook 02's
+# `setup_method` + `train_method` on that job (`notebooks/course.py`).
 # Losses are validation cross-entropy in nats per token. At this scale a difference of a tenth of a nat
 # can be run-to-run noise; look for the larger effects.
 
 # %%
-import pathlib
-import sys
-
-ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
-sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
-
 import matplotlib.pyplot as plt
 import torch
 
+import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 import lora
-from minigpt import pretrain
-from minigpt import load_model
-from minigpt.corpus import TokenStream, base_fact_probes, new_domain_corpus, new_domain_probes
-from finetuning.methods import setup_method, train_method
-from minigpt.training import TrainConfig
-from minigpt.vocab import expand_vocabulary, new_words_in
 
-BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
-if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
-    print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
-base_model, base_tokenizer = load_model(BASE_DIR)
-
-domain = new_domain_corpus()
-expanded_model, tokenizer, new_ids = expand_vocabulary(
-    base_model, base_tokenizer, new_words_in(base_tokenizer, domain.train + domain.val))
-base_vocab_size = base_model.config.vocab_size
-train_stream = TokenStream(domain.train, tokenizer, base_model.config.context_length)
-val_stream = TokenStream(domain.val, tokenizer, base_model.config.context_length)
-base_probes, domain_probes = base_fact_probes(), new_domain_probes()
-TRAIN_CONFIG = TrainConfig(steps=100, batch_size=16, lr=5e-3, warmup_steps=10, eval_interval=25, progress=False)
+course.setup()  # CPU threads from the cores free now
+base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
+job = course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=25)  # notebook 02's job
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def finetune(method: str, lora_config: lora.LoRAConfig, lr: float = 5e-3, **options):
-    """One run of the notebook's standard job; returns (trained model, MethodResult)."""
-    setup = setup_method(method, expanded_model, base_vocab_size, lora_config, lr=lr, full_lr=1e-3, **options)
-    result = train_method(setup, train_stream, val_stream, TRAIN_CONFIG, tokenizer, base_probes, domain_probes)
-    return setup.model, result
 
 
 # %% [markdown]
@@ -67,10 +39,10 @@ def finetune(method: str, lora_config: lora.LoRAConfig, lr: float = 5e-3, **opti
 # off for this run: decay shrinks all of W a little, a full-rank change that would hide the signal.)
 
 # %%
-full_model, full_result = finetune("full", lora.LoRAConfig(), weight_decay=0.0)
+full_model, full_result = job.finetune("full", lora.LoRAConfig(), weight_decay=0.0)
 print(f"full fine-tuning: validation loss {full_result.val_loss:.3f} nats/token in {full_result.wall_time_s:.1f} s")
 
-before = dict(expanded_model.named_parameters())
+before = dict(job.expanded_model.named_parameters())
 fig, ax = plt.subplots(figsize=(7, 4))
 energy_rows = []
 for name, weight in full_model.named_parameters():
@@ -110,7 +82,7 @@ print(f"{'random 64x64 (for comparison)':<40}" + "".join(f"{float(random_energy[
 ranks = [1, 4, 8, 32]
 sweep = {}
 for rank in ranks:
-    model, result = finetune("lora", lora.LoRAConfig(r=rank, alpha=2 * rank, target_modules=ATTENTION))
+    model, result = job.finetune("lora", lora.LoRAConfig(r=rank, alpha=2 * rank, target_modules=ATTENTION))
     sweep[rank] = result
     if rank == 8:
         rank_8_model = model  # section 5 reuses this run as its kaiming (default init) run
@@ -156,11 +128,11 @@ for rank in (1, 4, 16, 64):
     rank_stabilised = lora.LoRAConfig(r=rank, alpha=alpha, use_rslora=True).scaling_for(rank, alpha)
     print(f"{rank:>4}{standard:>12.3f}{rank_stabilised:>18.3f}")
 
-print(f"\nalpha = 16 fixed, learning rate 1e-3, validation loss after {TRAIN_CONFIG.steps} steps:")
+print(f"\nalpha = 16 fixed, learning rate 1e-3, validation loss after {job.train_config.steps} steps:")
 scaling_runs = {}
 for rank, use_rslora in [(8, False), (32, False), (32, True)]:
     config = lora.LoRAConfig(r=rank, alpha=alpha, use_rslora=use_rslora, target_modules=ATTENTION)
-    _, result = finetune("lora", config, lr=1e-3)
+    _, result = job.finetune("lora", config, lr=1e-3)
     scaling_runs[rank, use_rslora] = result
     label = "rsLoRA alpha/sqrt(r)" if use_rslora else "LoRA   alpha/r      "
     print(f"  r = {rank:>2}, {label} s = {config.scaling_for(rank, alpha):5.2f}: {result.val_loss:.3f} nats/token")
@@ -183,8 +155,8 @@ for rank, use_rslora in [(8, False), (32, False), (32, True)]:
 # section 3, where plain LoRA (ratio 1) is still under-trained after 100 steps, r = 8 and alpha = 16:
 
 # %%
-_, lora_plus_result = finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION), lr=1e-3,
-                               lora_plus_ratio=16.0)
+_, lora_plus_result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION), lr=1e-3,
+                                   lora_plus_ratio=16.0)
 print(f"lr(A) = 1e-3, lr(B) = 1e-03 (ratio  1, plain LoRA, section 3): "
       f"validation loss {scaling_runs[8, False].val_loss:.3f} nats/token")
 print(f"lr(A) = 1e-3, lr(B) = 2e-02 (ratio 16, LoRA+):                 "
@@ -216,7 +188,7 @@ print(f"for reference, plain LoRA at lr 5e-3 (section 2, r = 8):      "
 init_runs = {"kaiming": (rank_8_model, sweep[8])}
 for init in ("gaussian", "pissa", "olora"):
     config = lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION, init=init)
-    init_runs[init] = finetune("lora", config)
+    init_runs[init] = job.finetune("lora", config)
 print(f"{'init':<9}{'val loss (nats/token)':>23}{'base facts kept':>17}{'‖s B A‖':>9}{'base weight norm':>18}")
 for init, (model, result) in init_runs.items():
     q_proj = model.blocks[0].attn.q_proj
@@ -246,10 +218,10 @@ plt.show()
 # %% [markdown]
 # ## Exercises
 #
-# 1. Redo section 1 with weight decay on (`finetune("full", lora.LoRAConfig())`). How do the curves
+# 1. Redo section 1 with weight decay on (`job.finetune("full", lora.LoRAConfig())`). How do the curves
 #    and the top-k energy shares change, and why?
-# 2. Rerun the rank sweep with a second seed (`finetune(..., seed=1)` seeds the adapter's init, and
-#    `TRAIN_CONFIG = dataclasses.replace(TRAIN_CONFIG, seed=1)` the batches). Which differences between
-#    ranks survive? Add r = 64 with and without rsLoRA (alpha = 16).
+# 2. Rerun the rank sweep with a second seed (`job.finetune(..., seed=1)` seeds the adapter's init, and
+#    `course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=25, seed=1)` the
+#    batches). Which differences between ranks survive? Add r = 64 with and without rsLoRA (alpha = 16).
 # 3. With PiSSA, what does the model compute if you `lora.unload` the adapter (keep the residual base)?
 #    Measure its base-fact probe accuracy.

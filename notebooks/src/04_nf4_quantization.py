@@ -15,25 +15,18 @@
 
 # %%
 import math
-import pathlib
-import sys
-
-ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
-sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
 
 import matplotlib.pyplot as plt
 import torch
 
-from minigpt import pretrain
-from minigpt import load_model, probe_accuracy
+import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
+from minigpt import probe_accuracy
 from minigpt.corpus import base_fact_probes
 from quant import (NF4_CODE, VALID_BLOCK_SIZES, derive_nf4_code, memory_report, quantize_model, quantize_nf4,
                    unpack_nibbles)
 
-BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
-if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
-    print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
+course.setup()  # CPU threads from the cores free now
+course.ensure_base()  # notebook 01's base model (section 7 loads it), pretrained here if it is missing
 torch.manual_seed(0);  # the ';' keeps Jupyter from echoing the returned generator
 
 # %% [markdown]
@@ -134,7 +127,7 @@ def uniform_int4_roundtrip(weight: torch.Tensor, block_size: int = 64) -> torch.
     return (codes / 7 * absmax).reshape(weight.shape)
 
 
-model, tokenizer = load_model(BASE_DIR)
+model, tokenizer = course.load_base()  # notebook 01's base model
 trained_weights = {name: module.weight.detach() for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and name != "lm_head"}
 test_weights = {"normal 512x512 (std 0.02)": weight,

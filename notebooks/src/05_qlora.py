@@ -19,39 +19,22 @@
 # %%
 import copy
 import pathlib
-import sys
 import tempfile
-
-ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
-sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
 
 import matplotlib.pyplot as plt
 import torch
 
+import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 import lora
-from minigpt import pretrain
-from minigpt import load_model, probe_accuracy
-from minigpt.corpus import TokenStream, base_fact_probes, new_domain_corpus, new_domain_probes
-from finetuning.methods import setup_method, train_method, weight_bytes
+from minigpt import probe_accuracy
+from finetuning.methods import weight_bytes
 from minigpt.adapter_folder import load_finetuned_adapter, save_finetuned_adapter
-from minigpt.training import TrainConfig, evaluate
-from minigpt.vocab import expand_vocabulary, new_words_in
+from minigpt.training import evaluate
 from quant import memory_report, quantize_model
 
-BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
-if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
-    print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
-base_model, base_tokenizer = load_model(BASE_DIR)
-
-domain = new_domain_corpus()
-expanded_model, tokenizer, new_ids = expand_vocabulary(
-    base_model, base_tokenizer, new_words_in(base_tokenizer, domain.train + domain.val))
-base_vocab_size = base_model.config.vocab_size
-train_stream = TokenStream(domain.train, tokenizer, base_model.config.context_length)
-val_stream = TokenStream(domain.val, tokenizer, base_model.config.context_length)
-base_probes, domain_probes = base_fact_probes(), new_domain_probes()
-TRAIN_CONFIG = TrainConfig(steps=150, batch_size=16, lr=5e-3, warmup_steps=10, eval_interval=25, progress=False)
+course.setup()  # CPU threads from the cores free now
+base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
+job = course.new_domain_job(base_model, base_tokenizer, steps=150, eval_interval=25)  # notebook 02's job
 LORA_CONFIG = lora.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 # %% [markdown]
@@ -63,8 +46,8 @@ LORA_CONFIG = lora.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj",
 # %%
 quantized_base = copy.deepcopy(base_model)
 print(quantize_model(quantized_base))
-print(f"base-fact probe accuracy: fp32 base {probe_accuracy(base_model, base_tokenizer, base_probes):.1%}, "
-      f"NF4 base {probe_accuracy(quantized_base, base_tokenizer, base_probes):.1%}")
+print(f"base-fact probe accuracy: fp32 base {probe_accuracy(base_model, base_tokenizer, job.base_probes):.1%}, "
+      f"NF4 base {probe_accuracy(quantized_base, base_tokenizer, job.base_probes):.1%}")
 print(memory_report(base_model))
 
 # %% [markdown]
@@ -79,13 +62,10 @@ print(memory_report(base_model))
 #
 # `setup_method("qlora", ...)` quantizes a copy of the base, then applies the same LoRA config as
 # `setup_method("lora", ...)`. Both train the adapters and the new vocabulary rows, nothing else.
+# (`job.finetune(method, ...)` calls `setup_method`, then `train_method`, as notebook 02 does.)
 
 # %%
-runs = {}
-for method in ("lora", "qlora"):
-    setup = setup_method(method, expanded_model, base_vocab_size, LORA_CONFIG, lr=5e-3, full_lr=1e-3)
-    result = train_method(setup, train_stream, val_stream, TRAIN_CONFIG, tokenizer, base_probes, domain_probes)
-    runs[method] = (setup.model, result)
+runs = {method: job.finetune(method, LORA_CONFIG) for method in ("lora", "qlora")}
 
 print("val loss in nats/token; domain probes and base facts: probe accuracy after training")
 print(f"{'method':<7}{'trainable':>10}{'val loss':>10}{'domain probes':>15}{'base facts':>12}"
@@ -143,14 +123,14 @@ print(f"adapter dtype: {q_proj.lora_A['default'].dtype} (the LoRA branch stays i
 #    W itself, so the function shifts slightly.
 
 # %%
-val_loss = {"QLoRA model (4-bit base + adapter)": evaluate(qlora_model, val_stream)}
+val_loss = {"QLoRA model (4-bit base + adapter)": evaluate(qlora_model, job.val_stream)}
 merged_full = lora.merge_and_unload(copy.deepcopy(qlora_model)).eval()
 merged_4bit = lora.merge_and_unload(copy.deepcopy(qlora_model), requantize=True).eval()
 with tempfile.TemporaryDirectory() as folder:
-    save_finetuned_adapter(qlora_model, tokenizer, base_vocab_size, pathlib.Path(folder) / "qlora_adapter")
+    save_finetuned_adapter(qlora_model, job.tokenizer, job.base_vocab_size, pathlib.Path(folder) / "qlora_adapter")
     on_fp32_base, _ = load_finetuned_adapter(base_model, base_tokenizer, pathlib.Path(folder) / "qlora_adapter")
 
-x_val, _ = next(val_stream.iter_windows(64))  # (B, T)
+x_val, _ = next(job.val_stream.iter_windows(64))  # (B, T)
 with torch.no_grad():
     reference_logits = qlora_model(x_val)[0]  # (B, T, V)
 print("val loss in nats/token; logit difference against the QLoRA model; weights: parameters + buffers")
@@ -161,7 +141,8 @@ for label, model in [("1. merged into full precision", merged_full), ("2. merged
                      ("3. adapter on the original fp32 base", on_fp32_base)]:
     with torch.no_grad():
         difference = (model(x_val)[0] - reference_logits).abs().max()
-    print(f"{label:<38}{evaluate(model, val_stream):>9.3f}{difference:>18.1e}{weight_bytes(model) / 1024:>8.0f} KiB")
+    print(f"{label:<38}{evaluate(model, job.val_stream):>9.3f}{difference:>18.1e}"
+          f"{weight_bytes(model) / 1024:>8.0f} KiB")
 
 # %% [markdown]
 # Option 1 reproduces the trained model to float rounding at full size. Option 2 keeps the small

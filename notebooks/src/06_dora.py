@@ -13,53 +13,27 @@
 # 3. compares DoRA with LoRA at low ranks;
 # 4. shows what detaching the norm saves (DoRA section 4.3), and what DoRA costs at inference.
 #
-# Runs are the small job of notebook 02 (new domain, 150 steps of 16 × 32 tokens, q/k/v/o), about 5 s
-# each on a 2-core laptop CPU; seven of them, under a minute for the notebook. Losses are validation
-# cross-entropy in nats per token.
+# Runs are the small job of notebook 02 (new domain, 150 steps of 16 × 32 tokens, q/k/v/o), a few
+# seconds each; seven of them. Losses are validation cross-entropy in nats per token.
 
 # %%
-import pathlib
-import sys
-
-ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
-sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
-
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
+import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 import lora
-from minigpt import pretrain
 from benchmarks.common import Ratio, time_side_by_side
-from minigpt import load_model
-from minigpt.corpus import TokenStream, base_fact_probes, new_domain_corpus, new_domain_probes
-from finetuning.methods import setup_method, train_method
-from minigpt.training import TrainConfig
-from minigpt.vocab import expand_vocabulary, new_words_in
 
-BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
-if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
-    print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
-base_model, base_tokenizer = load_model(BASE_DIR)
-
-domain = new_domain_corpus()
-expanded_model, tokenizer, new_ids = expand_vocabulary(
-    base_model, base_tokenizer, new_words_in(base_tokenizer, domain.train + domain.val))
-base_vocab_size = base_model.config.vocab_size
-train_stream = TokenStream(domain.train, tokenizer, base_model.config.context_length)
-val_stream = TokenStream(domain.val, tokenizer, base_model.config.context_length)
-TRAIN_CONFIG = TrainConfig(steps=150, batch_size=16, lr=5e-3, warmup_steps=10, eval_interval=50, progress=False)
+course.setup()  # CPU threads from the cores free now
+base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
+job = course.new_domain_job(base_model, base_tokenizer, steps=150, eval_interval=50)  # notebook 02's job
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def finetune(method: str, rank: int = 8):
-    """One run of the standard job (method "full", "lora" or "dora"); returns (model, MethodResult)."""
-    config = lora.LoRAConfig(r=rank, alpha=2 * rank, target_modules=ATTENTION)
-    setup = setup_method(method, expanded_model, base_vocab_size, config, lr=5e-3, full_lr=1e-3)
-    result = train_method(setup, train_stream, val_stream, TRAIN_CONFIG, tokenizer, base_fact_probes(),
-                          new_domain_probes())
-    return setup.model, result
+    """One run of the job (method "full", "lora" or "dora") with alpha = 2r; returns (model, MethodResult)."""
+    return job.finetune(method, lora.LoRAConfig(r=rank, alpha=2 * rank, target_modules=ATTENTION))
 
 
 # %% [markdown]
@@ -97,7 +71,7 @@ print(f"trainable: {[(name, tuple(p.shape)) for name, p in dora_layer.named_para
 
 # %%
 runs = {method: finetune(method) for method in ("full", "lora", "dora")}
-before = {name: module.weight.detach() for name, module in expanded_model.named_modules()
+before = {name: module.weight.detach() for name, module in job.expanded_model.named_modules()
           if name.endswith(tuple(ATTENTION))}
 
 
@@ -250,9 +224,9 @@ torch.set_num_threads(threads)
 # %% [markdown]
 # ## Exercises
 #
-# 1. Repeat section 3 for seeds 0, 1, 2 (`setup_method(..., seed=...)` and `TrainConfig(seed=...)`) and
-#    plot the mean and spread of each method's loss per rank. Is the gap between DoRA and LoRA larger
-#    than the spread?
+# 1. Repeat section 3 for seeds 0, 1, 2 (`job.finetune(..., seed=...)` seeds the adapter's init,
+#    `course.new_domain_job(..., seed=...)` the batches) and plot the mean and spread of each method's
+#    loss per rank. Is the gap between DoRA and LoRA larger than the spread?
 # 2. Merge a trained DoRA layer (`layer.merge()`), then `layer.unmerge()`. Why does unmerging need the
 #    norm n that was used at merge time, while LoRA's unmerge needs nothing but A and B?
 # 3. In section 4, change the number of tokens from 16 to 4096. How do the saved bytes of the two

@@ -16,45 +16,27 @@
 
 # %%
 import copy
-import pathlib
-import sys
-
-ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
-sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
 
 import matplotlib.pyplot as plt
 import torch
 
+import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 import lora
 from finetuning import experiment
-from minigpt import pretrain
-from minigpt import load_model, probe_accuracy, save_model, top_next_words
-from minigpt.corpus import TokenStream, base_fact_probes, fact_correction_set, new_domain_corpus, new_domain_probes
+from minigpt import probe_accuracy, save_model, top_next_words
+from minigpt.corpus import TokenStream, fact_correction_set
 from finetuning.fact_edit import edit_report
-from finetuning.methods import folder_bytes, setup_method, train_method
+from finetuning.methods import folder_bytes
 from minigpt.adapter_folder import load_finetuned_adapter, save_finetuned_adapter
 from minigpt.predict import probability_of
 from minigpt.training import TrainConfig, train_model
-from minigpt.vocab import expand_vocabulary, new_words_in
 
-BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"
-if not (BASE_DIR / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
-    print("no base model yet: pretraining one as in notebook 01 (about 35 s)")
-    pretrain.main(pretrain.PretrainConfig(out=str(BASE_DIR), plot=False, progress=False))
-base_model, base_tokenizer = load_model(BASE_DIR)
-WORK_DIR = ROOT / "dist" / "notebooks" / "07_adapters"  # the folders written below (dist/ is git-ignored)
-
-domain = new_domain_corpus()
-expanded_model, tokenizer, new_ids = expand_vocabulary(
-    base_model, base_tokenizer, new_words_in(base_tokenizer, domain.train + domain.val))
-base_vocab_size = base_model.config.vocab_size
-context_length = base_model.config.context_length
-train_stream = TokenStream(domain.train, tokenizer, context_length)
-val_stream = TokenStream(domain.val, tokenizer, context_length)
-edit_set = fact_correction_set()
-edit_stream = TokenStream(edit_set.train, tokenizer, context_length)
-base_probes, domain_probes = base_fact_probes(), new_domain_probes()
-TRAIN_CONFIG = TrainConfig(steps=150, batch_size=16, lr=5e-3, warmup_steps=10, eval_interval=50, progress=False)
+course.setup()  # CPU threads from the cores free now
+base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
+job = course.new_domain_job(base_model, base_tokenizer, steps=150, eval_interval=50)  # notebook 02's job
+edit_set = fact_correction_set()  # the edit job: five base facts changed on purpose, and facts that must stay
+edit_stream = TokenStream(edit_set.train, job.tokenizer, base_model.config.context_length)
+WORK_DIR = course.ROOT / "dist" / "notebooks" / "07_adapters"  # the folders written below (dist/ is git-ignored)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # %% [markdown]
@@ -65,15 +47,12 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # and the expanded tokenizer. Compare with saving the whole merged model.
 
 # %%
-setup = setup_method("lora", expanded_model, base_vocab_size, lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION),
-                     lr=5e-3, full_lr=1e-3)
-lora_result = train_method(setup, train_stream, val_stream, TRAIN_CONFIG, tokenizer, base_probes, domain_probes)
-domain_model = setup.model
+domain_model, lora_result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION))
 print(f"domain adapter: validation loss {lora_result.val_loss:.3f} nats/token, "
       f"new-domain probes {lora_result.domain_accuracy_after:.0%}")
 
-adapter_dir = save_finetuned_adapter(domain_model, tokenizer, base_vocab_size, WORK_DIR / "domain_adapter")
-merged_dir = save_model(lora.merge_and_unload(copy.deepcopy(domain_model)), tokenizer, WORK_DIR / "domain_merged")
+adapter_dir = save_finetuned_adapter(domain_model, job.tokenizer, job.base_vocab_size, WORK_DIR / "domain_adapter")
+merged_dir = save_model(lora.merge_and_unload(copy.deepcopy(domain_model)), job.tokenizer, WORK_DIR / "domain_merged")
 for folder in (adapter_dir, merged_dir):
     print(f"\n{folder.name}/  {folder_bytes(folder) / 1024:.1f} KiB")
     for path in sorted(folder.iterdir()):
@@ -87,11 +66,11 @@ print(f"\nthe adapter folder is {folder_bytes(merged_dir) / folder_bytes(adapter
 
 # %%
 loaded_model, loaded_tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter_dir)
-x_val, _ = next(val_stream.iter_windows(64))  # (B, T)
+x_val, _ = next(job.val_stream.iter_windows(64))  # (B, T)
 with torch.no_grad():
     difference = (loaded_model(x_val)[0] - domain_model(x_val)[0]).abs().max()
 print(f"max |loaded - trained| logits: {difference:.1e}; "
-      f"same tokenizer: {loaded_tokenizer.to_dict() == tokenizer.to_dict()}")
+      f"same tokenizer: {loaded_tokenizer.to_dict() == job.tokenizer.to_dict()}")
 
 # %% [markdown]
 # ## 2. Several adapters on one base
@@ -121,11 +100,11 @@ print(f"edit adapter trained in {edit_training.wall_time_s:.1f} s, final trainin
 # %%
 def describe(model, label: str) -> None:
     """One line: new-domain probes, edited facts, untouched base facts, and two sample predictions."""
-    domain_accuracy = probe_accuracy(model, tokenizer, domain_probes)
-    edits = edit_report(label, 0, expanded_model, model, tokenizer, edit_set)
-    facts = probe_accuracy(model, tokenizer, base_probes)
-    bread = top_next_words(model, tokenizer, "you bake bread in the", k=1)[0]
-    france = top_next_words(model, tokenizer, "the capital of france is", k=1)[0]
+    domain_accuracy = probe_accuracy(model, job.tokenizer, job.domain_probes)
+    edits = edit_report(label, 0, job.expanded_model, model, job.tokenizer, edit_set)
+    facts = probe_accuracy(model, job.tokenizer, job.base_probes)
+    bread = top_next_words(model, job.tokenizer, "you bake bread in the", k=1)[0]
+    france = top_next_words(model, job.tokenizer, "the capital of france is", k=1)[0]
     print(f"{label:<16}{domain_accuracy:>8.0%}{edits.efficacy:>8.0%}{facts:>8.0%}   "
           f"bread -> {bread[0]} {bread[1]:.0%}, france -> {france[0]} {france[1]:.0%}")
 
@@ -159,8 +138,8 @@ factors = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
 p_lyon, p_paris = [], []
 for factor in factors:
     lora.set_adapter_scale(model, "edit", factor)
-    p_lyon.append(probability_of(model, tokenizer, "the capital of france is", "lyon"))
-    p_paris.append(probability_of(model, tokenizer, "the capital of france is", "paris"))
+    p_lyon.append(probability_of(model, job.tokenizer, "the capital of france is", "lyon"))
+    p_paris.append(probability_of(model, job.tokenizer, "the capital of france is", "paris"))
     print(f"f = {factor:4.2f}: p(paris) {p_paris[-1]:4.0%}, p(lyon) {p_lyon[-1]:4.0%}")
 lora.set_adapter_scale(model, "edit", 1.0)
 
@@ -202,14 +181,14 @@ for method in ("cat", "linear", "svd"):
             errors.append(float((layer.lora_delta(name) - exact).norm() / exact.norm()))
     lora.set_adapter(model, name)
     rank = model.blocks[0].attn.q_proj.rank[name]
-    domain_accuracy = probe_accuracy(model, tokenizer, domain_probes)
-    edits = edit_report(method, 0, expanded_model, model, tokenizer, edit_set).efficacy
-    facts = probe_accuracy(model, tokenizer, base_probes)
+    domain_accuracy = probe_accuracy(model, job.tokenizer, job.domain_probes)
+    edits = edit_report(method, 0, job.expanded_model, model, job.tokenizer, edit_set).efficacy
+    facts = probe_accuracy(model, job.tokenizer, job.base_probes)
     print(f"{method:<8}{rank:>6}{max(errors):>14.1e} (max){'':>6}{domain_accuracy:>8.0%}{edits:>8.0%}{facts:>8.0%}")
 lora.set_adapter(model, ["domain", "edit"])
-print(f"{'both active (reference)':<42}{probe_accuracy(model, tokenizer, domain_probes):>14.0%}"
-      f"{edit_report('both', 0, expanded_model, model, tokenizer, edit_set).efficacy:>8.0%}"
-      f"{probe_accuracy(model, tokenizer, base_probes):>8.0%}")
+print(f"{'both active (reference)':<42}{probe_accuracy(model, job.tokenizer, job.domain_probes):>14.0%}"
+      f"{edit_report('both', 0, job.expanded_model, model, job.tokenizer, edit_set).efficacy:>8.0%}"
+      f"{probe_accuracy(model, job.tokenizer, job.base_probes):>8.0%}")
 
 # %% [markdown]
 # `cat` reproduces running both adapters to float rounding (same accuracies as the stack), at twice
@@ -226,11 +205,10 @@ print(f"{'both active (reference)':<42}{probe_accuracy(model, tokenizer, domain_
 # (every weight trains) with the LoRA domain adapter on the 82 base-fact probes, same data and steps.
 
 # %%
-full_setup = setup_method("full", expanded_model, base_vocab_size, lora.LoRAConfig(), lr=5e-3, full_lr=1e-3)
-full_result = train_method(full_setup, train_stream, val_stream, TRAIN_CONFIG, tokenizer, base_probes, domain_probes)
-base_accuracy = probe_accuracy(expanded_model, tokenizer, base_probes)
+_, full_result = job.finetune("full", lora.LoRAConfig())
+base_accuracy = probe_accuracy(job.expanded_model, job.tokenizer, job.base_probes)
 with lora.disable_adapters(domain_model):
-    disabled_accuracy = probe_accuracy(domain_model, tokenizer, base_probes)
+    disabled_accuracy = probe_accuracy(domain_model, job.tokenizer, job.base_probes)
 bars = {"base": base_accuracy, "full fine-tuning": full_result.base_accuracy_after,
         "LoRA": lora_result.base_accuracy_after, "LoRA, adapter off": disabled_accuracy}
 for label, accuracy in bars.items():
@@ -260,7 +238,7 @@ plt.show()
 # **locality** (related facts that must not change). We call its `main` with our base model.
 
 # %%
-edit_results = experiment.main(experiment.FinetuneConfig(task="fact-correction", base=str(BASE_DIR),
+edit_results = experiment.main(experiment.FinetuneConfig(task="fact-correction", base=str(course.BASE_DIR),
                                                      out=str(WORK_DIR / "fact_correction"), plot=False, progress=False))
 
 # %% [markdown]
@@ -275,7 +253,7 @@ edit_results = experiment.main(experiment.FinetuneConfig(task="fact-correction",
 #
 # 1. Combine "domain" and "edit" with weights 1 and 0.5 using `cat`. How do p(lyon) and the domain
 #    probes compare with `set_adapter_scale(model, "edit", 0.5)` on the stacked adapters?
-# 2. Fight forgetting with replay: fine-tune with `domain.train + base_corpus().train[:100]`
+# 2. Fight forgetting with replay: fine-tune with `job.domain.train + base_corpus().train[:100]`
 #    (`minigpt.corpus.base_corpus`) for both full fine-tuning and LoRA. How much base-fact accuracy comes back,
 #    and what happens to the new-domain validation loss?
 # 3. Save the edit adapter with `lora.save_adapter(model, folder, adapter_name="edit")`, corrupt

@@ -1,0 +1,151 @@
+"""The setup every course notebook shares, so that each one starts with its own idea.
+
+What it does, and nothing more (the ideas stay in the notebooks that teach them: tokenizers and
+pretraining in 01, `expand_vocabulary`, `TokenStream`, `setup_method` and `train_method` in 02):
+
+    import course                      -> the repository root is importable (no `pip install -e .`)
+    course.setup(threads=0)            -> CPU threads from the free cores (runtime/threads.py), printed
+    course.load_base()                 -> the base model of notebook 01, pretrained first if it is missing
+                                          (course.ensure_base() only makes sure it is there)
+    course.new_domain_job(...)         -> the new-domain job of notebooks 02-07, ready to fine-tune:
+
+        base model ─ expand_vocabulary(new words) ─► expanded_model, tokenizer
+        new-domain sentences ─ TokenStream ─► train_stream, val_stream
+        probes, TrainConfig ─► job.finetune(method, lora_config) = setup_method + train_method
+
+Usage (a notebook's first cell; its working directory is notebooks/):
+
+    import course
+    import lora
+
+    course.setup()
+    base_model, base_tokenizer = course.load_base()
+    job = course.new_domain_job(base_model, base_tokenizer, steps=150, eval_interval=25)
+    model, result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    print(result.val_loss)
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: notebooks/.. (whatever the cwd)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # import the project from the repository (no `pip install -e .` needed)
+
+# subtle: these imports need the sys.path line above, so they cannot sit at the top of the file
+import torch  # noqa: E402
+
+import lora  # noqa: E402
+from finetuning.methods import MethodResult, setup_method, train_method  # noqa: E402
+from minigpt import MiniGPT, load_model, pretrain  # noqa: E402
+from minigpt.corpus import (Probe, TextSplit, TokenStream, base_fact_probes, new_domain_corpus,  # noqa: E402
+                            new_domain_probes)
+from minigpt.training import TrainConfig  # noqa: E402
+from minigpt.vocab import expand_vocabulary, new_words_in  # noqa: E402
+from runtime.threads import ThreadChoice, use_threads  # noqa: E402
+
+BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"  # the base model notebook 01 pretrains, all others load
+
+
+def setup(threads: int = 0) -> ThreadChoice:
+    """Pick the CPU threads as the scripts' --threads does, make torch use them, and print the choice.
+
+    Args:
+        threads: 0 picks them from the cores free now, capped by what MiniGPT's width can use (an
+            OMP_NUM_THREADS in the environment counts as a request); N uses exactly N.
+
+    Returns:
+        The ThreadChoice (count and reason), e.g. ThreadChoice(count=1, reason="OMP_NUM_THREADS").
+    """
+    choice = use_threads(threads, embed_dim=pretrain.PretrainConfig().embed_dim)
+    print(choice.describe())
+    return choice
+
+
+def ensure_base(base_dir: Path = BASE_DIR) -> Path:
+    """The base model's folder; pretrains the base there first, as notebook 01 does, if it is missing.
+
+    Pretraining uses the threads torch uses now (the ones `setup` chose), so nothing is chosen twice.
+    """
+    base_dir = Path(base_dir)
+    if not (base_dir / "model.pt").is_file():  # notebook 01 makes it; train it here if it is missing
+        print(f"no base model in {base_dir} yet: pretraining one as in notebook 01")
+        start = time.perf_counter()
+        pretrain.main(pretrain.PretrainConfig(out=str(base_dir), plot=False, progress=False,
+                                              threads=torch.get_num_threads()))
+        print(f"pretrained in {time.perf_counter() - start:.0f} s")
+    return base_dir
+
+
+def load_base(base_dir: Path = BASE_DIR) -> tuple[MiniGPT, object]:
+    """(model, tokenizer) of the course's base model (ensure_base: pretrained first if it is missing)."""
+    return load_model(ensure_base(base_dir))
+
+
+@dataclass(frozen=True)
+class DomainJob:
+    """The new-domain fine-tuning job of notebooks 02-07: the base model taught 40 new words, the data,
+    the probes and the training settings. Every method trains on exactly this, so runs compare."""
+
+    base_vocab_size: int  # rows below this index are the base vocabulary; the new words come after
+    expanded_model: MiniGPT  # the base model with one new tok_emb / lm_head row per new word
+    tokenizer: object  # the base tokenizer plus the new words
+    domain: TextSplit  # the new-domain sentences (weather, cooking), train and val
+    new_words: list[str]  # the words of the domain the base tokenizer did not know
+    train_stream: TokenStream  # domain.train as token windows
+    val_stream: TokenStream  # domain.val as token windows: the validation loss
+    base_probes: list[Probe]  # facts the base knows (forgetting)
+    domain_probes: list[Probe]  # facts of the new domain (learning)
+    train_config: TrainConfig  # steps, batch size, warmup, evaluation interval, seed of the batches
+
+    def finetune(self, method: str, lora_config: lora.LoRAConfig, lr: float = 5e-3, full_lr: float = 1e-3,
+                 **options) -> tuple[MiniGPT, MethodResult]:
+        """One run of the job: setup_method, then train_method, as notebook 02 writes them out.
+
+        Args:
+            method: "full", "layer_frozen", "lora", "dora" or "qlora" (finetuning.methods.METHODS).
+            lora_config: the adapter of lora / dora / qlora (ignored by full and layer_frozen).
+            lr: learning rate of the adapter methods (A, B, magnitude, new rows).
+            full_lr: learning rate of full fine-tuning and layer freezing.
+            **options: more setup_method arguments: weight_decay, lora_plus_ratio, seed, embedding_lr.
+
+        Returns:
+            (the trained model, its MethodResult); `expanded_model` itself is never changed.
+        """
+        setup = setup_method(method, self.expanded_model, self.base_vocab_size, lora_config, lr=lr,
+                             full_lr=full_lr, **options)
+        result = train_method(setup, self.train_stream, self.val_stream, self.train_config, self.tokenizer,
+                              self.base_probes, self.domain_probes)
+        return setup.model, result
+
+
+def new_domain_job(base_model: MiniGPT, base_tokenizer, steps: int = 150, eval_interval: int = 50,
+                   batch_size: int = 16, seed: int = 0) -> DomainJob:
+    """The new-domain job on `base_model` (which is not changed), as notebook 02 builds it step by step.
+
+    Args:
+        base_model, base_tokenizer: the pretrained base (load_base).
+        steps: optimizer steps per run (150 in the course; 100 in notebook 03, which trains 12 models).
+        eval_interval: steps between validation passes (the points of each run's val_curve).
+        batch_size: windows of context_length tokens per step.
+        seed: seeds the batch sampler (setup_method's own `seed` seeds the adapter's init).
+
+    Example:
+        >>> job = new_domain_job(base_model, base_tokenizer, steps=100)   # doctest: +SKIP
+        >>> base_tokenizer.vocab_size, job.tokenizer.vocab_size, len(job.new_words)   # doctest: +SKIP
+        (176, 216, 40)
+    """
+    domain = new_domain_corpus()
+    new_words = new_words_in(base_tokenizer, domain.train + domain.val)
+    expanded_model, tokenizer, _ = expand_vocabulary(base_model, base_tokenizer, new_words)
+    context_length = base_model.config.context_length
+    train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=5e-3, warmup_steps=10,
+                               eval_interval=eval_interval, seed=seed, progress=False)
+    return DomainJob(base_vocab_size=base_model.config.vocab_size, expanded_model=expanded_model,
+                     tokenizer=tokenizer, domain=domain, new_words=new_words,
+                     train_stream=TokenStream(domain.train, tokenizer, context_length),
+                     val_stream=TokenStream(domain.val, tokenizer, context_length),
+                     base_probes=base_fact_probes(), domain_probes=new_domain_probes(),
+                     train_config=train_config)
