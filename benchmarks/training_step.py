@@ -21,7 +21,7 @@ Methods (all train with AdamW; on CUDA the weights are bfloat16, on CPU float32)
     lora        ours: lora.apply_lora on q/k/v/o/up/down projections (rank 16, alpha 32), base frozen
     peft_lora   the same adapters made by Hugging Face PEFT (skipped with a note if peft is missing)
     qlora       ours: quant.quantize_model (NF4 + double quantization, lm_head kept) then lora.apply_lora
-    qlora_bf16  the same with the adapters in the compute dtype (bf16 on CUDA), lora/'s default (REFERENCE.md)
+    qlora_bf16  the same with the adapters in the compute dtype (bf16 on CUDA), lora/'s default (docs/reference.md#qlora)
     bnb_qlora   CUDA only: bitsandbytes.nn.Linear4bit base + PEFT adapters, the reference QLoRA stack
     <m>+ckpt    the same with gradient checkpointing (MiniGPT recomputes each block in backward)
     <m>+compile the same under torch.compile (fuses the LoRA branch's small element-wise kernels)

@@ -4,8 +4,12 @@
     B [out, r] ──► lr * ratio      (ratio 16 is the paper's suggestion)
     1-D adapter parameters (DoRA's magnitude, biases in modules_to_save) ──► lr * ratio, as PEFT does
 
-The same grouping as PEFT's `create_loraplus_optimizer` ("lora_B" in the name or a 1-D parameter goes
-to the fast group), returned as plain param groups that any torch optimizer accepts.
+PEFT's `create_loraplus_optimizer` groups a linear layer's adapters the same way ("lora_B" in the name
+or a 1-D parameter goes to the fast group); here they come back as plain param groups that any torch
+optimizer accepts. Where we differ (docs/reference.md#where-we-differ): PEFT gives an embedding's LoRA
+tensors a group of their own (`loraplus_lr_embedding`, default 1e-6) and keeps biases out of weight
+decay; here an embedding's A and B are grouped like a linear layer's, and one weight_decay applies to all.
+See docs/reference.md#lora-plus for the rule.
 """
 
 from typing import Dict, List

@@ -85,7 +85,7 @@ def test_codes_equal_bitsandbytes_cuda_except_ties(bnb_cuda, dtype, block_size):
     bnb_codes = unpack_nibbles(bnb_packed.reshape(-1), weight.numel())
     differ = torch.nonzero(ours_codes != bnb_codes).flatten()
     assert differ.numel() <= 4, f"{differ.numel()} codes differ"
-    if differ.numel():  # each one a tie, rounded down by us (REFERENCE.md step 5), up by bitsandbytes
+    if differ.numel():  # each one a tie, rounded down by us (docs/reference.md#nf4-quantize), up by bitsandbytes
         scaled = weight.reshape(-1).float()[differ] * (1.0 / ours.absmax[differ // block_size])
         assert torch.isin(scaled, code_midpoints(NF4_CODE).cuda()).all()
         assert torch.equal(bnb_codes[differ].long(), ours_codes[differ].long() + 1)

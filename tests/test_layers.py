@@ -116,3 +116,16 @@ def test_no_file_points_outside_the_repository():
     offenders = [name for name in tracked if (ROOT / name).is_file() and name.endswith((".py", ".md", ".toml", ".ipynb"))
                  and any(text in (ROOT / name).read_text(encoding="utf-8", errors="replace") for text in outside)]
     assert offenders == []
+
+
+def test_every_citation_of_docs_reference_names_one_of_its_sections():
+    import re
+
+    headings = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8").splitlines()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", line[3:].strip().lower()).replace(" ", "-")
+               for line in headings if line.startswith("## ")}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    cited = {(name, anchor) for name in tracked if name.endswith((".py", ".md")) and (ROOT / name).is_file()
+             for anchor in re.findall(r"docs/reference\.md#([a-z0-9-]+)", (ROOT / name).read_text(encoding="utf-8"))}
+    assert len(cited) > 20  # the code cites it, section by section
+    assert sorted((name, anchor) for name, anchor in cited if anchor not in anchors) == []

@@ -1,6 +1,6 @@
-"""LoRA / DoRA layer and model API: exact oracles first (REFERENCE.md), then whole-tensor comparisons.
+"""LoRA / DoRA layer and model API: exact oracles first (docs/reference.md), then whole-tensor comparisons.
 
-Tolerances: fp32 on unit-scale inputs, merged vs unmerged and formula vs layer agree to 1e-5 (REFERENCE.md).
+Tolerances: fp32 on unit-scale inputs, merged vs unmerged and formula vs layer agree to 1e-5 (docs/reference.md#merging).
 """
 
 import copy
