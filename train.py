@@ -9,8 +9,10 @@
 Writes `<out>/` (config.json, model.pt, tokenizer.json; atomically) and `<out>_loss.png`, and prints
 the final validation loss, tokens per second and, on the built-in corpus, the accuracy on the
 base-fact probes ("the capital of france is" -> "paris"). An existing `<out>/` is replaced only if it
-is a previous checkpoint (nothing in it but those three files); any other folder, `.` or a folder
-above the current one is refused before training starts, and nothing is written.
+is a previous checkpoint (its hidden .minilora-output.json marker says so; from before markers: exactly
+those three files); any other folder, `.`, a folder above the current one, a --data file inside `<out>/`,
+a folder you cannot write in or a disk without room is refused before training starts, and nothing is
+written.
 
 Under torchrun every process runs main(): each trains on its share of the global --batch-size with
 DistributedDataParallel (runtime/distributed.py), and only rank 0 prints, plots and writes the folder.

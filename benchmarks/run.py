@@ -413,7 +413,7 @@ def write_outputs(all_results: dict, machine: dict, config: RunConfig) -> dict:
     rows = summary_rows(all_results, config.device)
     results = {"machine": machine, "run_config": dataclasses.asdict(config), "table": rows,
                "benchmarks": all_results}
-    with atomic_directory(Path(config.out_dir)) as tmp_dir:
+    with atomic_directory(Path(config.out_dir), kind="benchmarks") as tmp_dir:
         if config.plots:
             try:
                 results["plots"] = write_plots(all_results, tmp_dir)

@@ -36,7 +36,7 @@ from minigpt.corpus import (TokenStream, base_corpus, base_fact_probes, fact_cor
 from minigpt.predict import batched_probe_accuracy
 from minigpt.training import TrainConfig, pick_device, train_model
 from minigpt.vocab import expand_vocabulary, new_words_in
-from runtime.atomic import check_output_dir
+from runtime.atomic import check_inputs_outside, check_output_dir, check_room
 from runtime.distributed import SINGLE_PROCESS, main_process_directory, process_group
 from runtime.threads import use_threads
 
@@ -47,10 +47,9 @@ SAVED_FOLDER = {"full": "full_finetuned", "layer_frozen": "layer_frozen", "lora"
 FACT_VARIANTS = {"v_proj only": ("v_proj",), "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj")}
 FACT_FOLDER = {"v_proj only": "v_proj_adapter", "q,k,v,o": "attention_adapter"}
 DEFAULT_OUT = {"new-domain": "dist/finetuning_results", "fact-correction": "dist/fact_correction"}
-# every name a results folder of each task may hold: a previous folder made only of these is replaced as a
-# whole (one results.json describes one run); anything else in it is refused before training starts
-RESULT_NAMES = {"new-domain": (*SAVED_FOLDER.values(), "lora_merged", "comparison.png", "results.json"),
-                "fact-correction": (*FACT_FOLDER.values(), "fact_correction.txt")}
+# the kind recorded in a results folder's marker (runtime/atomic.py): a previous folder is replaced as a whole
+# (one results.json describes one run) only when its marker names the same kind; any other folder is refused
+RESULT_KIND = {"new-domain": "finetune-results", "fact-correction": "fact-correction-results"}
 
 
 @dataclass(frozen=True)
@@ -144,6 +143,11 @@ def say_if_replacing(out_dir: Path, distributed=SINGLE_PROCESS) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()):
         distributed.print(f"{out_dir}/ holds a previous run: it is replaced as a whole when this run finishes "
                           f"(one results.json per run; --out OTHER_FOLDER keeps it)")
+
+
+def base_bytes(model) -> int:
+    """Bytes of a model's float32 weights: the unit of check_room's estimate of a results folder."""
+    return 4 * sum(parameter.numel() for parameter in model.parameters())
 
 
 def lora_config_from(config: FinetuneConfig, targets=None) -> lora.LoRAConfig:
@@ -259,7 +263,8 @@ def main(config: FinetuneConfig) -> dict:
     only rank 0 prints and writes the results folder.
     """
     check_config(config)
-    check_output_dir(output_folder(config), RESULT_NAMES[config.task])  # a foreign folder: refused before any work
+    check_inputs_outside(output_folder(config), {"--base": config.base, "--data": config.data})
+    check_output_dir(output_folder(config), RESULT_KIND[config.task])  # a foreign folder: refused before any work
     threads = use_threads(config.threads, base_width(config))
     config = dataclasses.replace(config, threads=threads.count)  # a base pretrained first uses the same count
     with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
@@ -299,7 +304,9 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     base_accuracy = batched_probe_accuracy(base_model, base_tokenizer, base_probes) if base_probes else float("nan")
 
     results, trained, plot_path = [], {}, None
-    with main_process_directory(out_dir, distributed, RESULT_NAMES["new-domain"]) as tmp:  # rank 0 only: a folder
+    if distributed.is_main:  # at most one full-size float32 copy of the base per method, and one merged
+        check_room(out_dir, (len(methods) + 1) * base_bytes(base_model))
+    with main_process_directory(out_dir, distributed, RESULT_KIND["new-domain"]) as tmp:  # rank 0 only: a folder
         for method in methods:
             setup = setup_method(method, model, base_vocab_size, lora_config, lr=config.lr, full_lr=config.full_lr,
                                  lora_plus_ratio=config.lora_plus_ratio, seed=config.seed,
@@ -366,7 +373,9 @@ def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     base_vocab_size = base_model.config.vocab_size
     train_stream = train_stream_for(config, edit_set.train, tokenizer, base_model.config.context_length)
     reports = []
-    with main_process_directory(out_dir, distributed, RESULT_NAMES["fact-correction"]) as tmp:  # rank 0: a folder
+    if distributed.is_main:  # two adapters, each far smaller than the base
+        check_room(out_dir, base_bytes(base_model))
+    with main_process_directory(out_dir, distributed, RESULT_KIND["fact-correction"]) as tmp:  # rank 0: a folder
         for variant, targets in FACT_VARIANTS.items():
             setup = setup_method("lora", model, base_vocab_size, lora_config_from(config, targets), lr=config.lr,
                                  full_lr=config.full_lr, lora_plus_ratio=config.lora_plus_ratio, seed=config.seed,

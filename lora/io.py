@@ -12,15 +12,12 @@ the same tensors `base_model.model.<path>.lora_A.weight` (`lora_embedding_A` for
 
 Loading is all or nothing: the config is validated, every tensor's name and shape is checked against
 the model, and only then is the model touched. Files are written to a temporary folder first and moved
-into place with os.replace, so a crash never leaves half an adapter on disk; an existing folder is only
-replaced if it holds nothing but an earlier adapter's two files.
+into place with renames (runtime/atomic.py), so a crash never leaves half an adapter on disk; an existing
+folder is only replaced if it holds nothing but an earlier adapter's two files (and its hidden marker).
 """
 
 import json
 import os
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Dict, List, Union
 
@@ -31,7 +28,7 @@ from lora.config import LoRAConfig
 from lora.model import (_existing_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
                         saved_modules, set_adapter)
 from lora.modules_to_save import ModulesToSaveWrapper
-from runtime.atomic import current_umask, swap_into_place  # the same two-rename swap as checkpoints
+from runtime.atomic import MARKER, atomic_directory  # the same atomic write as checkpoints
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "lora_config.json"
@@ -64,19 +61,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> Dict[
 
 
 def _foreign_entries(adapter_dir: Path) -> List[str]:
-    """Names in `adapter_dir` that save_adapter did not write (anything but ADAPTER_FILES, as plain files)."""
+    """Names in `adapter_dir` that save_adapter did not write (anything but ADAPTER_FILES, as plain files,
+    and the hidden marker every output folder holds)."""
     return sorted(entry.name for entry in adapter_dir.iterdir()
-                  if entry.name not in ADAPTER_FILES or not entry.is_file() or entry.is_symlink())
+                  if entry.name != MARKER and (entry.name not in ADAPTER_FILES or not entry.is_file()
+                                               or entry.is_symlink()))
 
 
 def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "default") -> Path:
     """Write adapter `adapter_name` to `adapter_dir` (lora_config.json + lora_weights.pt); returns the path.
 
-    Merged adapters are saved as their A, B (the base is not changed by saving). An existing folder is
-    replaced only if it holds nothing but these two files (an earlier save); a folder with anything else
-    in it is refused with FileExistsError, so a save never deletes files it did not write.
+    Merged adapters are saved as their A, B (the base is not changed by saving). The folder is written
+    whole or not at all (runtime/atomic.py). An existing folder is replaced only if it holds nothing but
+    these two files (an earlier save); a folder with anything else in it is refused with FileExistsError,
+    so a save never deletes files it did not write.
     """
-    config = _existing_configs(model).get(adapter_name)
     state = adapter_state_dict(model, adapter_name)
     adapter_dir = Path(adapter_dir)
     if adapter_dir.exists() or adapter_dir.is_symlink():
@@ -87,29 +86,19 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
             raise FileExistsError(f"{adapter_dir} holds {foreign}, which save_adapter did not write (an adapter "
                                   f"folder holds only {list(ADAPTER_FILES)}); save to an empty or new folder, "
                                   f"or move those out first")
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
-    try:
-        with open(temporary / CONFIG_FILE, "w") as file:
-            json.dump({"format_version": FORMAT_VERSION, **config.to_dict()}, file, indent=2)
-        torch.save(state, temporary / WEIGHTS_FILE)
-        # subtle: mkdtemp makes the folder private (0o700); give it what mkdir would have given (umask applied)
-        os.chmod(temporary, 0o777 & ~current_umask())
-        # adapter_dir always holds a complete adapter: the old one moves aside, the new one takes its name
-        old = swap_into_place(temporary, adapter_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if old is not None:
-        # Only our own files are deleted and the folder removed with rmdir, which fails rather than
-        # delete a file that appeared in the meantime.
-        for name in ADAPTER_FILES:
-            (old / name).unlink(missing_ok=True)
-        try:
-            os.rmdir(old)
-        except OSError:
-            warnings.warn(f"{old} (the previous {adapter_dir}) gained files while saving; left in place")
+    with atomic_directory(adapter_dir, kind="adapter", legacy_files=ADAPTER_FILES) as tmp:
+        write_adapter_files(model, tmp, adapter_name, state)
     return adapter_dir
+
+
+def write_adapter_files(model: nn.Module, folder: PathLike, adapter_name: str = "default", state=None) -> None:
+    """Write lora_config.json + lora_weights.pt into the existing `folder` (no swap: the caller's
+    atomic_directory makes the folder appear whole, e.g. minigpt's adapter folders with more files)."""
+    config = _existing_configs(model).get(adapter_name)
+    state = adapter_state_dict(model, adapter_name) if state is None else state
+    with open(Path(folder) / CONFIG_FILE, "w") as file:
+        json.dump({"format_version": FORMAT_VERSION, **config.to_dict()}, file, indent=2)
+    torch.save(state, Path(folder) / WEIGHTS_FILE)
 
 
 def load_lora_config(adapter_dir: PathLike) -> LoRAConfig:

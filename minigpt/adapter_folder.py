@@ -26,11 +26,14 @@ from runtime.atomic import atomic_directory
 from tokenizer import load_tokenizer
 
 
+ADAPTER_FOLDER_FILES = ("lora_config.json", "lora_weights.pt", EMBEDDING_FILE, "tokenizer.json")  # what the folder holds
+
+
 def save_finetuned_adapter(model: torch.nn.Module, tokenizer, base_vocab_size: int, out_dir) -> Path:
     """Write an adapter folder (lora files + new embedding rows + tokenizer), atomically."""
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        lora.save_adapter(model, tmp)  # lora_config.json + lora_weights.pt
+    with atomic_directory(out_dir, kind="adapter", legacy_files=ADAPTER_FOLDER_FILES) as tmp:
+        lora.write_adapter_files(model, tmp)  # lora_config.json + lora_weights.pt
         save_new_rows(model, base_vocab_size, tmp / EMBEDDING_FILE)
         tokenizer.save(tmp / "tokenizer.json")
     return out_dir

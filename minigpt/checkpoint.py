@@ -28,8 +28,9 @@ CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
 def save_model(model: MiniGPT, tokenizer, out_dir) -> Path:
     """Write model and tokenizer to `out_dir` atomically; returns the folder's path.
 
-    An existing `out_dir` is replaced only if it is a previous checkpoint (it holds nothing but
-    CHECKPOINT_FILES); a folder with anything else in it is a ValueError and stays as it was.
+    An existing `out_dir` is replaced only if it is a previous checkpoint (its marker, the hidden
+    .minilora-output.json, says so; or, written before markers existed, it holds exactly CHECKPOINT_FILES);
+    any other folder is a ValueError and stays as it was.
 
     Example:
         >>> import tempfile
@@ -38,7 +39,7 @@ def save_model(model: MiniGPT, tokenizer, out_dir) -> Path:
         >>> model = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, embed_dim=8, n_heads=2, n_layers=1))
         >>> with tempfile.TemporaryDirectory() as parent:
         ...     folder = save_model(model, tokenizer, Path(parent) / "tiny_model")
-        ...     folder.name, sorted(path.name for path in folder.iterdir())
+        ...     folder.name, sorted(path.name for path in folder.iterdir() if not path.name.startswith("."))
         ('tiny_model', ['config.json', 'model.pt', 'tokenizer.json'])
     """
     wrapped = [name for name, module in model.named_modules()
@@ -52,7 +53,7 @@ def save_model(model: MiniGPT, tokenizer, out_dir) -> Path:
         raise ValueError(f"model has {model.config.vocab_size} token rows but the tokenizer has "
                          f"{tokenizer.vocab_size} tokens; they must match to be saved together")
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, outputs=CHECKPOINT_FILES) as tmp:
+    with atomic_directory(out_dir, kind="checkpoint", legacy_files=CHECKPOINT_FILES) as tmp:
         config = {"format_version": FORMAT_VERSION, **dataclasses.asdict(model.config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}

@@ -9,9 +9,10 @@
                                                                                                  │
                                            <out>/config.json  model.pt  tokenizer.json  ◄────────┘
 
-An existing `<out>/` is replaced only if it is a previous checkpoint (nothing in it but those three
-files); any other folder, `.` or a folder above the current one is refused before training starts,
-and nothing is written. Under torchrun every process runs main(): each trains on its share of the
+An existing `<out>/` is replaced only if it is a previous checkpoint (its hidden .minilora-output.json
+marker says so, or, from before markers, it holds exactly those three files); any other folder, `.`, a
+folder above the current one, a --data file inside `<out>/`, a folder we cannot write in or a disk
+without room for the checkpoint is refused before training starts, and nothing is written. Under torchrun every process runs main(): each trains on its share of the
 global batch_size with DistributedDataParallel (runtime/distributed.py), and only rank 0 writes.
 """
 
@@ -27,7 +28,7 @@ from minigpt.corpus import TokenStream, base_corpus, base_fact_probes, read_text
 from minigpt.model import MiniGPT
 from minigpt.predict import probe_accuracy
 from minigpt.training import TrainConfig, pick_device, train_model
-from runtime.atomic import check_output_dir
+from runtime.atomic import check_inputs_outside, check_output_dir, check_room
 from runtime.distributed import process_group
 from runtime.threads import use_threads
 from tokenizer import BPETokenizer, WordTokenizer
@@ -104,7 +105,8 @@ def pretrain(config: PretrainConfig, distributed, start: float) -> dict:
                                seed=config.seed, device=device, progress=config.progress, desc="pretrain")
     distributed.local_batch_size(config.batch_size)
     corpus = read_text_file(config.data) if config.data else base_corpus()
-    check_output_dir(config.out, outputs=CHECKPOINT_FILES)
+    check_inputs_outside(config.out, {"--data": config.data})
+    check_output_dir(config.out, kind="checkpoint", legacy_files=CHECKPOINT_FILES)
     source = config.data or "the built-in corpus"
     held_out = " (its every 10th non-blank line)" if config.data else ""  # read_text_file's split
     tokenizer = build_tokenizer(config, corpus.train + corpus.val)
@@ -119,6 +121,8 @@ def pretrain(config: PretrainConfig, distributed, start: float) -> dict:
                              embed_dim=config.embed_dim, n_layers=config.n_layers, n_heads=config.n_heads,
                              dropout=config.dropout)
     model = MiniGPT(model_config).to(device)
+    if distributed.is_main:  # float32 weights plus the tokenizer: a full disk is refused before training
+        check_room(config.out, 4 * sum(p.numel() for p in model.parameters()) + 100 * tokenizer.vocab_size)
     torch.manual_seed(config.seed + distributed.rank)  # dropout masks differ between ranks (rank 0: seed)
     result = train_model(distributed.wrap(model), train_stream, val_stream, train_config,
                          distributed=distributed)

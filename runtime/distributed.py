@@ -189,19 +189,19 @@ def is_main_process_from_env() -> bool:
 
 
 @contextlib.contextmanager
-def main_process_directory(final_dir, context: DistributedContext, outputs=None):
-    """atomic_directory(final_dir, outputs) on rank 0; None on the other ranks, which write nothing.
+def main_process_directory(final_dir, context: DistributedContext, kind: str = "output", legacy_files=None):
+    """atomic_directory(final_dir, kind, legacy_files) on rank 0; None on the other ranks, which write nothing.
 
     On leaving the block every rank waits until rank 0's folder is complete (on success; an error on
     one rank ends the whole torchrun job anyway).
 
-        with main_process_directory("dist/results", distributed) as tmp:
+        with main_process_directory("dist/results", distributed, kind="finetune-results") as tmp:
             ...train on every rank...
             if tmp is not None:                  # rank 0 only
                 save_model(model, tokenizer, tmp / "model")
     """
     if context.is_main:
-        with atomic_directory(final_dir, outputs=outputs) as tmp_dir:
+        with atomic_directory(final_dir, kind, legacy_files) as tmp_dir:
             yield tmp_dir
     else:
         yield None

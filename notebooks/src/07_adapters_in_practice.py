@@ -55,7 +55,7 @@ adapter_dir = save_finetuned_adapter(domain_model, job.tokenizer, job.base_vocab
 merged_dir = save_model(lora.merge_and_unload(copy.deepcopy(domain_model)), job.tokenizer, WORK_DIR / "domain_merged")
 for folder in (adapter_dir, merged_dir):
     print(f"\n{folder.name}/  {folder_bytes(folder) / 1024:.1f} KiB")
-    for path in sorted(folder.iterdir()):
+    for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):  # not the hidden marker
         print(f"   {path.name:<22}{path.stat().st_size / 1024:>8.1f} KiB")
 print(f"\nthe adapter folder is {folder_bytes(merged_dir) / folder_bytes(adapter_dir):.1f}x smaller than the model")
 
