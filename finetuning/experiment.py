@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 import lora
+from lora.config import INITS
+from lora.model import check_layer_can_take
 from finetuning.fact_edit import edit_report, edit_table
 from finetuning.methods import (ADAPTER_METHODS, METHODS, folder_bytes, max_logit_difference, merged_copy,
                                 setup_method, train_method)
@@ -38,6 +40,7 @@ from minigpt.training import TrainConfig, pick_device, train_model
 from minigpt.vocab import expand_vocabulary, new_words_in
 from runtime.atomic import check_inputs_outside, check_output_dir, check_room
 from runtime.distributed import SINGLE_PROCESS, main_process_directory, process_group
+from runtime.options import MAX_BATCH_TOKENS, MAX_STEPS, MAX_THREADS, check_batch_tokens, check_number, check_seed
 from runtime.threads import use_threads
 
 DEFAULT_BASE = "dist/base_model"
@@ -86,6 +89,8 @@ class FinetuneConfig:
 
 
 DEFAULTS = FinetuneConfig()
+MAX_RANK = 4096  # the check against the base's layers (check_lora_fits) gives the real, smaller bound
+MAX_REPLAY = 1000  # base sentences per fine-tuning sentence
 # options the fact-correction task does not read: giving one is a mistake worth saying so
 FACT_CORRECTION_UNUSED = ("data", "methods", "targets", "dora", "replay", "full_lr", "early_stopping_patience")
 
@@ -104,20 +109,36 @@ def check_config(config: FinetuneConfig) -> None:
     if config.task not in TASKS:
         raise ValueError(f"--task {config.task!r} is unknown; use one of {', '.join(TASKS)}")
     parse_methods(config.methods)
-    if config.steps is not None and config.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {config.steps}")
-    if not config.epochs > 0:
-        raise ValueError(f"--epochs must be positive, got {config.epochs}")
-    if config.shuffled_copies < 0:
-        raise ValueError(f"--shuffled-copies must be >= 0 (0 keeps the file's order), got {config.shuffled_copies}")
+    integers = {"--rank": (config.rank, 1, MAX_RANK, " (and at most min(in, out) of every targeted layer)"),
+                "--batch-size": (config.batch_size, 1, MAX_BATCH_TOKENS, ""),
+                "--warmup-steps": (config.warmup_steps, 0, MAX_STEPS, ""),
+                "--shuffled-copies": (config.shuffled_copies, 0, 1000, " (0 keeps the file's order)"),
+                "--threads": (config.threads, 0, MAX_THREADS, " (0 picks them from the free cores)")}
+    if config.steps is not None:
+        integers["--steps"] = (config.steps, 1, MAX_STEPS, " (or leave it out to train --epochs)")
+    if config.early_stopping_patience is not None:
+        integers["--early-stopping-patience"] = (config.early_stopping_patience, 1, MAX_STEPS,
+                                                 " (or leave it out to never stop early)")
+    for flag, (value, low, high, note) in integers.items():
+        check_number(flag, value, low, high, integer=True, note=note)
+    check_seed("--seed", config.seed)
+    check_number("--epochs", config.epochs, 0, MAX_STEPS, low_open=True)
     if not config.replay >= 0:
         raise ValueError(f"--replay must be >= 0 (base sentences per fine-tuning sentence; 0 = none), got {config.replay}")
-    if config.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if not (config.lr > 0 and config.full_lr > 0):
-        raise ValueError(f"--lr and --full-lr must be positive, got {config.lr} and {config.full_lr}")
-    if config.embedding_lr is not None and not config.embedding_lr > 0:
-        raise ValueError(f"--embedding-lr must be positive (or left out: --lr), got {config.embedding_lr}")
+    check_number("--replay", config.replay, 0, MAX_REPLAY, note=" (base sentences per fine-tuning sentence)")
+    check_number("--alpha", config.alpha, 0, low_open=True, note=" (the update is scaled by alpha / rank)")
+    check_number("--dropout", config.dropout, 0, 1, high_open=True)
+    check_number("--lora-plus-ratio", config.lora_plus_ratio, 0, low_open=True, note=" (1 = off)")
+    for flag, rate in (("--lr", config.lr), ("--full-lr", config.full_lr)):
+        check_number(flag, rate, 0, low_open=True)
+    if config.embedding_lr is not None:
+        check_number("--embedding-lr", config.embedding_lr, 0, low_open=True, note=" (or left out: each method's own)")
+    if config.init not in INITS:
+        raise ValueError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}")
+    try:  # the targets' spelling (a regex must compile, a list must not be empty): LoRAConfig's own checks
+        lora_config_from(config)
+    except ValueError as error:
+        raise ValueError(f"--targets {config.targets!r}: {error}") from None
     if config.task == "fact-correction":
         unused = [option for option in FACT_CORRECTION_UNUSED if getattr(config, option) != getattr(DEFAULTS, option)]
         if unused:
@@ -154,6 +175,30 @@ def lora_config_from(config: FinetuneConfig, targets=None) -> lora.LoRAConfig:
     target_names = targets or tuple(name.strip() for name in config.targets.split(",") if name.strip())
     return lora.LoRAConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=target_names,
                            use_dora=config.dora, use_rslora=config.rslora, init=config.init)
+
+
+def check_lora_fits(model, lora_configs: dict, config: FinetuneConfig) -> None:
+    """Check each adapter config against the model before anything trains: its targets name layers of the
+    model and --rank fits each of them (lora's own checks: find_targets, check_layer_can_take).
+
+    Without this a typo in --targets, or a --rank above a layer's width, surfaced only when the first
+    adapter method started, after full fine-tuning and layer freezing had trained for a minute.
+
+    Args:
+        model: the (vocabulary-expanded) base model the methods start from.
+        lora_configs: {what it is for: LoRAConfig}, e.g. {"dora": LoRAConfig(..., use_dora=True)}.
+    """
+    for lora_config in lora_configs.values():
+        try:
+            targets = lora.find_targets(model, lora_config)
+        except ValueError as error:
+            raise ValueError(f"--targets {config.targets!r} does not fit the base {config.base}: {error}") from None
+        for name in targets:
+            try:
+                check_layer_can_take(name, model.get_submodule(name), "default", lora_config.r, lora_config)
+            except ValueError as error:
+                raise ValueError(f"--rank {config.rank} with --targets {config.targets!r} does not fit the base "
+                                 f"{config.base}: {error}") from None
 
 
 def load_or_pretrain_base(config: FinetuneConfig, device: str, distributed=SINGLE_PROCESS):
@@ -206,8 +251,12 @@ def train_config_for(config: FinetuneConfig, tokens_once: int, context_length: i
     One epoch is the fine-tuning sentences' tokens once (replayed base sentences not counted, so
     `--replay` changes what a step sees, never how many steps there are).
     """
+    check_batch_tokens("--batch-size", config.batch_size, context_length)
     steps_per_epoch = max(1, math.ceil(tokens_once / (config.batch_size * context_length)))
     steps = config.steps or max(1, round(config.epochs * steps_per_epoch))
+    if steps > MAX_STEPS:
+        raise ValueError(f"--epochs {config.epochs:g} is {steps:,} steps of {steps_per_epoch:,} per epoch; at most "
+                         f"{MAX_STEPS:,} here, so use --epochs <= {MAX_STEPS // steps_per_epoch:,}")
     return TrainConfig(steps=steps, batch_size=config.batch_size, lr=config.lr,
                        warmup_steps=min(config.warmup_steps, steps // 2), eval_interval=steps_per_epoch,
                        early_stopping_patience=config.early_stopping_patience, seed=config.seed, device=device,
@@ -282,6 +331,10 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     out_dir = output_folder(config)
     base_model, base_tokenizer = load_or_pretrain_base(config, device, distributed)
     lora_config = lora_config_from(config)
+    adapter_methods = [method for method in methods if method in ADAPTER_METHODS]
+    # as setup_method configures each adapter method: "dora" turns DoRA on (and so refuses embedding targets)
+    check_lora_fits(base_model, {method: dataclasses.replace(lora_config, use_dora=lora_config.use_dora or method == "dora")
+                                 for method in adapter_methods}, config)  # before full fine-tuning trains a minute
     say_if_replacing(out_dir, distributed)
 
     corpus = read_text_file(config.data) if config.data else new_domain_corpus()
@@ -366,6 +419,8 @@ def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     device = distributed.device
     out_dir = output_folder(config)
     base_model, base_tokenizer = load_or_pretrain_base(config, device, distributed)
+    check_lora_fits(base_model, {variant: lora_config_from(config, targets) for variant, targets in FACT_VARIANTS.items()},
+                    config)
     say_if_replacing(out_dir, distributed)
     edit_set = fact_correction_set()
     new_words = new_words_in(base_tokenizer, edit_set.train)

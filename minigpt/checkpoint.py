@@ -137,6 +137,7 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
 
         base_model, base_tokenizer = load_model(model_dir)
         model, tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter, quantize_base=quantize_base)
+        check_finite_weights(model, f"{model_dir} + the adapter {adapter}")
         return model.to(device).eval(), tokenizer
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir)
@@ -159,4 +160,27 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"{model_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json says "
                          f"vocab_size={config.vocab_size}; the folder mixes files from different models")
+    check_finite_weights(model, str(model_dir / "model.pt"))
     return model.to(device).eval(), tokenizer
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """Raise ValueError naming each tensor of `model` that holds NaN or inf, and how many values.
+
+    A run that diverged leaves such weights, and every output of the model is then NaN: sampling from it
+    would fail deep inside torch.multinomial. Integer tensors (NF4 codes) cannot hold NaN and are skipped.
+
+    Example message:
+        dist/base_model/model.pt holds non-finite weights (NaN or inf): blocks.0.attn.q_proj.weight (4096 of
+        4096 values); it was saved from a run that diverged: train it again with a lower learning rate
+    """
+    bad = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else "")
+        raise ValueError(f"{source} holds non-finite weights (NaN or inf): {shown}; it was saved from a run that "
+                         f"diverged: train it again with a lower learning rate")

@@ -16,6 +16,7 @@ import torch
 from minigpt.checkpoint import load_model
 from minigpt.predict import top_next_words
 from runtime.cli import parse_config
+from runtime.options import MAX_THREADS, check_number, check_seed
 from runtime.threads import use_threads
 
 
@@ -33,11 +34,25 @@ class GenerateConfig:
     threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
 
 
+MAX_NEW_TOKENS = 100_000
+MAX_SAMPLES = 10_000
+
+
+def check_config(config: GenerateConfig) -> None:
+    """Refuse option values no run can use, before loading anything; each message names the option."""
+    check_number("--max-new-tokens", config.max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+    check_number("--samples", config.samples, 1, MAX_SAMPLES, integer=True)
+    check_number("--temperature", config.temperature, 0, note=" (0 = greedy, 1 = the model's own probabilities)")
+    if config.top_k is not None:
+        check_number("--top-k", config.top_k, 1, 2 ** 31 - 1, integer=True,
+                     note=" (1 = greedy; leave it out for no limit)")
+    check_seed("--seed", config.seed)
+    check_number("--threads", config.threads, 0, MAX_THREADS, integer=True, note=" (0 picks them from the free cores)")
+
+
 def main(config: GenerateConfig) -> dict:
     """Load the model, return {"top_words": [(word, p), ...], "samples": [text, ...]}."""
-    if config.max_new_tokens < 1 or config.samples < 1:
-        raise ValueError(f"--max-new-tokens and --samples must be at least 1, got "
-                         f"{config.max_new_tokens} and {config.samples}")
+    check_config(config)
     model, tokenizer = load_model(config.model, adapter=config.adapter)
     use_threads(config.threads, model.config.embed_dim)
     prompt_ids = tokenizer.encode(config.prompt, add_bos=True)

@@ -180,7 +180,8 @@ class MiniGPT(nn.Module):
             idx: (B, T) token ids, the prompts; T may exceed context_length (only the end is seen).
             max_new_tokens: how many tokens to append (0 returns idx unchanged).
             temperature: > 0 scales the logits (below 1: surer, above 1: more varied); 0 always picks
-                the most likely token (greedy, no randomness).
+                the most likely token (greedy, no randomness). Any finite value works: 1e-300 is as
+                good as greedy, 1e300 as good as uniform.
             top_k: sample only among the k most likely tokens (k >= 1; 1 is greedy); None: among all.
             generator: a seeded torch.Generator repeats the same samples.
 
@@ -200,8 +201,9 @@ class MiniGPT(nn.Module):
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy, 1 = the model's own "
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not 0 <= temperature < math.inf):  # subtle: NaN fails the comparison too
+            raise ValueError(f"temperature must be a number >= 0 and finite (0 = greedy, 1 = the model's own "
                              f"probabilities), got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1 (the k most likely tokens; 1 = greedy) or None "
@@ -213,7 +215,11 @@ class MiniGPT(nn.Module):
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
-                logits = logits / temperature
+                # subtle: logits / 1e-30 overflows to inf, and softmax of inf is NaN. Shifted by their max the
+                # logits are <= 0, so dividing can only underflow to -inf (probability 0); in float64, as
+                # float32 would turn a temperature below ~1e-45 into 0 (and 0 / 0 into NaN)
+                logits = logits.double()
+                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), max 0
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
                     logits = logits.masked_fill(logits < kth, float("-inf"))

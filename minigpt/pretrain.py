@@ -30,8 +30,10 @@ from minigpt.predict import probe_accuracy
 from minigpt.training import TrainConfig, pick_device, train_model
 from runtime.atomic import check_inputs_outside, check_output_dir, check_room
 from runtime.distributed import process_group
+from runtime.options import MAX_STEPS, MAX_THREADS, check_batch_tokens, check_number, check_seed
 from runtime.threads import use_threads
 from tokenizer import BPETokenizer, WordTokenizer
+from tokenizer.bpe import FIRST_MERGE_ID
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,46 @@ class PretrainConfig:
     threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
     plot: bool = True  # write the loss-curve PNG
     progress: bool = True  # show a progress bar
+
+
+TOKENIZERS = ("word", "bpe")
+MAX_WIDTH = 4096  # embed_dim, context_length: far beyond what this toy corpus can use
+MAX_LAYERS = 64
+MAX_BPE_VOCAB = 65536
+
+
+def check_config(config: PretrainConfig) -> None:
+    """Refuse option values that no run can use, before any work: one message naming the option and its range.
+
+    Example:
+        >>> check_config(PretrainConfig(batch_size=10**9))
+        Traceback (most recent call last):
+        ...
+        ValueError: --batch-size must be an integer from 1 to 1,048,576, got 1000000000
+    """
+    if config.tokenizer not in TOKENIZERS:
+        raise ValueError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {config.tokenizer!r}")
+    integers = {"--bpe-vocab-size": (config.bpe_vocab_size, FIRST_MERGE_ID, MAX_BPE_VOCAB,
+                                         " (special tokens + 256 bytes + the merges)"),
+                "--steps": (config.steps, 1, MAX_STEPS, ""),
+                "--batch-size": (config.batch_size, 1, 2 ** 20, ""),
+                "--warmup-steps": (config.warmup_steps, 0, MAX_STEPS, ""),
+                "--shuffled-copies": (config.shuffled_copies, 0, 1000, " (0 keeps the file's order)"),
+                "--eval-interval": (config.eval_interval, 1, MAX_STEPS, ""),
+                "--context-length": (config.context_length, 1, MAX_WIDTH, ""),
+                "--embed-dim": (config.embed_dim, 1, MAX_WIDTH, ""),
+                "--n-layers": (config.n_layers, 1, MAX_LAYERS, ""),
+                "--n-heads": (config.n_heads, 1, MAX_WIDTH, ""),
+                "--threads": (config.threads, 0, MAX_THREADS, " (0 picks them from the free cores)")}
+    for flag, (value, low, high, note) in integers.items():
+        check_number(flag, value, low, high, integer=True, note=note)
+    check_number("--lr", config.lr, 0, low_open=True)
+    check_number("--dropout", config.dropout, 0, 1, high_open=True)
+    check_seed("--seed", config.seed)
+    if config.embed_dim % config.n_heads:
+        raise ValueError(f"--embed-dim {config.embed_dim} must be divisible by --n-heads {config.n_heads} "
+                         f"(each head gets embed_dim / n_heads dimensions)")
+    check_batch_tokens("--batch-size", config.batch_size, config.context_length)
 
 
 def build_tokenizer(config: PretrainConfig, sentences: list[str]):
@@ -90,6 +132,7 @@ def main(config: PretrainConfig) -> dict:
     measures probe accuracy ("rank" in the results says which process this is).
     """
     start = time.perf_counter()
+    check_config(config)
     threads = use_threads(config.threads, config.embed_dim)
     with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
         distributed.print(threads.describe())

@@ -23,6 +23,18 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.distributed import SINGLE_PROCESS, DistributedContext, unwrap_model
+from runtime.options import MAX_SEED, MAX_STEPS
+
+
+class TrainingDiverged(ValueError):
+    """The loss (or a weight) became NaN or inf: the run is stopped there and nothing is saved.
+
+    Attributes: step (1-based, the first bad one), loss (its value), lr (the highest peak learning rate).
+    """
+
+    def __init__(self, message: str, step: int, loss: float, lr: float):
+        super().__init__(message)
+        self.step, self.loss, self.lr = step, loss, lr
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not is_integer(value) or value < minimum:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"TrainConfig.steps must be at most {MAX_STEPS:,}, got {self.steps:,}")
         if not is_number(self.lr) or not 0.0 < self.lr < math.inf:
             raise ValueError(f"TrainConfig.lr must be a number > 0, got {self.lr!r}")
         if not is_number(self.min_lr_ratio) or not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -68,8 +82,8 @@ class TrainConfig:
         if patience is not None and (not is_integer(patience) or patience < 1):
             raise ValueError(f"TrainConfig.early_stopping_patience must be an integer >= 1, or None to never stop "
                              f"early, got {patience!r}")
-        if not is_integer(self.seed):
-            raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
+        if not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"TrainConfig.seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
 
 
 @dataclass
@@ -167,6 +181,50 @@ def evaluate(model: torch.nn.Module, stream, batch_size: int = 64, device: str =
     return total_loss / total_tokens
 
 
+def diverged(config: TrainConfig, optimizer: torch.optim.Optimizer, step: int, what: str,
+             value: float) -> TrainingDiverged:
+    """The TrainingDiverged for a NaN / inf `what` at `step`, with the likely cause: the learning rate.
+
+    Example: `python train.py --lr 1e30` stops at step 2 (step 1's loss is computed before any update):
+        pretrain: training diverged at step 2 of 600: the training loss is nan; nothing was saved. Likely
+        cause: the learning rate 1e+30 is far too high; try 1e-3
+    """
+    # subtle: LambdaLR keeps each group's peak rate as "initial_lr"; "lr" is the (warming-up) current one
+    rates = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    peak = max(rates)
+    groups = f" (the highest of its parameter groups' rates {', '.join(f'{r:g}' for r in rates)})" \
+        if len(set(rates)) > 1 else ""
+    if peak >= 0.1:  # AdamW moves every weight by about lr per step: 0.1 already scrambles a transformer
+        cause = f"the learning rate {peak:g}{groups} is far too high; try 1e-3"
+    else:
+        cause = (f"the learning rate {peak:g}{groups} may be too high for this model and data; "
+                 f"try {peak / 10:g}, or more --warmup-steps")
+    label = f"{config.desc}: " if config.desc else ""
+    return TrainingDiverged(f"{label}training diverged at step {step} of {config.steps}: the {what} is {value}; "
+                            f"nothing was saved. Likely cause: {cause}", step=step, loss=value, lr=peak)
+
+
+@torch.no_grad()
+def check_trained_model(model, trainable, x, y, last_record: dict, config: TrainConfig, optimizer,
+                        distributed: DistributedContext = SINGLE_PROCESS) -> None:
+    """Raise TrainingDiverged if the last update left NaN / inf weights, or weights that give a NaN / inf loss.
+
+    The loop checks each step's loss, but that loss is computed before the step's update: without this,
+    `--steps 1 --lr 1e30` would save weights of 1e30 whose every output is NaN.
+    """
+    step = last_record["step"]
+    bad = sum(int((~torch.isfinite(parameter)).sum()) for parameter in trainable)
+    if bad:
+        raise diverged(config, optimizer, step, "count of NaN / inf weights after the last update", bad)
+    if "val_loss" in last_record:  # evaluated after the last update already
+        return
+    with autocast_context(config.device):
+        _, loss = unwrap_model(model)(x, y)  # the last batch again, in eval mode: no dropout, no randomness
+    loss = distributed.mean(loss.item())
+    if not math.isfinite(loss):
+        raise diverged(config, optimizer, step, "loss after the last update", loss)
+
+
 def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainConfig,
                 optimizer: torch.optim.Optimizer | None = None,
                 distributed: DistributedContext = SINGLE_PROCESS) -> TrainResult:
@@ -201,6 +259,10 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         (30, [10, 20, 30])
         >>> result.history[0]["train_loss"] > 2.0 > 1.0 > result.final_val_loss
         True
+
+    Raises:
+        TrainingDiverged: at the first step whose loss is NaN or inf, or if the last step left NaN / inf
+            weights or outputs; the caller saves nothing (a diverged model only produces NaN).
     """
     distributed.local_batch_size(config.batch_size)  # a clear error now if the ranks cannot share the batch
     optimizer = optimizer or make_optimizer(model, config.lr, config.weight_decay)
@@ -227,6 +289,8 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         optimizer.step()
         scheduler.step()
         train_loss = distributed.mean(loss.item())  # the global batch's loss: the mean of the ranks' losses
+        if not math.isfinite(train_loss):  # every rank sees the same mean, so every rank stops here
+            raise diverged(config, optimizer, step + 1, "training loss", train_loss)
         record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss}
         last_step = step + 1 == config.steps
         if val_stream is not None and ((step + 1) % config.eval_interval == 0 or last_step):
@@ -234,6 +298,8 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
             # is shared so that early stopping stops every rank at the same step
             val_loss = evaluate(unwrap_model(model), val_stream, device=config.device)
             record["val_loss"] = distributed.from_main(val_loss)
+            if not math.isfinite(record["val_loss"]):
+                raise diverged(config, optimizer, step + 1, "validation loss", record["val_loss"])
             result.final_val_loss = record["val_loss"]
             if record["val_loss"] < result.best_val_loss - 1e-4:
                 result.best_val_loss, evals_without_improvement = record["val_loss"], 0
@@ -248,6 +314,7 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
             break
     bar.close()
     model.eval()
+    check_trained_model(model, trainable, x, y, result.history[-1], config, optimizer, distributed)
     result.wall_time_s = time.perf_counter() - start
     tokens = result.steps_done * config.batch_size * x.size(1)  # the global batch: all ranks together
     result.tokens_per_second = tokens / max(result.wall_time_s, 1e-9)

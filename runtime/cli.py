@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import signal
 import sys
@@ -142,9 +143,26 @@ def run_script(main, config, out_dir):
         sys.exit(f"error: {error}" if speaks else 1)
 
 
-def _value_type(field) -> type:
-    """int, float or str from a field's annotation; `int | None` gives int."""
+def finite_float(text: str) -> float:
+    """float(text), refusing nan and inf: argparse then says `argument --lr: 'inf' is not a finite number`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (nan and inf are not accepted)")
+    return value
+
+
+def _value_type(field):
+    """int, float or str from a field's annotation; `int | None` gives int.
+
+    subtle: float("nan") and float("inf") parse, but no option here means them, so a float option is
+    finite unless its field says otherwise: dataclasses.field(default=..., metadata={"allow_non_finite": True}).
+    """
     annotation = field.type
     candidates = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
     kind = candidates[0]
+    if kind is float and not field.metadata.get("allow_non_finite", False):
+        return finite_float
     return kind if kind in (int, float) else str

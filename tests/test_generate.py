@@ -43,5 +43,5 @@ def test_greedy_with_adapter_knows_the_new_word(folders):
 def test_bad_arguments_are_clear_errors(folders):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(GenerateConfig(model=str(folders / "nowhere")))
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="--samples must be an integer from 1"):
         main(GenerateConfig(model=str(folders / "base"), samples=0))

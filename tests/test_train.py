@@ -137,9 +137,9 @@ def test_train_config_refuses_values_the_loop_cannot_use(field, value, message):
 
 def test_bad_training_options_are_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "train_model", _no_training)
-    with pytest.raises(ValueError, match="eval_interval must be"):
+    with pytest.raises(ValueError, match="--eval-interval must be"):
         pretrain.main(quick_config(tmp_path, eval_interval=0))
-    with pytest.raises(ValueError, match="batch_size must be"):
+    with pytest.raises(ValueError, match="--batch-size must be"):
         pretrain.main(quick_config(tmp_path, batch_size=0))
     assert not (tmp_path / "base").exists()
 
