@@ -12,6 +12,7 @@ import torch
 from finetuning import experiment
 from minigpt import pretrain
 from minigpt.training import TrainingDiverged
+from runtime.atomic import MARKER, write_marker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,12 +73,14 @@ def test_a_diverging_method_keeps_the_previous_results(tiny_base, tmp_path):
     out = tmp_path / "results"
     out.mkdir()
     (out / "results.json").write_text('{"previous": true}\n')
+    write_marker(out, "finetune-results", complete=True)  # a previous finetune.py output, so it may be replaced
     config = experiment.FinetuneConfig(base=str(tiny_base), out=str(out), methods="lora", steps=3, batch_size=2,
                                        rank=2, lr=1e30, threads=1, plot=False, progress=False, device="cpu")
     with pytest.raises(TrainingDiverged, match="lora: training diverged at step 2 of 3.*learning rate 1e\\+30"):
         experiment.main(config)
     assert [path.name for path in tmp_path.iterdir()] == ["results"]
-    assert (out / "results.json").read_text() == '{"previous": true}\n' and len(list(out.iterdir())) == 1
+    assert (out / "results.json").read_text() == '{"previous": true}\n'
+    assert sorted(path.name for path in out.iterdir()) == [MARKER, "results.json"]
 
 
 def test_finetune_py_with_a_too_large_rank_prints_one_line(tiny_base, tmp_path):
