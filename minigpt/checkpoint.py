@@ -171,7 +171,7 @@ def check_model_dir(model_dir) -> Path:
     return model_dir
 
 
-def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = False):
+def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = False, strict_base: bool = False):
     """Rebuild (model, tokenizer) from a checkpoint folder, optionally with a fine-tuned adapter on top.
 
     Args:
@@ -181,6 +181,8 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
             added and its LoRA / DoRA adapter applied (see minigpt/adapter_folder.py).
         device: where the model goes.
         quantize_base: with an adapter, quantize the base to NF4 first (as QLoRA trained it).
+        strict_base: with an adapter that records the fingerprint of another base, raise ValueError
+            instead of warning (see minigpt/adapter_folder.py).
 
     Returns:
         (model in eval mode, tokenizer); with an adapter, the expanded tokenizer of the adapter folder.
@@ -194,7 +196,8 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
         from minigpt.adapter_folder import load_finetuned_adapter  # only an adapter needs lora/ and quant/
 
         base_model, base_tokenizer = load_model(model_dir)
-        model, tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter, quantize_base=quantize_base)
+        model, tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter, quantize_base=quantize_base,
+                                                  strict_base=strict_base)
         return model.to(device).eval(), tokenizer
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir)
