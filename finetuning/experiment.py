@@ -31,7 +31,7 @@ from finetuning.methods import (ADAPTER_METHODS, METHODS, folder_bytes, max_logi
                                 setup_method, train_method)
 from finetuning.report import comparison_table, plot_comparison, prediction_table
 from minigpt import pretrain
-from minigpt.adapter_folder import save_finetuned_adapter
+from minigpt.adapter_folder import fingerprint_base, save_finetuned_adapter
 from minigpt.checkpoint import check_model_dir, load_config, load_model, save_model
 from minigpt.corpus import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
                             new_domain_probes, read_text_file)
@@ -373,7 +373,8 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
             if tmp is not None:  # rank 0 writes
                 folder = tmp / SAVED_FOLDER[method]
                 if method in ADAPTER_METHODS:
-                    save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, folder)
+                    save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, folder,
+                                           base_fingerprint=fingerprint_base(base_model, base_tokenizer))
                 else:
                     save_model(setup.model, tokenizer, folder)
                 result.disk_bytes = folder_bytes(folder)
@@ -445,7 +446,8 @@ def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
             setup.model.cpu().eval()
             reports.append(edit_report(variant, setup.trainable_params, model, setup.model, tokenizer, edit_set))
             if tmp is not None:  # rank 0 writes
-                save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, tmp / FACT_FOLDER[variant])
+                save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, tmp / FACT_FOLDER[variant],
+                                       base_fingerprint=fingerprint_base(base_model, base_tokenizer))
         table = edit_table(reports)
         if tmp is not None:
             (tmp / "fact_correction.txt").write_text(table + "\n")

@@ -28,8 +28,9 @@ combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plu
 from lora.combine import combine_adapters
 from lora.config import LoRAConfig
 from lora.embedding import LoRAEmbedding
-from lora.io import (adapter_state_dict, check_adapter_fits, from_peft_state_dict, load_adapter,
-                     load_lora_config, save_adapter, to_peft_state_dict, write_adapter_files)
+from lora.io import (adapter_state_dict, check_adapter_fits, check_base_fingerprint, from_peft_state_dict,
+                     load_adapter, load_base_fingerprint, load_lora_config, model_fingerprint, save_adapter,
+                     state_fingerprint, to_peft_state_dict, write_adapter_files)
 from lora.layer import LoRALinear, base_weight
 from lora.lora_plus import lora_plus_param_groups
 from lora.modules_to_save import ModulesToSaveWrapper
@@ -42,6 +43,7 @@ __all__ = [
     "apply_lora", "add_adapter", "set_adapter", "disable_adapters", "set_adapter_scale", "delete_adapter",
     "combine_adapters", "merge", "unmerge", "merge_and_unload", "unload",
     "print_trainable_parameters", "count_parameters", "find_targets", "lora_layers", "mark_only_lora_as_trainable",
-    "save_adapter", "write_adapter_files", "load_adapter", "load_lora_config", "adapter_state_dict", "check_adapter_fits",
+    "save_adapter", "write_adapter_files", "load_adapter", "load_lora_config", "adapter_state_dict",
+    "check_adapter_fits", "model_fingerprint", "state_fingerprint", "load_base_fingerprint", "check_base_fingerprint",
     "to_peft_state_dict", "from_peft_state_dict", "lora_plus_param_groups",
 ]

@@ -6,6 +6,10 @@
                             "...lora_magnitude": [out] (DoRA), "lm_head.weight": ... (modules_to_save:
                             the adapter's copy, under the module's own names)}
 
+lora_config.json may also hold "base_fingerprint": a SHA-256 of the base the adapter was trained on (see
+`model_fingerprint`), given to save_adapter; load_adapter given the fingerprint of the base it loads onto
+warns when the two differ (or raises, with strict_base=True). A folder without one is "unknown, not checked".
+
 Only one adapter per folder, stored without its name, so it can be loaded under any name. PEFT names
 the same tensors `base_model.model.<path>.lora_A.weight` (`lora_embedding_A` for embeddings,
 `lora_magnitude_vector` for DoRA); `to_peft_state_dict` / `from_peft_state_dict` translate.
@@ -16,8 +20,10 @@ into place with renames (runtime/atomic.py), so a crash never leaves half an ada
 folder is only replaced if it holds nothing but an earlier adapter's two files (and its hidden marker).
 """
 
+import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, List, Union
 
@@ -25,16 +31,70 @@ import torch
 import torch.nn as nn
 
 from lora.config import LoRAConfig
-from lora.model import (_existing_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
+from lora.model import (_compile_patterns, _existing_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
                         saved_modules, set_adapter)
 from lora.modules_to_save import ModulesToSaveWrapper
 from runtime.atomic import MARKER, atomic_directory  # the same atomic write as checkpoints
+from runtime.files import read_json_file
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "lora_config.json"
 WEIGHTS_FILE = "lora_weights.pt"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # everything save_adapter writes into an adapter folder
+FINGERPRINT_KEY = "base_fingerprint"  # optional in lora_config.json; older folders have none
 PathLike = Union[str, os.PathLike]
+
+
+def state_fingerprint(state: Dict[str, torch.Tensor], extra: bytes = b"") -> str:
+    """A SHA-256 (64 hex digits) over every tensor's name, dtype, shape and bytes, in name order, then `extra`.
+
+    Two bases with the same shapes but different weights get different fingerprints; saving and loading
+    a model (or moving it between devices) keeps its fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode() + b"\n")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+    digest.update(extra)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """`state_fingerprint` of a model's state_dict: call it on the base BEFORE apply_lora.
+
+    (PiSSA / OLoRA rewrite the base layers into a residual; the fingerprint of the base as you gave it is
+    the one that matches when the adapter is later loaded onto that same original base.)
+
+    Example:
+        >>> base_fingerprint = model_fingerprint(model)          # doctest: +SKIP
+        >>> apply_lora(model, config); ...train...               # doctest: +SKIP
+        >>> save_adapter(model, "adapter", base_fingerprint=base_fingerprint)               # doctest: +SKIP
+        >>> load_adapter(other, "adapter", base_fingerprint=model_fingerprint(other))       # doctest: +SKIP
+        UserWarning: ... was trained on base 1f0c2e9a7b3d, but is being loaded onto base 9e8d...
+    """
+    return state_fingerprint(model.state_dict())
+
+
+def check_base_fingerprint(recorded, given, where: str, strict: bool = False, strict_option: str = "strict_base") -> None:
+    """Warn (or, with `strict`, raise ValueError) when an adapter's recorded base differs from the given one.
+
+    Nothing happens when either is None: a folder saved without a fingerprint is "unknown, not checked".
+    """
+    if recorded is None or given is None or recorded == given:
+        return
+    message = (f"{where} was trained on base {recorded[:12]}, but is being loaded onto base {given[:12]} "
+               f"(SHA-256 fingerprints of weights and tokenizer): shapes may fit, yet its outputs will be wrong. "
+               f"Load it onto the base it was fine-tuned from")
+    if strict:
+        raise ValueError(message)
+    warnings.warn(f"{message}, or pass {strict_option}=True to make this an error", UserWarning, stacklevel=3)
+
+
+def _check_fingerprint_text(value, where: str) -> str:
+    if not (isinstance(value, str) and len(value) == 64 and all(char in "0123456789abcdef" for char in value)):
+        raise ValueError(f"{where}: {FINGERPRINT_KEY} must be 64 lower-case hex digits (a SHA-256), got {value!r:.80}")
+    return value
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
@@ -68,8 +128,12 @@ def _foreign_entries(adapter_dir: Path) -> List[str]:
                                                or entry.is_symlink()))
 
 
-def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "default",
+                 base_fingerprint: str = None) -> Path:
     """Write adapter `adapter_name` to `adapter_dir` (lora_config.json + lora_weights.pt); returns the path.
+
+    `base_fingerprint` (optional, `model_fingerprint(model)` taken before apply_lora) is written into
+    lora_config.json, so load_adapter can tell when the adapter is loaded onto another base.
 
     Merged adapters are saved as their A, B (the base is not changed by saving). The folder is written
     whole or not at all (runtime/atomic.py). An existing folder is replaced only if it holds nothing but
@@ -78,6 +142,8 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
     """
     state = adapter_state_dict(model, adapter_name)
     adapter_dir = Path(adapter_dir)
+    if base_fingerprint is not None:
+        _check_fingerprint_text(base_fingerprint, "save_adapter")  # a bad value fails before anything is written
     if adapter_dir.exists() or adapter_dir.is_symlink():
         if not adapter_dir.is_dir() or adapter_dir.is_symlink():
             raise FileExistsError(f"{adapter_dir} exists and is not a folder; save the adapter to a new folder")
@@ -87,44 +153,58 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
                                   f"folder holds only {list(ADAPTER_FILES)}); save to an empty or new folder, "
                                   f"or move those out first")
     with atomic_directory(adapter_dir, kind="adapter", legacy_files=ADAPTER_FILES) as tmp:
-        write_adapter_files(model, tmp, adapter_name, state)
+        write_adapter_files(model, tmp, adapter_name, state, base_fingerprint)
     return adapter_dir
 
 
-def write_adapter_files(model: nn.Module, folder: PathLike, adapter_name: str = "default", state=None) -> None:
+def write_adapter_files(model: nn.Module, folder: PathLike, adapter_name: str = "default", state=None,
+                        base_fingerprint: str = None) -> None:
     """Write lora_config.json + lora_weights.pt into the existing `folder` (no swap: the caller's
     atomic_directory makes the folder appear whole, e.g. minigpt's adapter folders with more files)."""
     config = _existing_configs(model).get(adapter_name)
     state = adapter_state_dict(model, adapter_name) if state is None else state
+    recorded = {} if base_fingerprint is None else {FINGERPRINT_KEY: _check_fingerprint_text(base_fingerprint,
+                                                                                               "save_adapter")}
     with open(Path(folder) / CONFIG_FILE, "w") as file:
-        json.dump({"format_version": FORMAT_VERSION, **config.to_dict()}, file, indent=2)
+        json.dump({"format_version": FORMAT_VERSION, **config.to_dict(), **recorded}, file, indent=2)
     torch.save(state, Path(folder) / WEIGHTS_FILE)
 
 
-def load_lora_config(adapter_dir: PathLike) -> LoRAConfig:
-    """Read and validate `adapter_dir/lora_config.json`."""
+def _read_config_fields(adapter_dir: PathLike):
+    """(LoRAConfig fields, recorded base fingerprint or None) of lora_config.json, each problem a ValueError."""
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
                                 f"(written by save_adapter)")
-    try:
-        with open(path) as file:
-            fields = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the adapter folder is corrupt") from error
+    # bounded size and nesting: adapter folders are shared like any download (see runtime/files.py)
+    fields = read_json_file(path, f"an adapter's {CONFIG_FILE}", max_bytes=2**20)
     if not isinstance(fields, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(fields).__name__}")
     version = fields.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this code reads version {FORMAT_VERSION}")
+    fingerprint = fields.pop(FINGERPRINT_KEY, None)
+    if fingerprint is not None:
+        _check_fingerprint_text(fingerprint, str(path))
     known = set(LoRAConfig.__dataclass_fields__)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"{path} has unknown field(s) {unknown}; LoRAConfig fields are {sorted(known)}")
+    return fields, fingerprint
+
+
+def load_lora_config(adapter_dir: PathLike) -> LoRAConfig:
+    """Read and validate `adapter_dir/lora_config.json`."""
+    fields, _ = _read_config_fields(adapter_dir)
     try:
         return LoRAConfig(**fields)  # the same checks, and messages, as a LoRAConfig built in code
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise ValueError(f"{Path(adapter_dir) / CONFIG_FILE}: {error}") from None
+
+
+def load_base_fingerprint(adapter_dir: PathLike):
+    """The base fingerprint recorded in `adapter_dir/lora_config.json`, or None for a folder without one."""
+    return _read_config_fields(adapter_dir)[1]
 
 
 def _load_weights(adapter_dir: PathLike) -> Dict[str, torch.Tensor]:
@@ -132,7 +212,8 @@ def _load_weights(adapter_dir: PathLike) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: only headers are read here; check_adapter_fits compares shapes before any bytes are copied
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated zip, pickle with code in it, not a torch file at all...
         raise ValueError(f"{path} could not be read as a tensor file ({type(error).__name__}: {error}); "
                          f"the adapter file is corrupt, save it again") from error
@@ -145,9 +226,10 @@ def _load_weights(adapter_dir: PathLike) -> Dict[str, torch.Tensor]:
 def _expected_shapes(model: nn.Module, config: LoRAConfig) -> Dict[str, torch.Size]:
     """{key: shape} the adapter file must hold for this model and config."""
     expected = {}
+    rank_pattern = _compile_patterns(config.rank_pattern)  # once, not once per module
     for path in find_targets(model, config):
         module = model.get_submodule(path)
-        rank = _pattern_value(path, config.rank_pattern, config.r)
+        rank = _pattern_value(path, rank_pattern, config.r)
         if isinstance(module, nn.Embedding):
             size_in, size_out = module.num_embeddings, module.embedding_dim  # A [r, vocab], B [dim, r]
         else:  # nn.Linear, 4-bit linear, or a LoRA wrapper (LoRAEmbedding: in = vocab, out = dim)
@@ -186,15 +268,20 @@ def check_adapter_fits(model: nn.Module, config: LoRAConfig, state: Dict[str, to
                          f"the model's adapter keys look like {next(iter(expected))!r}")
 
 
-def load_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "default") -> nn.Module:
+def load_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "default",
+                 base_fingerprint: str = None, strict_base: bool = False) -> nn.Module:
     """Rebuild a saved adapter on `model` under `adapter_name`, make it the active one, return the model.
 
     A model without LoRA gets `apply_lora` with the saved config first; a model that already has other
     adapters gets this one added. Nothing is changed unless config and every tensor fit the model.
     (PiSSA / OLoRA: re-applying the config recomputes the same residual base from the original W, then
     the saved A and B are loaded; so load those onto the original base model.)
+
+    `base_fingerprint`, when given (`model_fingerprint(model)` of the base, before any adapter), is compared
+    with the one save_adapter recorded: a difference warns, or raises ValueError with `strict_base=True`.
     """
     config = load_lora_config(adapter_dir)
+    check_base_fingerprint(load_base_fingerprint(adapter_dir), base_fingerprint, str(adapter_dir), strict_base)
     state = _load_weights(adapter_dir)
     configs = _existing_configs(model)
     if adapter_name in configs:

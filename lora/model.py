@@ -36,11 +36,16 @@ def _name_matches(module_name: str, pattern: str) -> bool:
     return module_name == pattern or module_name.endswith("." + pattern)
 
 
-def _pattern_matches(module_name: str, key: str) -> bool:
+def _pattern_regex(key: str) -> re.Pattern:
     r"""rank_pattern / alpha_pattern keys, by PEFT's rule (`get_pattern_key`): the key is a regex that must
     match the whole name or a whole dotted suffix of it. For "blocks.1.v_proj", the keys "v_proj",
     "1.v_proj", "v_.*", "blocks.1.v_proj" and r"\d\.v_proj" match; "proj" and "blocks.1" do not."""
-    return re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name) is not None
+    return re.compile(rf"(?:.*\.)?(?:{key})")
+
+
+def _compile_patterns(pattern: Dict[str, float]) -> List[Tuple[str, re.Pattern, float]]:
+    """[(key, compiled regex, value)] in dict order: compiled once per apply, not once per module and key."""
+    return [(key, _pattern_regex(key), value) for key, value in pattern.items()]
 
 
 def _candidate_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -70,6 +75,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
     closest name), or if a name matches a module LoRA cannot wrap.
     """
     target = config.target_modules
+    target_regex = re.compile(target) if isinstance(target, str) and target != "all-linear" else None  # once
     found = []
     for name, module in _candidate_modules(model):
         if not name:
@@ -77,7 +83,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
         if target == "all-linear":
             selected = _is_linear_target(module) and name.split(".")[-1] not in OUTPUT_LAYER_NAMES
         elif isinstance(target, str):
-            selected = re.fullmatch(target, name) is not None
+            selected = target_regex.fullmatch(name) is not None
         else:
             selected = any(_name_matches(name, pattern) for pattern in target)
         if not selected:
@@ -109,10 +115,12 @@ def _no_match_message(model: nn.Module, target) -> str:
     return message
 
 
-def _pattern_value(module_name: str, pattern: Dict[str, float], default):
-    """The value of the first key (in dict order, as PEFT) that matches `module_name`, else `default`."""
-    for key, value in pattern.items():
-        if _pattern_matches(module_name, key):
+def _pattern_value(module_name: str, compiled: List[Tuple[str, re.Pattern, float]], default):
+    """The value of the first key (in dict order, as PEFT) that matches `module_name`, else `default`.
+
+    `compiled` is `_compile_patterns(config.rank_pattern)` (or alpha_pattern)."""
+    for _, regex, value in compiled:
+        if regex.fullmatch(module_name) is not None:
             return value
     return default
 
@@ -125,8 +133,8 @@ def _warn_unmatched_patterns(config: LoRAConfig, targets: Sequence[str]) -> None
     would make such a config unusable on the smaller model.
     """
     for what in ("rank_pattern", "alpha_pattern"):
-        unmatched = sorted(key for key in getattr(config, what)
-                           if not any(_pattern_matches(name, key) for name in targets))
+        unmatched = sorted(key for key, regex, _ in _compile_patterns(getattr(config, what))
+                           if not any(regex.fullmatch(name) for name in targets))
         if unmatched:
             warnings.warn(f"The following {what} keys did not match any targeted module and were ignored: "
                           f"{unmatched}. Targets: {list(targets)[:20]}", RuntimeWarning, stacklevel=3)
@@ -231,10 +239,11 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
     _warn_unmatched_patterns(config, targets)
     saved = _modules_to_save(model, config, targets)
     plans = []
+    rank_pattern, alpha_pattern = _compile_patterns(config.rank_pattern), _compile_patterns(config.alpha_pattern)
     for name in targets:
         module = model.get_submodule(name)
-        rank = _pattern_value(name, config.rank_pattern, config.r)
-        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
+        rank = _pattern_value(name, rank_pattern, config.r)
+        alpha = _pattern_value(name, alpha_pattern, config.alpha)
         check_layer_can_take(name, module, adapter_name, rank, config)
         plans.append((name, module, rank, alpha))
     configs = _lora_configs(model)

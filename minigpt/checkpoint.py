@@ -6,6 +6,11 @@
       tokenizer.json   the tokenizer that produced the token ids the model was trained on
 
 Saving is atomic (see runtime/atomic.py): an interrupted save leaves the previous folder intact.
+
+Loading treats the folder as untrusted (it may be a download): config.json is read with bounded size
+and nesting, model.pt is opened memory-mapped (only the tensors' headers are read), and every name,
+shape and dtype the config implies is compared with those headers before the model is built. A
+230-byte config.json claiming embed_dim=10**9 is refused at once, without allocating anything.
 """
 
 import dataclasses
@@ -20,6 +25,7 @@ from minigpt.config import GPTConfig
 from minigpt.model import MiniGPT
 from tokenizer import load_tokenizer
 from runtime.atomic import atomic_directory
+from runtime.files import read_json_file
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
@@ -70,10 +76,7 @@ def load_config(model_dir) -> GPTConfig:
     """
     path = Path(model_dir) / "config.json"
     corrupt = "the checkpoint is corrupt; re-run train.py (or the script that wrote it)"
-    try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); {corrupt}") from None
+    fields = read_json_file(path, "a checkpoint's config.json", max_bytes=2**16)  # a few hundred bytes in practice
     if not isinstance(fields, dict):
         raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not an object of GPTConfig fields; {corrupt}")
     version = fields.pop("format_version", None)
@@ -98,6 +101,62 @@ def load_config(model_dir) -> GPTConfig:
         raise ValueError(f"{path}: {error}; {corrupt}") from None
 
 
+def expected_state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of MiniGPT(config).state_dict(), computed from the numbers alone (nothing is built).
+
+    Example:
+        >>> shapes = expected_state_shapes(GPTConfig(vocab_size=10, embed_dim=8, n_heads=2, n_layers=1))
+        >>> shapes["tok_emb.weight"], shapes["blocks.0.mlp.up_proj.weight"], len(shapes)
+        ((10, 8), (32, 8), 21)
+    """
+    C, V, hidden = config.embed_dim, config.vocab_size, config.mlp_ratio * config.embed_dim
+    shapes = {"tok_emb.weight": (V, C), "pos_emb.weight": (config.context_length, C)}
+    per_layer = {"ln_1.weight": (C,), "ln_2.weight": (C,),
+                 "attn.q_proj.weight": (C, C), "attn.k_proj.weight": (C, C), "attn.v_proj.weight": (C, C),
+                 "attn.o_proj.weight": (C, C), "mlp.up_proj.weight": (hidden, C), "mlp.down_proj.weight": (C, hidden)}
+    if config.bias:  # every LayerNorm and Linear of a block has a bias of its output width
+        per_layer.update({name.replace(".weight", ".bias"): shape[:1] for name, shape in per_layer.items()})
+    for layer in range(config.n_layers):
+        shapes.update({f"blocks.{layer}.{name}": shape for name, shape in per_layer.items()})
+    shapes["ln_f.weight"] = (C,)
+    if config.bias:
+        shapes["ln_f.bias"] = (C,)
+    shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def check_state_fits(state: dict, config: GPTConfig, path) -> None:
+    """Raise a one-line ValueError unless `state` holds exactly the tensors MiniGPT(config) has.
+
+    Cheap whatever config.json claims: the layer count is first bounded by the number of tensors in the
+    file, then names, shapes and dtypes are compared with the tensors' headers (nothing is allocated).
+    """
+    fix = "config.json and model.pt come from different models, or the checkpoint is corrupt; re-run train.py"
+    per_layer = 8  # ln_1, ln_2 and six Linear weights, without biases
+    if config.n_layers * per_layer > len(state):
+        raise ValueError(f"{path} holds {len(state)} tensors, too few for n_layers={config.n_layers} "
+                         f"({per_layer} or more per layer); {fix}")
+    expected = expected_state_shapes(config)
+    for name, shape in expected.items():
+        if name not in state:
+            raise ValueError(f"{path} does not fit the model described by config.json: it has no tensor "
+                             f"{name!r} (shape {list(shape)}); {fix}")
+        tensor = state[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{path} does not fit the model described by config.json: {name} has shape "
+                             f"{list(tensor.shape)}, config.json implies {list(shape)}; {fix}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: {name} has dtype {tensor.dtype}; MiniGPT's weights are floating point; {fix}")
+    unexpected = [name for name in state if name not in expected]
+    if unexpected:
+        raise ValueError(f"{path} does not fit the model described by config.json: unexpected tensor "
+                         f"{unexpected[0]!r} ({len(unexpected)} in all); {fix}")
+    claimed = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    if claimed > path.stat().st_size:
+        raise ValueError(f"{path} is {path.stat().st_size} bytes but its tensors claim {claimed}; "
+                         f"the file is truncated or corrupt; re-run train.py")
+
+
 def check_model_dir(model_dir) -> Path:
     """Raise a clear error unless `model_dir` is a folder holding every checkpoint file."""
     model_dir = Path(model_dir)
@@ -113,7 +172,7 @@ def check_model_dir(model_dir) -> Path:
     return model_dir
 
 
-def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = False):
+def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = False, strict_base: bool = False):
     """Rebuild (model, tokenizer) from a checkpoint folder, optionally with a fine-tuned adapter on top.
 
     Args:
@@ -123,6 +182,8 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
             added and its LoRA / DoRA adapter applied (see minigpt/adapter_folder.py).
         device: where the model goes.
         quantize_base: with an adapter, quantize the base to NF4 first (as QLoRA trained it).
+        strict_base: with an adapter that records the fingerprint of another base, raise ValueError
+            instead of warning (see minigpt/adapter_folder.py).
 
     Returns:
         (model in eval mode, tokenizer); with an adapter, the expanded tokenizer of the adapter folder.
@@ -136,13 +197,15 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
         from minigpt.adapter_folder import load_finetuned_adapter  # only an adapter needs lora/ and quant/
 
         base_model, base_tokenizer = load_model(model_dir)
-        model, tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter, quantize_base=quantize_base)
+        model, tokenizer = load_finetuned_adapter(base_model, base_tokenizer, adapter, quantize_base=quantize_base,
+                                                  strict_base=strict_base)
         check_finite_weights(model, f"{model_dir} + the adapter {adapter}")
         return model.to(device).eval(), tokenizer
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir)
     try:
-        state = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+        # mmap: only the headers are read now; a tensor's bytes are read when it is copied into the model
+        state = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # a truncated or foreign file: say which one and what to do
         raise ValueError(f"{model_dir / 'model.pt'} could not be read ({type(error).__name__}: {error}); "
                          f"the checkpoint is corrupt, re-run train.py") from None
@@ -151,6 +214,7 @@ def load_model(model_dir, adapter=None, device="cpu", quantize_base: bool = Fals
         held = "a dict with entries other than name -> tensor" if isinstance(state, dict) else f"a {type(state).__name__}"
         raise ValueError(f"{model_dir / 'model.pt'} holds {held}, not a state_dict (a dict of parameter names "
                          f"to tensors); the checkpoint is corrupt, re-run train.py")
+    check_state_fits(state, config, model_dir / "model.pt")  # before MiniGPT(config) allocates anything
     model = MiniGPT(config)
     try:
         model.load_state_dict(state)

@@ -12,6 +12,28 @@ its own model. Frozen, because a model's shape must not change behind its back: 
 from dataclasses import dataclass
 
 
+MAX_DIVISOR_SEARCH = 10**4  # divisors looks at most this many candidates, so a huge embed_dim costs nothing
+
+
+def divisors(number: int, limit: int = 12) -> list[int]:
+    """Up to `limit` of the smallest divisors of `number` (the n_heads that fit embed_dim), found cheaply.
+
+    Only candidates up to MAX_DIVISOR_SEARCH are tried, with their co-divisors, so the cost is bounded
+    whatever `number` is (a config.json from elsewhere may say embed_dim = 10**18).
+
+    Example:
+        >>> divisors(64), divisors(10**18, limit=5)
+        ([1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 5, 8])
+    """
+    found = set()
+    candidate = 1
+    while candidate * candidate <= number and candidate <= MAX_DIVISOR_SEARCH:
+        if number % candidate == 0:
+            found.update((candidate, number // candidate))
+        candidate += 1
+    return sorted(found)[:limit]
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int  # rows of tok_emb and lm_head: one per token the tokenizer knows
@@ -39,7 +61,7 @@ class GPTConfig:
         if self.embed_dim % self.n_heads != 0:
             raise ValueError(
                 f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by n_heads ({self.n_heads}); "
-                f"try n_heads in {[h for h in range(1, self.embed_dim + 1) if self.embed_dim % h == 0]}")
+                f"try n_heads in {divisors(self.embed_dim)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -161,14 +161,21 @@ def load_new_rows(path, base_model: MiniGPT) -> dict:
         raise FileNotFoundError(f"{path} not found: a fine-tuned adapter folder holds {EMBEDDING_FILE} "
                                 f"(the new vocabulary rows), written by finetune.py")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: only the headers are read; shapes are checked below before any row is copied
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         raise ValueError(f"{path} could not be read ({type(error).__name__}: {error}); the file is corrupt") from None
     expected = {"tok_emb.weight", "lm_head.weight", "base_vocab_size"}
     if not isinstance(state, dict) or set(state) != expected:
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        found = sorted(map(str, state))[:10] if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} must hold exactly {sorted(expected)}, found {found}")
-    base_vocab_size = int(state["base_vocab_size"])
+    if not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{path} must hold tensors only; the file is corrupt")
+    size = state["base_vocab_size"]
+    if size.dim() != 0 or size.is_floating_point() or size.is_complex() or size.dtype == torch.bool:
+        raise ValueError(f"{path}: base_vocab_size must be one integer, got a {size.dtype} tensor of shape "
+                         f"{list(size.shape)}; the file is corrupt")
+    base_vocab_size = int(size)
     if base_vocab_size != base_model.config.vocab_size:
         raise ValueError(f"{path} extends a base model with {base_vocab_size} tokens, but this base model has "
                          f"{base_model.config.vocab_size}; load the adapter onto the base it was trained from")
@@ -178,15 +185,42 @@ def load_new_rows(path, base_model: MiniGPT) -> dict:
         if rows.dim() != 2 or rows.size(1) != embed_dim or rows.size(0) != state["tok_emb.weight"].size(0):
             raise ValueError(f"{path}: {name} has shape {list(rows.shape)}, expected [n_new, {embed_dim}] "
                              f"(embed_dim of the base model), the same n_new for both tables")
+        if not rows.is_floating_point():
+            raise ValueError(f"{path}: {name} has dtype {rows.dtype}; embedding rows are floating point")
+    n_new = state["tok_emb.weight"].size(0)
+    if 2 * n_new * embed_dim * state["tok_emb.weight"].element_size() > path.stat().st_size:
+        raise ValueError(f"{path} is {path.stat().st_size} bytes, too small for the {n_new} rows it claims; "
+                         f"the file is truncated or corrupt")
     return {"tok_emb.weight": state["tok_emb.weight"], "lm_head.weight": state["lm_head.weight"]}
 
 
+GROWING_FIELDS = ("vocab", "added_tokens")  # the to_dict lists add_tokens appends to; everything else must match
+
+
 def check_tokenizer_extends(base_tokenizer, tokenizer, where: str) -> None:
-    """Raise ValueError unless `tokenizer` is `base_tokenizer` with words appended (same ids for old words)."""
+    """Raise ValueError unless `tokenizer` is `base_tokenizer` with words appended (same ids for old words).
+
+    Compares everything that decides how text is split: the class, every field of `to_dict` (special
+    tokens, a BPE tokenizer's merges and split pattern, ...) except the lists that `add_tokens` appends to
+    (a word tokenizer's vocab, a BPE tokenizer's added_tokens), which must start with the base's, and the
+    token of every base id, in order.
+
+    Example: a BPE adapter tokenizer whose split_pattern differs -> ValueError: ...: 'split_pattern' differs ...
+    """
     base_vocab = [base_tokenizer.id_to_token(i) for i in range(base_tokenizer.vocab_size)]
     if type(tokenizer) is not type(base_tokenizer) or tokenizer.vocab_size < len(base_vocab):
         raise ValueError(f"{where}: the tokenizer ({type(tokenizer).__name__}, {tokenizer.vocab_size} tokens) does "
                          f"not extend the base tokenizer ({type(base_tokenizer).__name__}, {len(base_vocab)} tokens)")
+    base_fields, fields = base_tokenizer.to_dict(), tokenizer.to_dict()
+    for key in sorted(set(base_fields) | set(fields)):
+        base_value, value = base_fields.get(key), fields.get(key)
+        if key in GROWING_FIELDS and isinstance(base_value, list) and isinstance(value, list):
+            if value[:len(base_value)] != base_value:
+                raise ValueError(f"{where}: the tokenizer's {key!r} does not start with the base tokenizer's "
+                                 f"({len(base_value)} entries); the adapter was made from a different base model")
+        elif base_value != value:
+            raise ValueError(f"{where}: the tokenizer's {key!r} differs from the base tokenizer's, so the same text "
+                             f"would be split differently; the adapter was made from a different base model")
     for token_id, token in enumerate(base_vocab):
         if tokenizer.id_to_token(token_id) != token:
             raise ValueError(f"{where}: token id {token_id} is {tokenizer.id_to_token(token_id)!r} here but "

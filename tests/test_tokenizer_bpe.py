@@ -217,7 +217,7 @@ def _bpe_file(tmp_path, **changes):
     ({"merges": "ab"}, "'merges' must be a list"),
     ({"added_tokens": [["zorblax", 999]]}, "should have id 999"),
     ({"added_tokens": [["zorblax"]]}, "'added_tokens' must be a list"),
-    ({"split_pattern": "(unclosed"}, "not a valid regular expression"),
+    ({"split_pattern": "(unclosed"}, "is not one minilora ships"),
     ({"format_version": 99}, "unsupported format_version 99"),
 ])
 def test_load_rejects_corrupt_bpe_files(tmp_path, changes, message):

@@ -189,8 +189,8 @@ def _write(tmp_path, content):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", "could not parse JSON"),
-    ("", "could not parse JSON"),
+    ("{not json", "is not valid JSON"),
+    ("", "is not valid JSON"),
     ([1, 2], "expected a JSON object"),
     ({"format_version": 1}, "unknown tokenizer type None"),
     ({"type": "sentencepiece", "format_version": 1}, "unknown tokenizer type 'sentencepiece'"),

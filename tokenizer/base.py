@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from runtime.files import read_json_file
+
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0, 1, 2, 3 in every tokenizer
 FORMAT_VERSION = 1  # bump when the layout of tokenizer.json changes; load refuses other versions
 TOKENIZER_FILENAME = "tokenizer.json"  # used when save/load is given a folder instead of a file
@@ -75,8 +77,9 @@ class Tokenizer:
         raise NotImplementedError
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<dict>") -> "Tokenizer":
-        """Inverse of `to_dict`; `source` names the file in error messages."""
+    def from_dict(cls, data: dict, source: str = "<dict>", trusted: bool = True) -> "Tokenizer":
+        """Inverse of `to_dict`; `source` names the file in error messages. `trusted=False` (data read
+        from a file) also refuses what could make the tokenizer slow, such as an unknown regex."""
         raise NotImplementedError
 
     # ---- shared helpers --------------------------------------------------------------------------
@@ -130,14 +133,14 @@ class Tokenizer:
         return path
 
     @classmethod
-    def load(cls, path) -> "Tokenizer":
-        """Load a tokenizer.json and check that it holds this class of tokenizer."""
+    def load(cls, path, trusted: bool = False) -> "Tokenizer":
+        """Load a tokenizer.json and check that it holds this class of tokenizer (`trusted`: as load_tokenizer)."""
         data, path = read_tokenizer_file(path)
         if data.get("type") != cls.type_name:
             raise ValueError(f"{path}: holds a tokenizer of type {data.get('type')!r}, not a {cls.__name__} "
                              f"(type {cls.type_name!r}); use tokenizer.load_tokenizer(path) to load either kind")
         try:
-            return cls.from_dict(data, source=str(path))
+            return cls.from_dict(data, source=str(path), trusted=trusted)
         except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"{path}: corrupt {cls.type_name} tokenizer.json ({type(error).__name__}: {error}); "
                              f"re-create it with tok.save(path)") from error
@@ -162,11 +165,8 @@ def read_tokenizer_file(path, known_types=None) -> tuple[dict, Path]:
         path = path / TOKENIZER_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}; expected a tokenizer.json written by tok.save(path)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a valid tokenizer.json (could not parse JSON: {error}); "
-                         f"re-create it with tok.save(path)") from error
+    # bounded size and nesting: a tokenizer.json may come from anywhere (see runtime/files.py)
+    data = read_json_file(path, "a tokenizer.json (re-create it with tok.save(path))")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'type' and 'format_version', "
                          f"got a {type(data).__name__}")

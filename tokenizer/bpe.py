@@ -56,6 +56,11 @@ GPT4_SPLIT_PATTERN = "|".join([
     r"\s+(?!\S)",  # spaces, except the last one before a word (which joins the word: " cat")
     r"\s+",  # any other spaces
 ])
+# The split patterns a tokenizer.json may name. A pattern read from a file is run on every text the
+# tokenizer encodes, and some patterns backtrack for minutes on short texts ("(a+)+$" on "aaaa...b"), so
+# load_tokenizer accepts only these unless told the file is trusted (load_tokenizer(path, trusted=True)).
+KNOWN_SPLIT_PATTERNS = (GPT4_SPLIT_PATTERN,)
+MAX_TOKEN_BYTES = 1024  # a merge chain in a file could double a token's length at every step: 2**60 bytes
 
 
 def count_pairs(token_lists: list[list[int]], list_counts: list[int]) -> Counter:
@@ -121,6 +126,26 @@ def _is_int_pair(pair) -> bool:
     """True for a JSON pair of token ids such as [116, 104]."""
     return (isinstance(pair, list) and len(pair) == 2
             and all(isinstance(item, int) and not isinstance(item, bool) for item in pair))
+
+
+def _check_untrusted(split_pattern: str, merges: list, source: str) -> None:
+    """Refuse what would make a tokenizer.json from elsewhere slow or huge: an unknown split pattern, and
+    merges that spell tokens longer than MAX_TOKEN_BYTES (checked on lengths, before any bytes exist)."""
+    if split_pattern not in KNOWN_SPLIT_PATTERNS:
+        shown = split_pattern if len(split_pattern) <= 60 else split_pattern[:57] + "..."
+        raise ValueError(f"{source}: split_pattern {shown!r} is not one minilora ships (GPT4_SPLIT_PATTERN); "
+                         f"a regex from a file could take minutes on some texts. If you wrote this file, load "
+                         f"it with load_tokenizer(path, trusted=True)")
+    lengths = [len(token.encode("utf-8")) for token in SPECIAL_TOKENS] + [1] * 256  # bytes each id spells
+    for left, right in merges:
+        if not (0 <= left < len(lengths) and 0 <= right < len(lengths)):
+            raise ValueError(f"{source}: corrupt merges: merge ({left}, {right}) -> {len(lengths)} uses an id "
+                             f"that does not exist yet")
+        length = lengths[left] + lengths[right]
+        if length > MAX_TOKEN_BYTES:
+            raise ValueError(f"{source}: merge ({left}, {right}) -> {len(lengths)} spells a token of {length} "
+                             f"bytes; tokens are at most {MAX_TOKEN_BYTES} bytes, so the file is corrupt")
+        lengths.append(length)
 
 
 class BPETokenizer(Tokenizer):
@@ -346,10 +371,11 @@ class BPETokenizer(Tokenizer):
                     self._id_by_bytes[word_bytes] = token_id
                     self._id_by_text.setdefault(word, token_id)
                 self.added_tokens[word] = token_id
-                # longest first, so "zorblaxes" wins over "zorblax" where both match
-                alternatives = sorted(self.added_tokens, key=len, reverse=True)
-                self._added_regex = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
             ids.append(self.added_tokens[word])
+        if self.added_tokens:  # once per call, not per word: n words cost one compile, not n
+            # longest first, so "zorblaxes" wins over "zorblax" where both match
+            alternatives = sorted(self.added_tokens, key=len, reverse=True)
+            self._added_regex = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
         return ids
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -363,7 +389,9 @@ class BPETokenizer(Tokenizer):
         }
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<dict>") -> "BPETokenizer":
+    def from_dict(cls, data: dict, source: str = "<dict>", trusted: bool = True) -> "BPETokenizer":
+        """Inverse of `to_dict`. `trusted=False` (load_tokenizer's default for files) also refuses a split
+        pattern that is not in KNOWN_SPLIT_PATTERNS and merges that spell tokens over MAX_TOKEN_BYTES."""
         merges, added_tokens = data["merges"], data["added_tokens"]
         if not all(_is_int_pair(pair) for pair in merges):
             raise ValueError(f"{source}: 'merges' must be a list of [left_id, right_id] integer pairs")
@@ -372,17 +400,22 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"{source}: 'added_tokens' must be a list of [token, id] pairs")
         if not isinstance(data["split_pattern"], str):
             raise ValueError(f"{source}: 'split_pattern' must be a string")
+        if not trusted:
+            _check_untrusted(data["split_pattern"], merges, source)
         try:
             tokenizer = cls([tuple(pair) for pair in merges], data["split_pattern"])
         except re.error as error:
             raise ValueError(f"{source}: split_pattern is not a valid regular expression ({error})") from error
         except ValueError as error:
             raise ValueError(f"{source}: corrupt merges: {error}") from error
-        for token, token_id in added_tokens:
-            # replaying add_tokens in the saved order must give back the saved ids
-            if tokenizer.add_tokens([token]) != [token_id]:
+        if added_tokens and any(token == "" for token, _ in added_tokens):
+            raise ValueError(f"{source}: 'added_tokens' holds an empty token; the file is corrupt")
+        # replaying add_tokens in the saved order (one call, so one regex compile) must give back the saved ids
+        replayed = tokenizer.add_tokens([token for token, _ in added_tokens])
+        for (token, token_id), replayed_id in zip(added_tokens, replayed):
+            if replayed_id != token_id:
                 raise ValueError(f"{source}: added token {token!r} should have id {token_id}, but replaying "
-                                 f"the file gives {tokenizer.token_to_id(token)}; the file is corrupt")
+                                 f"the file gives {replayed_id}; the file is corrupt")
         return tokenizer
 
     def __repr__(self) -> str:

@@ -11,11 +11,14 @@ from tokenizer.bpe import BPETokenizer
 from tokenizer.word import WordTokenizer
 
 
-def load_tokenizer(path) -> "Tokenizer":
+def load_tokenizer(path, trusted: bool = False) -> "Tokenizer":
     """Read a tokenizer.json written by `Tokenizer.save` and rebuild the right tokenizer class.
 
     Args:
         path: the tokenizer.json file, or a folder that contains one.
+        trusted: False (the default) treats the file as coming from anywhere: a BPE split pattern must be
+            one minilora ships, and merged tokens are bounded in length. True accepts your own custom
+            pattern (a regex from a file could otherwise backtrack for minutes).
 
     Returns:
         A WordTokenizer or BPETokenizer, chosen by the file's "type" field.
@@ -31,7 +34,7 @@ def load_tokenizer(path) -> "Tokenizer":
     data, path = read_tokenizer_file(path, known_types=sorted(tokenizer_classes))
     tokenizer_type = data["type"]
     try:
-        return tokenizer_classes[tokenizer_type].from_dict(data, source=str(path))
+        return tokenizer_classes[tokenizer_type].from_dict(data, source=str(path), trusted=trusted)
     except (KeyError, TypeError, IndexError) as error:
         raise ValueError(f"{path}: corrupt {tokenizer_type} tokenizer.json ({type(error).__name__}: {error}); "
                          f"re-create it with tok.save(path)") from error
