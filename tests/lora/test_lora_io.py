@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import lora
 from lora import LoRAConfig
-from tests.test_lora import randomize_adapters, tiny_lm, tokens
+from tests.lora.test_lora import randomize_adapters, tiny_lm, tokens
 
 
 def trained_model(config, seed=1):
