@@ -23,6 +23,15 @@ def two_adapter_model():
     return model
 
 
+def linear_pair_model():
+    """Adapters "a" and "b" of the same rank on both q_proj layers, as the linear method needs."""
+    model = tiny_lm()
+    lora.apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj"]), adapter_name="a")
+    lora.add_adapter(model, LoRAConfig(r=4, alpha=2, target_modules=["q_proj"]), "b")
+    randomize_adapters(model)
+    return model
+
+
 def test_cat_combination_is_exact():
     model = two_adapter_model()
     lora.combine_adapters(model, ["a", "b"], [0.7, -0.4], method="cat", new_name="mix")
@@ -57,17 +66,18 @@ def test_svd_combination_is_the_best_low_rank_approximation():
     assert math.isclose(error, singular[3:].norm().item(), rel_tol=1e-3)  # Eckart-Young
 
 
-def test_linear_combination_formula_and_errors():
-    model = tiny_lm()
-    lora.apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj"]), adapter_name="a")
-    lora.add_adapter(model, LoRAConfig(r=4, alpha=2, target_modules=["q_proj"]), "b")
-    randomize_adapters(model)
+def test_linear_combination_formula():
+    model = linear_pair_model()
     lora.combine_adapters(model, ["a", "b"], [0.5, 2.0], method="linear", new_name="mix")
     layer = model.blocks[1].q_proj
     c_a, c_b = math.sqrt(0.5 * layer.scaling["a"]), math.sqrt(2.0 * layer.scaling["b"])
     A = c_a * layer.lora_A["a"] + c_b * layer.lora_A["b"]
     B = c_a * layer.lora_B["a"] + c_b * layer.lora_B["b"]
     assert torch.allclose(layer.lora_delta("mix"), B @ A, atol=ATOL)
+
+
+def test_linear_combination_refuses_negative_weights_and_unknown_methods():
+    model = linear_pair_model()
     with pytest.raises(ValueError, match="negative"):
         lora.combine_adapters(model, ["a", "b"], [0.5, -1.0], method="linear", new_name="bad")
     with pytest.raises(ValueError, match="method must be one of"):
