@@ -16,6 +16,7 @@ from tests.lora.lora_helpers import (ATOL, assert_unchanged, model_snapshot, mod
                                     randomize_adapters, tiny_lm, tokens)
 
 
+# the QLoRA protocol, duck-typed (quant.Linear4bit itself is tested with lora in test_qlora.py)
 class FakeLinear4bit(nn.Module):
     """Stands in for a 4-bit layer: no `.weight`, a dequantize_weight(), from_linear(); rounds W to 1/8."""
 
