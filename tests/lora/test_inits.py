@@ -1,12 +1,36 @@
-"""Adapter initialisations (lora/inits.py): PiSSA / OLoRA residual + update is W, PiSSA keeps the top
-singular directions, Gaussian A has the stated spread."""
+"""Adapter initialisations (lora/inits.py): random inits start with B = 0, Kaiming A is nn.Linear's init,
+PiSSA / OLoRA residual + update is W, PiSSA keeps the top singular directions, Gaussian A has the stated
+spread."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from lora import LoRALinear
+from lora.inits import gaussian_init, kaiming_init, olora_init, pissa_init
 from tests.lora.lora_helpers import ATOL, lora_linear
+
+
+@pytest.mark.parametrize("init", [kaiming_init, gaussian_init])
+def test_random_inits_start_as_a_no_op(init):
+    lora_A, lora_B = init(rank=3, in_features=16, out_features=12)
+    assert lora_A.shape == (3, 16) and lora_B.shape == (12, 3) and not lora_B.any() and lora_A.any()
+
+
+def test_kaiming_init_is_nn_linear_init_of_a():
+    torch.manual_seed(4)
+    lora_A, _ = kaiming_init(rank=3, in_features=16, out_features=12)
+    torch.manual_seed(4)
+    assert torch.equal(lora_A, nn.Linear(16, 3, bias=False).weight.detach())  # fan-in = in, as A is [r, in]
+
+
+@pytest.mark.parametrize("init", [pissa_init, olora_init])
+def test_pissa_and_olora_functions_give_residual_plus_update_w(init):
+    torch.manual_seed(0)
+    weight = torch.randn(12, 16)
+    lora_A, lora_B, residual = init(weight, rank=3, scaling=2.0)
+    assert lora_A.shape == (3, 16) and lora_B.shape == (12, 3)
+    torch.testing.assert_close(residual + 2.0 * lora_B @ lora_A, weight, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
