@@ -17,7 +17,7 @@ from minigpt import load_model, pretrain
 from minigpt.corpus import TokenStream, new_domain_corpus
 from runtime.cli import parse_config
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: finetune.py lives there
+ROOT = Path(__file__).resolve().parents[2]  # the repository: finetune.py lives there
 
 # A base that knows some facts (fact correction needs something to correct) in a few seconds.
 TINY_BASE = dict(steps=200, embed_dim=32, n_layers=1, n_heads=2, context_length=16, batch_size=16, lr=1e-2,

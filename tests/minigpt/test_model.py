@@ -70,6 +70,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_generate_greedy_is_deterministic_and_crops_context():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 3))
+    out = model.generate(idx, max_new_tokens=20, temperature=0)  # runs past context_length 16
+    assert out.shape == (2, 23)
+    assert torch.equal(out[:, :3], idx)
+    assert torch.equal(out, model.generate(idx, max_new_tokens=20, temperature=0))
+    sampled = model.generate(idx, 5, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (2, 8)
+
+
 def test_too_long_context_is_a_clear_error():
     with pytest.raises(ValueError, match="longer than the model's context_length"):
         tiny_model()(torch.zeros(1, 17, dtype=torch.long))
@@ -80,17 +91,6 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(vocab_size=10, embed_dim=30, n_heads=4)
     with pytest.raises(ValueError, match="vocab_size"):
         GPTConfig(vocab_size=0)
-
-
-def test_generate_greedy_is_deterministic_and_crops_context():
-    model = tiny_model()
-    idx = torch.randint(0, 50, (2, 3))
-    out = model.generate(idx, max_new_tokens=20, temperature=0)  # runs past context_length 16
-    assert out.shape == (2, 23)
-    assert torch.equal(out[:, :3], idx)
-    assert torch.equal(out, model.generate(idx, max_new_tokens=20, temperature=0))
-    sampled = model.generate(idx, 5, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
-    assert sampled.shape == (2, 8)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -1,7 +1,7 @@
 """The GPU path: the same numbers on CUDA as on the CPU, and bitsandbytes' CUDA kernels as the reference.
 
 Skipped where there is no CUDA device (CI has none); run on a GPU machine with
-`pytest tests/test_cuda.py`. What the CPU tests prove bit for bit, these check carries over:
+`pytest tests/scripts/test_cuda.py`. What the CPU tests prove bit for bit, these check carries over:
 
 - NF4 on CUDA writes the same codes, absmax and double-quantization fields as on the CPU, and
   dequantizes to the same bits.

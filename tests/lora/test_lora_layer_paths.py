@@ -1,4 +1,4 @@
-"""LoRALinear's two DoRA paths compute one function; the split files keep every old import working.
+"""LoRALinear's two DoRA paths compute one function.
 
 lora/dora.py has the formula as one plain code path (`dora_forward_plain`) and, after it, the fused
 path forward runs when no dropout is active (`dora_forward_fused`: "the same numbers, faster"). These
@@ -12,18 +12,12 @@ rtol = atol = 1e-5; bfloat16 (8 significant bits, one rounding is 2^-8 = 0.4%) w
 largest entry of the tensor compared (outputs and gradients both go through several roundings).
 """
 
-import inspect
-import pathlib
-import re
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lora
 from lora.dora import DoRACache, dora_forward_fused, dora_forward_plain
-from lora.inits import gaussian_init, kaiming_init, olora_init, pissa_init
 from lora.layer import LoRALinear
 
 SHAPES = [(16, 12), (8, 32), (64, 48)]  # (in, out)
@@ -153,53 +147,3 @@ def test_dora_cache_key_changes_with_any_change_and_clear_empties_it():
     layer.train()
     assert not cache.norms and not cache.factors
     assert layer._norm_cache is cache.norms and layer._factor_cache is cache.factors  # the old names
-
-
-@pytest.mark.parametrize("init", [kaiming_init, gaussian_init])
-def test_random_inits_start_as_a_no_op(init):
-    lora_A, lora_B = init(rank=3, in_features=16, out_features=12)
-    assert lora_A.shape == (3, 16) and lora_B.shape == (12, 3) and not lora_B.any() and lora_A.any()
-
-
-def test_kaiming_init_is_nn_linear_init_of_a():
-    torch.manual_seed(4)
-    lora_A, _ = kaiming_init(rank=3, in_features=16, out_features=12)
-    torch.manual_seed(4)
-    assert torch.equal(lora_A, nn.Linear(16, 3, bias=False).weight.detach())  # fan-in = in, as A is [r, in]
-
-
-@pytest.mark.parametrize("init", [pissa_init, olora_init])
-def test_pissa_and_olora_residual_plus_update_is_w(init):
-    torch.manual_seed(0)
-    weight = torch.randn(12, 16)
-    lora_A, lora_B, residual = init(weight, rank=3, scaling=2.0)
-    assert lora_A.shape == (3, 16) and lora_B.shape == (12, 3)
-    torch.testing.assert_close(residual + 2.0 * lora_B @ lora_A, weight, rtol=1e-5, atol=1e-5)
-
-
-def test_old_imports_still_work():
-    from lora.base_layer import base_weight, is_4bit_linear, is_linear_like
-    from lora.bookkeeping import LoRALayerBase
-    from lora import layer
-    assert (layer.LoRALayerBase, layer.base_weight, layer.is_4bit_linear, layer.is_linear_like) == (
-        LoRALayerBase, base_weight, is_4bit_linear, is_linear_like)
-    assert lora.LoRALinear is layer.LoRALinear and lora.base_weight is base_weight
-    assert issubclass(lora.LoRAEmbedding, LoRALayerBase)
-
-
-def test_a_reader_meets_the_lora_forward_early():
-    """Issue "Redesign for reading": the LoRA forward is within layer.py's first 100 lines."""
-    _, first_line = inspect.getsourcelines(LoRALinear.forward)
-    assert first_line < 100, f"LoRALinear.forward starts at line {first_line} of lora/layer.py"
-
-
-ANCHORS = {"lora", "rslora", "initialisations", "dora", "several-adapters", "merging", "lora-on-embeddings",
-           "lora-plus", "combining-adapters", "adapter-files-and-peft-key-names", "qlora", "where-we-differ"}
-
-
-def test_lora_files_cite_docs_reference_md_with_known_anchors():
-    for path in sorted((pathlib.Path(lora.__file__).parent).glob("*.py")):
-        text = path.read_text()
-        assert "REFERENCE" + ".md" not in text and "../" + "shared" not in text, path
-        for anchor in re.findall(r"docs/reference\.md#([\w-]+)", text):
-            assert anchor in ANCHORS, (path, anchor)

@@ -1,4 +1,4 @@
-"""Every example in quant's docstrings runs and prints what it says (as tests/test_tokenizer_*.py do)."""
+"""Every example in quant's docstrings runs and prints what it says (as tests/tokenizer/test_tokenizer_*.py do)."""
 
 import doctest
 import importlib

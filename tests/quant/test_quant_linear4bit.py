@@ -16,6 +16,35 @@ def make_linear(in_features=64, out_features=24, bias=True, dtype=torch.float32,
     return nn.Linear(in_features, out_features, bias=bias).to(dtype)
 
 
+def test_dequantize_weight_equals_nf4_round_trip():
+    linear = make_linear()
+    layer = Linear4bit.from_linear(linear)
+    expected = quantize_nf4(linear.weight.detach()).dequantize()  # [out, in]
+    assert layer.dequantize_weight().shape == (24, 64)
+    assert torch.equal(layer.dequantize_weight(), expected)
+    assert torch.equal(layer.dequantize_weight(torch.bfloat16), quantize_nf4(linear.weight.detach()).dequantize(torch.bfloat16))
+    assert torch.equal(layer.quantized_weight.dequantize(), expected)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_state_dict_saves_quantized_form_and_loads_bit_identical(tmp_path, double_quant):
+    layer = Linear4bit.from_linear(make_linear(in_features=40, out_features=30), double_quant=double_quant)
+    state = layer.state_dict()
+    expected_keys = {"bias", "packed"} | ({"absmax_q", "absmax_scale", "absmax_offset"} if double_quant else {"absmax"})
+    assert set(state) == expected_keys | {"_extra_state"}  # + the settings, as uint8 JSON (get_extra_state)
+    assert state["_extra_state"].dtype == torch.uint8
+    assert state["packed"].dtype == torch.uint8 and state["packed"].numel() == 40 * 30 // 2
+    path = tmp_path / "layer.pt"
+    torch.save(state, path)
+    loaded_state = torch.load(path, weights_only=True)
+    fresh = Linear4bit(40, 30, bias=True, double_quant=double_quant)  # empty buffers of the right shapes
+    fresh.load_state_dict(loaded_state)
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor) and fresh.state_dict()[name].dtype == tensor.dtype
+    x = torch.randn(2, 40)
+    assert torch.equal(fresh(x), layer(x))
+
+
 def test_protocol_attributes_used_by_lora():
     linear = make_linear()
     layer = Linear4bit.from_linear(linear, block_size=32, double_quant=False, compute_dtype=torch.bfloat16)
@@ -26,16 +55,6 @@ def test_protocol_attributes_used_by_lora():
     assert not hasattr(layer, "weight")  # no float weight parameter: the packed data are buffers
     assert hasattr(layer, "dequantize_weight")
     assert [name for name, _ in layer.named_parameters()] == ["bias"]
-
-
-def test_dequantize_weight_equals_nf4_round_trip():
-    linear = make_linear()
-    layer = Linear4bit.from_linear(linear)
-    expected = quantize_nf4(linear.weight.detach()).dequantize()  # [out, in]
-    assert layer.dequantize_weight().shape == (24, 64)
-    assert torch.equal(layer.dequantize_weight(), expected)
-    assert torch.equal(layer.dequantize_weight(torch.bfloat16), quantize_nf4(linear.weight.detach()).dequantize(torch.bfloat16))
-    assert torch.equal(layer.quantized_weight.dequantize(), expected)
 
 
 def test_forward_is_x_times_dequantized_weight_plus_bias():
@@ -77,25 +96,6 @@ def test_backward_does_not_keep_a_dequantized_weight():
                for dtype, shape in saved)
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_state_dict_saves_quantized_form_and_loads_bit_identical(tmp_path, double_quant):
-    layer = Linear4bit.from_linear(make_linear(in_features=40, out_features=30), double_quant=double_quant)
-    state = layer.state_dict()
-    expected_keys = {"bias", "packed"} | ({"absmax_q", "absmax_scale", "absmax_offset"} if double_quant else {"absmax"})
-    assert set(state) == expected_keys | {"_extra_state"}  # + the settings, as uint8 JSON (get_extra_state)
-    assert state["_extra_state"].dtype == torch.uint8
-    assert state["packed"].dtype == torch.uint8 and state["packed"].numel() == 40 * 30 // 2
-    path = tmp_path / "layer.pt"
-    torch.save(state, path)
-    loaded_state = torch.load(path, weights_only=True)
-    fresh = Linear4bit(40, 30, bias=True, double_quant=double_quant)  # empty buffers of the right shapes
-    fresh.load_state_dict(loaded_state)
-    for name, tensor in layer.state_dict().items():
-        assert torch.equal(fresh.state_dict()[name], tensor) and fresh.state_dict()[name].dtype == tensor.dtype
-    x = torch.randn(2, 40)
-    assert torch.equal(fresh(x), layer(x))
-
-
 def test_half_and_bf16_casts_leave_block_scales_untouched():
     layer = Linear4bit.from_linear(make_linear())
     before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
@@ -130,11 +130,6 @@ def test_from_bf16_linear_without_bias():
     assert torch.equal(layer(x), x @ layer.dequantize_weight().t())
 
 
-def test_from_linear_rejects_other_modules():
-    with pytest.raises(ValueError, match="expects an nn.Linear"):
-        Linear4bit.from_linear(nn.Embedding(10, 4))
-
-
 def test_repr_names_the_settings():
     assert "block_size=64, double_quant=True" in repr(Linear4bit.from_linear(make_linear()))
 
@@ -150,6 +145,11 @@ def test_backward_under_bf16_autocast():
     assert x.grad.dtype == torch.float32
     expected = torch.ones(4, 32) @ layer.dequantize_weight(torch.float32)  # dy = 1 -> dx = 1 · W
     assert torch.allclose(x.grad, expected, rtol=1e-2, atol=1e-2)  # bf16 matmul in backward
+
+
+def test_from_linear_rejects_other_modules():
+    with pytest.raises(ValueError, match="expects an nn.Linear"):
+        Linear4bit.from_linear(nn.Embedding(10, 4))
 
 
 def test_block_sizes_are_validated_and_normalised():

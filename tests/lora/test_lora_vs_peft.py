@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 import lora
 from lora import LoRAConfig
-from tests.test_lora import randomize_adapters, tiny_lm, tokens
+from tests.lora.lora_helpers import randomize_adapters, tiny_lm, tokens
 
 ATOL = 1e-5
 

@@ -142,7 +142,7 @@ def test_values_on_midpoints(numel, dtype):
 @pytest.mark.parametrize("numel", [67, 64 * 2 + 3])
 def test_values_where_reciprocal_and_division_disagree(numel):
     # x / absmax lands exactly on midpoint 12 and x * float32(1 / absmax) one ulp above it (see
-    # tests/test_nf4.py): code 13 in a full block, 12 in the partial last block, in both paths.
+    # tests/quant/test_nf4.py): code 13 in a full block, 12 in the partial last block, in both paths.
     absmax, x = 1.1976676, 0.6008261
     weight = torch.zeros(numel)
     for start in range(0, numel, 64):

@@ -8,7 +8,8 @@ import torch.nn as nn
 
 import lora
 from lora import LoRAConfig
-from tests.test_lora import randomize_adapters, tiny_lm, tokens
+from tests.lora.lora_helpers import (assert_unchanged, model_snapshot, model_with_one_merged_layer, randomize_adapters,
+                                    tiny_lm, tokens)
 
 
 def trained_model(config, seed=1):
@@ -44,6 +45,29 @@ def test_save_then_load_into_a_fresh_model_gives_identical_logits(tmp_path, conf
     assert trainable == {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def test_pissa_adapter_reloads_onto_the_original_base(tmp_path):
+    model = tiny_lm()
+    reference = model(tokens())
+    lora.apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj"], init="pissa"))
+    assert torch.allclose(model(tokens()), reference, atol=1e-5)
+    randomize_adapters(model)
+    expected = model(tokens())
+    lora.save_adapter(model, tmp_path / "adapter")
+    fresh = tiny_lm()
+    lora.load_adapter(fresh, tmp_path / "adapter")  # recomputes the same residual base, then loads A, B
+    assert torch.allclose(fresh(tokens()), expected, atol=1e-5)
+
+
+def test_peft_key_converters_round_trip():
+    model = trained_model(LoRAConfig(r=2, target_modules=["tok_emb", "q_proj"], use_dora=False))
+    state = lora.adapter_state_dict(model)
+    peft_state = lora.to_peft_state_dict(state, adapter_names={"tok_emb"})
+    assert "base_model.model.blocks.0.q_proj.lora_A.weight" in peft_state
+    assert "base_model.model.tok_emb.lora_embedding_A" in peft_state
+    back = lora.from_peft_state_dict(peft_state)
+    assert back.keys() == state.keys() and all(torch.equal(back[key], state[key]) for key in state)
+
+
 def test_file_keys_and_shapes(tmp_path):
     model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"], use_dora=True))
     lora.save_adapter(model, tmp_path / "adapter")
@@ -53,6 +77,22 @@ def test_file_keys_and_shapes(tmp_path):
         for kind, shape in (("lora_A", [4, 16]), ("lora_B", [16, 4]), ("lora_magnitude", [16]))}
     fields = json.loads((tmp_path / "adapter" / "lora_config.json").read_text())
     assert fields["format_version"] == 1 and fields["r"] == 4 and fields["target_modules"] == ["q_proj"]
+
+
+def test_modules_to_save_file_keys_are_the_modules_own_names(tmp_path):
+    config = LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = trained_model(config)
+    expected = model(tokens())
+    lora.save_adapter(model, tmp_path / "adapter")
+    state = torch.load(tmp_path / "adapter" / "lora_weights.pt", weights_only=True)
+    assert sorted(state) == ["blocks.0.q_proj.lora_A", "blocks.0.q_proj.lora_B", "blocks.1.q_proj.lora_A",
+                             "blocks.1.q_proj.lora_B", "lm_head.weight"]  # as before the wrapper existed
+    assert torch.equal(state["lm_head.weight"], -tiny_lm().lm_head.weight)  # the trained copy, not the original
+    fresh = tiny_lm()
+    lora.add_adapter(fresh, config, "other")  # lm_head already wrapped, with another adapter's copy
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(fresh(tokens()), expected)
+    assert torch.equal(fresh.lm_head.modules_to_save["other"].weight, tiny_lm().lm_head.weight)
 
 
 def test_load_as_second_adapter_and_switch(tmp_path):
@@ -67,6 +107,43 @@ def test_load_as_second_adapter_and_switch(tmp_path):
     assert torch.equal(model(tokens()), own_out)
     with pytest.raises(ValueError, match="already exists"):
         lora.load_adapter(model, tmp_path / "french", adapter_name="french")
+
+
+def test_save_replaces_a_folder_atomically(tmp_path):
+    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]))
+    lora.save_adapter(model, tmp_path / "adapter")
+    lora.save_adapter(model, tmp_path / "adapter")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]  # no temp folder left behind
+    with pytest.raises(ValueError, match="does not exist"):
+        lora.save_adapter(model, tmp_path / "other", adapter_name="missing")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_save_into_an_empty_folder_or_over_an_earlier_save(tmp_path):
+    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]), seed=1)
+    (tmp_path / "adapter").mkdir()
+    lora.save_adapter(model, tmp_path / "adapter")  # an empty folder is fine (finetune.py saves into a fresh one)
+    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]), seed=2)
+    expected = model(tokens())
+    lora.save_adapter(model, tmp_path / "adapter")  # holds only the two adapter files: replaced
+    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == [".minilora-output.json", "lora_config.json",
+                                                                         "lora_weights.pt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
+    fresh = tiny_lm()
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(fresh(tokens()), expected)
+
+
+def test_saved_adapter_folder_gets_the_umask_permissions(tmp_path):
+    import os
+    model = nn.Sequential(nn.Linear(8, 8))
+    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=["0"]))
+    old_mask = os.umask(0o022)
+    try:
+        lora.save_adapter(model, tmp_path / "adapter")
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0o700
 
 
 def save_then_edit(tmp_path, edit):
@@ -141,39 +218,6 @@ def test_pickled_code_is_refused(tmp_path):
         lora.load_adapter(tiny_lm(), folder)
 
 
-def test_save_replaces_a_folder_atomically(tmp_path):
-    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]))
-    lora.save_adapter(model, tmp_path / "adapter")
-    lora.save_adapter(model, tmp_path / "adapter")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]  # no temp folder left behind
-    with pytest.raises(ValueError, match="does not exist"):
-        lora.save_adapter(model, tmp_path / "other", adapter_name="missing")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
-
-
-def test_pissa_adapter_reloads_onto_the_original_base(tmp_path):
-    model = tiny_lm()
-    reference = model(tokens())
-    lora.apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj"], init="pissa"))
-    assert torch.allclose(model(tokens()), reference, atol=1e-5)
-    randomize_adapters(model)
-    expected = model(tokens())
-    lora.save_adapter(model, tmp_path / "adapter")
-    fresh = tiny_lm()
-    lora.load_adapter(fresh, tmp_path / "adapter")  # recomputes the same residual base, then loads A, B
-    assert torch.allclose(fresh(tokens()), expected, atol=1e-5)
-
-
-def test_peft_key_converters_round_trip():
-    model = trained_model(LoRAConfig(r=2, target_modules=["tok_emb", "q_proj"], use_dora=False))
-    state = lora.adapter_state_dict(model)
-    peft_state = lora.to_peft_state_dict(state, adapter_names={"tok_emb"})
-    assert "base_model.model.blocks.0.q_proj.lora_A.weight" in peft_state
-    assert "base_model.model.tok_emb.lora_embedding_A" in peft_state
-    back = lora.from_peft_state_dict(peft_state)
-    assert back.keys() == state.keys() and all(torch.equal(back[key], state[key]) for key in state)
-
-
 @pytest.mark.parametrize("field,value,match", [("use_dora", "false", "use_dora must be True or False"),
                                                ("target_modules", 5, "target_modules must be a non-empty list"),
                                                ("modules_to_save", {"lm_head": 1}, "modules_to_save must be a list")])
@@ -201,44 +245,12 @@ def test_save_refuses_a_folder_with_foreign_files_and_keeps_them(tmp_path):
         lora.save_adapter(model, tmp_path / "file")
 
 
-def test_save_into_an_empty_folder_or_over_an_earlier_save(tmp_path):
-    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]), seed=1)
-    (tmp_path / "adapter").mkdir()
-    lora.save_adapter(model, tmp_path / "adapter")  # an empty folder is fine (finetune.py saves into a fresh one)
-    model = trained_model(LoRAConfig(r=4, target_modules=["q_proj"]), seed=2)
-    expected = model(tokens())
-    lora.save_adapter(model, tmp_path / "adapter")  # holds only the two adapter files: replaced
-    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == [".minilora-output.json", "lora_config.json",
-                                                                         "lora_weights.pt"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
-    fresh = tiny_lm()
-    lora.load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(fresh(tokens()), expected)
-
-
-def test_modules_to_save_file_keys_are_the_modules_own_names(tmp_path):
-    config = LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
-    model = trained_model(config)
-    expected = model(tokens())
-    lora.save_adapter(model, tmp_path / "adapter")
-    state = torch.load(tmp_path / "adapter" / "lora_weights.pt", weights_only=True)
-    assert sorted(state) == ["blocks.0.q_proj.lora_A", "blocks.0.q_proj.lora_B", "blocks.1.q_proj.lora_A",
-                             "blocks.1.q_proj.lora_B", "lm_head.weight"]  # as before the wrapper existed
-    assert torch.equal(state["lm_head.weight"], -tiny_lm().lm_head.weight)  # the trained copy, not the original
-    fresh = tiny_lm()
-    lora.add_adapter(fresh, config, "other")  # lm_head already wrapped, with another adapter's copy
-    lora.load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(fresh(tokens()), expected)
-    assert torch.equal(fresh.lm_head.modules_to_save["other"].weight, tiny_lm().lm_head.weight)
-
-
-def test_saved_adapter_folder_gets_the_umask_permissions(tmp_path):
-    import os
-    model = nn.Sequential(nn.Linear(8, 8))
-    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=["0"]))
-    old_mask = os.umask(0o022)
-    try:
-        lora.save_adapter(model, tmp_path / "adapter")
-    finally:
-        os.umask(old_mask)
-    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0o700
+def test_load_adapter_onto_a_merged_layer_changes_nothing(tmp_path):
+    other = tiny_lm()
+    lora.apply_lora(other, LoRAConfig(r=2, target_modules=["k_proj", "q_proj"]))
+    lora.save_adapter(other, tmp_path / "adapter")
+    model = model_with_one_merged_layer()
+    snapshot = model_snapshot(model)
+    with pytest.raises(RuntimeError, match="'blocks.1.q_proj' has adapters"):
+        lora.load_adapter(model, tmp_path / "adapter", adapter_name="b")
+    assert_unchanged(model, snapshot)

@@ -185,8 +185,8 @@ def test_double_quant_codes_differ_rarely_and_only_by_lookup_resolution(dtype):
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_full_block_reciprocal_and_partial_block_division_agree_with_bitsandbytes(double_quant):
-    # docs/reference.md#nf4-quantize on values where the two scaling rules differ (see tests/test_nf4.py): x / absmax is
-    # exactly midpoint 12, x * float32(1 / absmax) one ulp above it. bitsandbytes gives 13 in a full
+    # docs/reference.md#nf4-quantize on values where the two scaling rules differ (see tests/quant/test_nf4.py):
+    # x / absmax is exactly midpoint 12, x * float32(1 / absmax) one ulp above it. bitsandbytes gives 13 in a full
     # block and 12 in the partial last block; swapping the rules in quant/nf4.py breaks this test.
     absmax, x = 1.1976676, 0.6008261
     full_block = torch.zeros(64)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("runtime", "tokenizer", "quant", "lora", "minigpt", "finetuning")
 ALLOWED = {  # package -> the project packages it may import (besides itself)
     "runtime": set(),

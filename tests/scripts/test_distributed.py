@@ -26,7 +26,7 @@ from runtime.distributed import DistributedContext, RendezvousError
 from minigpt.training import evaluate
 from quant import quantize_model
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py and finetune.py live there
+ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py and finetune.py live there
 # Two ranks sum the same float32 numbers in a different order than one process does; over a few AdamW steps
 # that moves the loss by ~1e-7 relative. 1e-4 relative leaves room and still catches any wrong sharding
 # (another batch, or a gradient summed instead of averaged, changes the loss at the 1e-2 level).

@@ -12,15 +12,10 @@ from minigpt.vocab import (expand_vocabulary, load_new_rows, new_rows_param_grou
 from tokenizer import WordTokenizer
 import lora
 
-SENTENCES = ["the cat sits on the table .", "the dog sits on the rug ."]
-
 
 @pytest.fixture
-def base():
-    tokenizer = WordTokenizer.from_corpus(SENTENCES)
-    torch.manual_seed(0)
-    model = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=8, embed_dim=16, n_heads=2, n_layers=1))
-    return model.eval(), tokenizer
+def base(tiny_gpt, word_tokenizer):
+    return tiny_gpt.eval(), word_tokenizer
 
 
 def test_new_words_in_order_of_first_appearance(base):

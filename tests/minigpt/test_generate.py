@@ -1,22 +1,18 @@
 """python -m minigpt.generate: samples from a model folder or base + adapter; same seed, same text."""
 
 import pytest
-import torch
 
 import lora
-from minigpt import GPTConfig, MiniGPT, save_model
+from minigpt import save_model
 from finetuning.methods import setup_method
 from minigpt.adapter_folder import save_finetuned_adapter
 from minigpt.generate import GenerateConfig, main
 from minigpt.vocab import expand_vocabulary
-from tokenizer import WordTokenizer
 
 
 @pytest.fixture
-def folders(tmp_path):
-    tokenizer = WordTokenizer.from_corpus(["the cat sits on the table .", "the dog sits on the rug ."])
-    torch.manual_seed(0)
-    model = MiniGPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=8, embed_dim=16, n_heads=2, n_layers=1))
+def folders(tmp_path, tiny_gpt, word_tokenizer):
+    model, tokenizer = tiny_gpt, word_tokenizer
     save_model(model, tokenizer, tmp_path / "base")
     expanded, expanded_tokenizer, _ = expand_vocabulary(model, tokenizer, ["oven"])
     setup = setup_method("lora", expanded, model.config.vocab_size, lora.LoRAConfig(r=2), lr=1e-2, full_lr=1e-3)

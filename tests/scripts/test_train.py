@@ -12,7 +12,7 @@ from minigpt import load_model, pretrain
 from minigpt.training import TrainConfig, lr_multiplier
 from runtime.cli import parse_config
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py lives there
+ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py lives there
 
 
 def quick_config(tmp_path, **overrides) -> pretrain.PretrainConfig:

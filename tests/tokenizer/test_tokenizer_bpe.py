@@ -53,27 +53,6 @@ def test_helpers_on_fixed_inputs():
     assert most_frequent_pair({(3, 1): 2, (2, 9): 2, (1, 1): 1}) == (2, 9)  # tie -> smallest pair
 
 
-def test_training_is_deterministic_and_respects_vocab_size(trained):
-    again = BPETokenizer.train(TRAIN_TEXT, vocab_size=320)
-    assert again.to_dict() == trained.to_dict()
-    assert trained.vocab_size == 320 and len(trained.merges) == 60
-    assert list(trained.merges.values()) == list(range(260, 320))
-
-
-def test_training_stops_when_nothing_is_left_to_merge():
-    tok = BPETokenizer.train("ab ab", vocab_size=400)
-    # chunks "ab" and " ab": merges (a, b), then (" ", ab); nothing else left
-    assert tok.vocab_size == 262
-    assert BPETokenizer.train("", vocab_size=300).vocab_size == 260
-
-
-def test_merges_never_cross_split_chunks(trained):
-    for token_id in range(260, trained.vocab_size):
-        token = trained.id_to_token(token_id)
-        # a merged token lies inside one regex chunk of its own text
-        assert re.findall(GPT4_SPLIT_PATTERN, token) == [token] or "\\x" in token or len(token) <= 1
-
-
 ROUND_TRIP_TEXTS = [
     "",
     "the cat sits on the table.",
@@ -107,6 +86,51 @@ def test_round_trip_with_added_tokens(text):
     tok = BPETokenizer.train("zorb ab ab a zorblax", vocab_size=270)
     tok.add_tokens(["zorblax", "zorb", "a b"])
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    tok = BPETokenizer.train(TRAIN_TEXT, vocab_size=300)
+    tok.add_tokens(["zorblax", "<eos>"])
+    path = tok.save(tmp_path / "tokenizer.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["type"] == "bpe" and data["format_version"] == 1
+    loaded = load_tokenizer(path)
+    assert isinstance(loaded, BPETokenizer)
+    assert loaded.to_dict() == tok.to_dict() and loaded.vocab_size == tok.vocab_size
+    text = "the zorblax sits on the 😺<eos>"
+    assert loaded.encode(text) == tok.encode(text)
+    assert BPETokenizer.load(path).vocab_size == tok.vocab_size
+    with pytest.raises(ValueError, match="not a WordTokenizer"):
+        WordTokenizer.load(path)
+
+
+def test_token_to_id_inverts_id_to_token(trained):
+    texts = [trained.id_to_token(i) for i in range(trained.vocab_size)]
+    for token_id, text in enumerate(texts):
+        if texts.index(text) == token_id:  # the first id with this text
+            assert trained.token_to_id(text) == token_id
+    assert trained.token_to_id("definitely not a token") is None
+
+
+def test_training_is_deterministic_and_respects_vocab_size(trained):
+    again = BPETokenizer.train(TRAIN_TEXT, vocab_size=320)
+    assert again.to_dict() == trained.to_dict()
+    assert trained.vocab_size == 320 and len(trained.merges) == 60
+    assert list(trained.merges.values()) == list(range(260, 320))
+
+
+def test_training_stops_when_nothing_is_left_to_merge():
+    tok = BPETokenizer.train("ab ab", vocab_size=400)
+    # chunks "ab" and " ab": merges (a, b), then (" ", ab); nothing else left
+    assert tok.vocab_size == 262
+    assert BPETokenizer.train("", vocab_size=300).vocab_size == 260
+
+
+def test_merges_never_cross_split_chunks(trained):
+    for token_id in range(260, trained.vocab_size):
+        token = trained.id_to_token(token_id)
+        # a merged token lies inside one regex chunk of its own text
+        assert re.findall(GPT4_SPLIT_PATTERN, token) == [token] or "\\x" in token or len(token) <= 1
 
 
 def test_bos_eos_and_skip_special(trained):
@@ -154,6 +178,32 @@ def test_longest_added_token_wins():
     assert tok.encode("zorblax zorb") == [zorblax, byte_id(" "), zorb]
 
 
+def test_decode_of_invalid_utf8_uses_replacement_character():
+    tok = BPETokenizer()
+    assert tok.decode([4 + 0xE2, byte_id("a")]) == "\ufffda"
+
+
+# Characters where the standard-library pattern knowingly differs from tiktoken's \p{..} classes:
+# numbers that are not decimal digits (categories No, Nl such as "½", "Ⅻ") count as letters for `re`,
+# and `re` treats the separators \x1c-\x1f as whitespace (an exhaustive scan of every assigned code
+# point finds no other difference). Unassigned code points (Cn) are
+# left out because `regex` may know a newer Unicode version than this Python's `unicodedata`.
+# Everything else must split identically.
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(exclude_categories=("Cs", "Cn", "No", "Nl"),
+                                           exclude_characters="\x1c\x1d\x1e\x1f")))
+def test_split_matches_tiktoken_gpt4_pattern(text):
+    regex = pytest.importorskip("regex")  # the third-party module, only to check our translation
+    gpt4 = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+            r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+    assert re.findall(GPT4_SPLIT_PATTERN, text) == regex.findall(gpt4, text)
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(tokenizer.bpe)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_add_tokens_rejects_bad_input(trained):
     with pytest.raises(TypeError, match="did you mean"):
         trained.add_tokens("zorblax")
@@ -161,19 +211,6 @@ def test_add_tokens_rejects_bad_input(trained):
         trained.add_tokens([""])
     with pytest.raises(ValueError, match="non-empty"):
         trained.add_tokens([42])
-
-
-def test_token_to_id_inverts_id_to_token(trained):
-    texts = [trained.id_to_token(i) for i in range(trained.vocab_size)]
-    for token_id, text in enumerate(texts):
-        if texts.index(text) == token_id:  # the first id with this text
-            assert trained.token_to_id(text) == token_id
-    assert trained.token_to_id("definitely not a token") is None
-
-
-def test_decode_of_invalid_utf8_uses_replacement_character():
-    tok = BPETokenizer()
-    assert tok.decode([4 + 0xE2, byte_id("a")]) == "\ufffda"
 
 
 def test_bad_arguments(trained):
@@ -185,22 +222,6 @@ def test_bad_arguments(trained):
         trained.encode("lone surrogate \ud800")
     with pytest.raises(ValueError, match="out of range"):
         trained.decode([trained.vocab_size])
-
-
-def test_save_load_round_trip(trained, tmp_path):
-    tok = BPETokenizer.train(TRAIN_TEXT, vocab_size=300)
-    tok.add_tokens(["zorblax", "<eos>"])
-    path = tok.save(tmp_path / "tokenizer.json")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    assert data["type"] == "bpe" and data["format_version"] == 1
-    loaded = load_tokenizer(path)
-    assert isinstance(loaded, BPETokenizer)
-    assert loaded.to_dict() == tok.to_dict() and loaded.vocab_size == tok.vocab_size
-    text = "the zorblax sits on the 😺<eos>"
-    assert loaded.encode(text) == tok.encode(text)
-    assert BPETokenizer.load(path).vocab_size == tok.vocab_size
-    with pytest.raises(ValueError, match="not a WordTokenizer"):
-        WordTokenizer.load(path)
 
 
 def _bpe_file(tmp_path, **changes):
@@ -232,24 +253,3 @@ def test_load_reports_missing_fields(tmp_path):
     path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(ValueError, match="corrupt bpe tokenizer"):
         load_tokenizer(path)
-
-
-# Characters where the standard-library pattern knowingly differs from tiktoken's \p{..} classes:
-# numbers that are not decimal digits (categories No, Nl such as "½", "Ⅻ") count as letters for `re`,
-# and `re` treats the separators \x1c-\x1f as whitespace (an exhaustive scan of every assigned code
-# point finds no other difference). Unassigned code points (Cn) are
-# left out because `regex` may know a newer Unicode version than this Python's `unicodedata`.
-# Everything else must split identically.
-@settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet=st.characters(exclude_categories=("Cs", "Cn", "No", "Nl"),
-                                           exclude_characters="\x1c\x1d\x1e\x1f")))
-def test_split_matches_tiktoken_gpt4_pattern(text):
-    regex = pytest.importorskip("regex")  # the third-party module, only to check our translation
-    gpt4 = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-            r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-    assert re.findall(GPT4_SPLIT_PATTERN, text) == regex.findall(gpt4, text)
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(tokenizer.bpe)
-    assert result.attempted > 0 and result.failed == 0

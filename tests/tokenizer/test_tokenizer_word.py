@@ -31,6 +31,46 @@ def test_special_tokens_have_fixed_ids(tok):
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("text", [
+    "the cat sits on the table.",
+    "a cat (a tabby) sleeps!",
+    "the dog sits, the cat sleeps; the mat: on the table?",
+    "",
+])
+def test_decode_inverts_encode_for_known_lowercase_text(tok, text):
+    tok.add_tokens([",", ";", ":", "?"])
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("abcXYZ ()'.,!?;:-_\n\té😺"))) | st.text())
+def test_decode_then_tokenize_gives_the_same_words(text):
+    # decode only normalises spacing and case, never which words there are
+    tok = WordTokenizer.from_corpus([text])
+    assert tok.unknown_words(text) == []
+    assert WordTokenizer.tokenize(tok.decode(tok.encode(text))) == WordTokenizer.tokenize(text)
+
+
+def test_save_load_round_trip(tok, tmp_path):
+    tok.add_tokens(["zorblax"])
+    path = tok.save(tmp_path / "tokenizer.json")
+    assert path == tmp_path / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["type"] == "word" and data["format_version"] == 1
+    loaded = load_tokenizer(path)
+    assert isinstance(loaded, WordTokenizer)
+    assert loaded.to_dict() == tok.to_dict()
+    assert loaded.encode("the zorblax sits.") == tok.encode("the zorblax sits.")
+    assert WordTokenizer.load(path).vocab_size == tok.vocab_size
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temp file left behind
+
+
+def test_save_and_load_accept_a_folder(tok, tmp_path):
+    path = tok.save(tmp_path)
+    assert path == tmp_path / "tokenizer.json"
+    assert load_tokenizer(tmp_path).to_dict() == tok.to_dict()
+
+
 def test_tokenize_lowercases_and_splits_punctuation():
     assert WordTokenizer.tokenize("The cat sits, on the table.") == [
         "the", "cat", "sits", ",", "on", "the", "table", "."]
@@ -54,26 +94,6 @@ def test_min_freq_drops_rare_words():
     tok = WordTokenizer.from_corpus(["a a b"], min_freq=2)
     assert tok.vocab_size == 5
     assert tok.encode("a b") == [4, tok.unk_id]
-
-
-@pytest.mark.parametrize("text", [
-    "the cat sits on the table.",
-    "a cat (a tabby) sleeps!",
-    "the dog sits, the cat sleeps; the mat: on the table?",
-    "",
-])
-def test_decode_inverts_encode_for_known_lowercase_text(tok, text):
-    tok.add_tokens([",", ";", ":", "?"])
-    assert tok.decode(tok.encode(text)) == text
-
-
-@settings(max_examples=200, deadline=None)
-@given(text=st.text(alphabet=st.sampled_from(list("abcXYZ ()'.,!?;:-_\n\té😺"))) | st.text())
-def test_decode_then_tokenize_gives_the_same_words(text):
-    # decode only normalises spacing and case, never which words there are
-    tok = WordTokenizer.from_corpus([text])
-    assert tok.unknown_words(text) == []
-    assert WordTokenizer.tokenize(tok.decode(tok.encode(text))) == WordTokenizer.tokenize(text)
 
 
 def test_token_to_id_matches_how_encode_sees_words(tok):
@@ -107,6 +127,39 @@ def test_add_tokens_keeps_old_ids_and_is_idempotent(tok):
     assert tok.add_tokens([]) == []
 
 
+def test_decode_accepts_integer_like_ids(tok):
+    import numpy as np
+    import torch
+
+    ids = tok.encode("the cat sits")
+    assert tok.decode(torch.tensor(ids)) == "the cat sits"
+    assert tok.decode(np.array(ids)) == "the cat sits"
+
+
+def test_save_overwrites_atomically(tok, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    WordTokenizer.from_corpus(["x"]).save(path)
+    tok.save(path)
+    assert load_tokenizer(path).to_dict() == tok.to_dict()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_file_gets_the_permissions_the_umask_gives(tok, tmp_path, umask, mode):
+    old_mask = os.umask(umask)
+    try:
+        path = tok.save(tmp_path / "tokenizer.json")
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(path.stat().st_mode) == mode  # mkstemp alone gives 0o600, private to the owner
+
+
+def test_docstring_examples_run():
+    for module in (tokenizer, tokenizer.word):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
 def test_add_tokens_rejects_bad_words(tok):
     with pytest.raises(ValueError, match="not a single word"):
         tok.add_tokens(["two words"])
@@ -133,53 +186,6 @@ def test_bad_arguments_give_clear_errors(tok):
         WordTokenizer(["cat", "cat"])
     with pytest.raises(ValueError, match="duplicate"):
         WordTokenizer(["<pad>"])
-
-
-def test_decode_accepts_integer_like_ids(tok):
-    import numpy as np
-    import torch
-
-    ids = tok.encode("the cat sits")
-    assert tok.decode(torch.tensor(ids)) == "the cat sits"
-    assert tok.decode(np.array(ids)) == "the cat sits"
-
-
-def test_save_load_round_trip(tok, tmp_path):
-    tok.add_tokens(["zorblax"])
-    path = tok.save(tmp_path / "tokenizer.json")
-    assert path == tmp_path / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    assert data["type"] == "word" and data["format_version"] == 1
-    loaded = load_tokenizer(path)
-    assert isinstance(loaded, WordTokenizer)
-    assert loaded.to_dict() == tok.to_dict()
-    assert loaded.encode("the zorblax sits.") == tok.encode("the zorblax sits.")
-    assert WordTokenizer.load(path).vocab_size == tok.vocab_size
-    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temp file left behind
-
-
-def test_save_and_load_accept_a_folder(tok, tmp_path):
-    path = tok.save(tmp_path)
-    assert path == tmp_path / "tokenizer.json"
-    assert load_tokenizer(tmp_path).to_dict() == tok.to_dict()
-
-
-def test_save_overwrites_atomically(tok, tmp_path):
-    path = tmp_path / "tokenizer.json"
-    WordTokenizer.from_corpus(["x"]).save(path)
-    tok.save(path)
-    assert load_tokenizer(path).to_dict() == tok.to_dict()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
-
-
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_saved_file_gets_the_permissions_the_umask_gives(tok, tmp_path, umask, mode):
-    old_mask = os.umask(umask)
-    try:
-        path = tok.save(tmp_path / "tokenizer.json")
-    finally:
-        os.umask(old_mask)
-    assert stat.S_IMODE(path.stat().st_mode) == mode  # mkstemp alone gives 0o600, private to the owner
 
 
 def _write(tmp_path, content):
@@ -212,9 +218,3 @@ def test_load_rejects_bad_files_clearly(tmp_path, content, message):
 def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer file"):
         load_tokenizer(tmp_path / "missing.json")
-
-
-def test_docstring_examples_run():
-    for module in (tokenizer, tokenizer.word):
-        result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__

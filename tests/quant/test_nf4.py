@@ -2,7 +2,7 @@
 
 The oracle is the library's plain `quantize_nf4_reference` (the top of quant/nf4.py), which follows
 docs/reference.md#nf4-quantize step by step with no chunking, lookup tables or packing tricks; the fast
-code must agree with it exactly. tests/test_nf4_fast_equals_reference.py compares the two on many more
+code must agree with it exactly. tests/quant/test_nf4_fast_equals_reference.py compares the two on many more
 cases, and checks the reference against the literal count of midpoints below each value.
 """
 
