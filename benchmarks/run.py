@@ -67,7 +67,8 @@ VARIANTS = {
                                                              "lora+compile", "qlora+compile")), ("cuda",)),
     # the small-step goal: LoRA under torch.compile against eager full fine-tuning at 1k tokens
     "training_step_compile_small": ("training_step", dict(batch_sizes=(2,), measure_memory=False,
-                                                          methods=("full", "lora", "lora+plain", "lora+compile")),
+                                                          methods=("full", "lora", "lora+plain", "full+compile",
+                                                                   "lora+compile")),
                                     ("cuda",)),
 }
 

@@ -86,7 +86,7 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 def _mm_scaled(first: torch.Tensor, second: torch.Tensor, scale: float) -> torch.Tensor:
     """scale · (first @ second) in one GEMM: addmm with beta = 0 ignores its input (a broadcast scalar)."""
-    nothing = first.new_zeros(())  # [] broadcast to the output; never read with beta = 0
+    nothing = first.new_empty(())  # [] broadcast to the output; never read with beta = 0 (no fill kernel)
     return torch.addmm(nothing, first, second, beta=0, alpha=scale)
 
 
