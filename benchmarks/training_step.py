@@ -25,6 +25,8 @@ Methods (all train with AdamW; on CUDA the weights are bfloat16, on CPU float32)
     bnb_qlora   CUDA only: bitsandbytes.nn.Linear4bit base + PEFT adapters, the reference QLoRA stack
     <m>+ckpt    the same with gradient checkpointing (MiniGPT recomputes each block in backward)
     <m>+compile the same under torch.compile (fuses the LoRA branch's small element-wise kernels)
+    <m>+plain   the same on the plain paths: lora.set_fused(False) (LoRALinear's readable forward instead
+                of lora/fused.py) and quant.nf4_triton.use_triton(False) (PyTorch NF4 dequantize): "before"
 
 "qlora" casts its adapters to float32, as PEFT does by default (autocast_adapter_dtype), so it compares
 like for like with bnb_qlora, whose PEFT adapters are float32 too; lora/ itself keeps adapters on a
@@ -49,7 +51,7 @@ import lora
 from benchmarks.common import (PeakMemory, Ratio, Timing, check_device, machine_info, mib, release_memory,
                                run_in_fresh_process, tensor_bytes, time_side_by_side)
 from minigpt import GPTConfig, MiniGPT
-from quant import Linear4bit, quantize_model
+from quant import Linear4bit, nf4_triton, quantize_model
 
 ALL_METHODS = ("full", "full_amp", "lora", "peft_lora", "qlora", "qlora_bf16", "bnb_qlora")
 CUDA_ONLY_METHODS = ("full_amp", "bnb_qlora")
@@ -78,7 +80,7 @@ class BenchmarkConfig:
 QUICK = dict(embed_dim=64, n_layers=2, n_heads=4, vocab_size=512, context_length=64, batch_sizes=(8,),
              repeats=3, warmup=1)
 CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_length=512, batch_sizes=(2, 8, 32),
-            methods=("full", "full_amp", "lora", "peft_lora", "qlora", "bnb_qlora",
+            methods=("full", "full_amp", "lora", "lora+plain", "peft_lora", "qlora", "qlora+plain", "bnb_qlora",
                      "full+ckpt", "lora+ckpt", "qlora+ckpt"),
             repeats=10, warmup=3)
 
@@ -100,9 +102,10 @@ def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
 def split_method(method: str) -> Tuple[str, bool, bool]:
     """'lora+ckpt' -> ('lora', True, False); 'qlora+compile' -> ('qlora', False, True). Unknown names raise."""
     base, *suffixes = method.split("+")
-    if base not in ALL_METHODS or any(suffix not in ("ckpt", "compile") for suffix in suffixes):
+    if base not in ALL_METHODS or any(suffix not in ("ckpt", "compile", "plain") for suffix in suffixes):
         raise ValueError(f"unknown training-step method {method!r}; valid: {ALL_METHODS}, each optionally "
-                         f"with '+ckpt' (gradient checkpointing) and/or '+compile' (torch.compile)")
+                         f"with '+ckpt' (gradient checkpointing), '+compile' (torch.compile) and/or '+plain' "
+                         f"(fused LoRA and the Triton NF4 dequantize off)")
     return base, "ckpt" in suffixes, "compile" in suffixes
 
 
@@ -181,20 +184,31 @@ def make_batch(config: BenchmarkConfig, batch_size: int):
     return tokens[:, :-1].to(config.device), tokens[:, 1:].to(config.device)  # (B, T), (B, T)
 
 
-def make_training_step(model, optimizer, use_autocast: bool, batch):
-    """A zero-argument function doing one full optimizer step on `batch`."""
+def make_training_step(model, optimizer, use_autocast: bool, batch, plain: bool = False):
+    """A zero-argument function doing one full optimizer step on `batch` (plain: the '+plain' switches)."""
     inputs, targets = batch
     device_type = inputs.device.type
 
     def training_step():
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
-            _, loss = model(inputs, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        fused_before = lora.fused_enabled()
+        lora.set_fused(fused_before and not plain)
+        nf4_triton.use_triton(not plain)
+        try:
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
+                _, loss = model(inputs, targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            lora.set_fused(fused_before)
+            nf4_triton.use_triton(True)
         return loss
 
     return training_step
+
+
+def is_plain(method: str) -> bool:
+    return "plain" in method.split("+")[1:]
 
 
 def memory_breakdown(model: nn.Module, optimizer) -> dict:
@@ -239,11 +253,12 @@ def measure_memory(method: str, batch_size: int, config: BenchmarkConfig) -> dic
     # transformers), kernel and thread-pool initialisation happen here, outside the measurement.
     tiny = replace(config, embed_dim=32, n_layers=1, n_heads=2, vocab_size=64, context_length=8,
                    rank=min(config.rank, 8))
-    make_training_step(*build_method(method, tiny), make_batch(tiny, 2))()
+    make_training_step(*build_method(method, tiny), make_batch(tiny, 2), plain=is_plain(method))()
     release_memory(config.device)
     meter = PeakMemory(config.device).start()
     model, optimizer, use_autocast = build_method(method, config)
-    training_step = make_training_step(model, optimizer, use_autocast, make_batch(config, batch_size))
+    training_step = make_training_step(model, optimizer, use_autocast, make_batch(config, batch_size),
+                                       plain=is_plain(method))
     meter.reset_peak()  # forget construction transients (quantizing, casting); the baseline stays
     for _ in range(max(config.warmup, 1) + 1):
         training_step()
@@ -285,7 +300,10 @@ def available_methods(config: BenchmarkConfig, notes: list) -> list:
 RATIO_PAIRS = (("lora", "full"), ("lora", "full_amp"), ("qlora", "full"), ("qlora", "lora"), ("lora", "peft_lora"),
                ("qlora", "bnb_qlora"), ("lora+ckpt", "full+ckpt"), ("qlora+ckpt", "full+ckpt"),
                ("lora+compile", "full+compile"), ("qlora+compile", "full+compile"), ("qlora+compile", "lora+compile"),
-               ("qlora+compile", "qlora"), ("qlora_bf16", "lora"), ("qlora_bf16", "qlora"))
+               ("qlora+compile", "qlora"), ("qlora_bf16", "lora"), ("qlora_bf16", "qlora"),
+               ("lora", "lora+plain"), ("lora+plain", "full"), ("lora+plain", "full_amp"), ("lora+plain", "peft_lora"),
+               ("qlora", "qlora+plain"), ("qlora+plain", "bnb_qlora"), ("lora+compile", "full"),
+               ("lora+compile", "lora"))
 
 
 def ratio_rows(results: dict) -> dict:
@@ -339,7 +357,7 @@ def main(config: BenchmarkConfig) -> dict:
         for method in methods:
             try:
                 built[method] = build_method(method, config)
-                steps[method] = make_training_step(*built[method], batch)
+                steps[method] = make_training_step(*built[method], batch, plain=is_plain(method))
                 steps[method]()  # one step outside the timing: compiles, and proves the method runs
             except Exception as error:
                 steps.pop(method, None)

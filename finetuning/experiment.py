@@ -84,6 +84,7 @@ class FinetuneConfig:
     threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    compile: bool = False  # torch.compile the training forward: fewer GPU launches, a slow first step
     plot: bool = True  # write comparison.png
     progress: bool = True  # tqdm progress bars
 
@@ -260,7 +261,7 @@ def train_config_for(config: FinetuneConfig, tokens_once: int, context_length: i
     return TrainConfig(steps=steps, batch_size=config.batch_size, lr=config.lr,
                        warmup_steps=min(config.warmup_steps, steps // 2), eval_interval=steps_per_epoch,
                        early_stopping_patience=config.early_stopping_patience, seed=config.seed, device=device,
-                       progress=config.progress, desc=desc)
+                       progress=config.progress, desc=desc, compile=config.compile)
 
 
 def table_notes(config: FinetuneConfig, n_replayed: int) -> list[str]:

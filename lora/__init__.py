@@ -22,12 +22,14 @@ dora.py (DoRA: the formula, then the fast path and its cache), inits.py (kaiming
 OLoRA), bookkeeping.py (LoRALayerBase: named adapters), base_layer.py (nn.Linear or 4-bit base),
 embedding.py (LoRAEmbedding), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
 one copy per adapter), model.py (apply_lora, target matching, adapters on a model),
-combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+).
+combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+),
+fused.py (the same LoRA training forward/backward in fewer GPU kernels; `lora.set_fused(False)` turns it off).
 """
 
 from lora.combine import combine_adapters
 from lora.config import LoRAConfig
 from lora.embedding import LoRAEmbedding
+from lora.fused import fused_enabled, set_fused
 from lora.io import (adapter_state_dict, check_adapter_fits, check_base_fingerprint, from_peft_state_dict,
                      load_adapter, load_base_fingerprint, load_lora_config, model_fingerprint, save_adapter,
                      state_fingerprint, to_peft_state_dict, write_adapter_files)
@@ -45,5 +47,5 @@ __all__ = [
     "print_trainable_parameters", "count_parameters", "find_targets", "lora_layers", "mark_only_lora_as_trainable",
     "save_adapter", "write_adapter_files", "load_adapter", "load_lora_config", "adapter_state_dict",
     "check_adapter_fits", "model_fingerprint", "state_fingerprint", "load_base_fingerprint", "check_base_fingerprint",
-    "to_peft_state_dict", "from_peft_state_dict", "lora_plus_param_groups",
+    "to_peft_state_dict", "from_peft_state_dict", "lora_plus_param_groups", "set_fused", "fused_enabled",
 ]

@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "cpu"  # where the batches go; the model must already be there
     progress: bool = True  # show a tqdm progress bar
     desc: str = "train"  # the progress bar's label
+    compile: bool = False  # run the training forward through torch.compile (fewer GPU launches; slow first step)
 
     def __post_init__(self):
         """Refuse values the loop cannot use, with the option's name (e.g. eval_interval=0 divides by 0)."""
@@ -272,6 +273,7 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
     result = TrainResult()
     evals_without_improvement = 0
     model.train()
+    step_model = torch.compile(model) if config.compile else model  # the same weights, compiled forward
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=config.desc, disable=not (config.progress and distributed.is_main),
                leave=False)
@@ -281,7 +283,7 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         x, y = train_stream.get_batch(config.batch_size, generator, device=config.device)  # (B, T), (B, T)
         x, y = distributed.shard(x), distributed.shard(y)  # (B / world_size, T) each; all B in one process
         with autocast_context(config.device):
-            _, loss = model(x, y)
+            _, loss = step_model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:  # None or 0: no clipping

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+import quant.nf4_triton as nf4_triton
 from quant.nf4 import (DEFAULT_BLOCK_SIZE, DEFAULT_DQ_BLOCK_SIZE, NF4Weight, check_block_size, dequantize_absmax,
                        dequantize_nf4, quantize_nf4)
 
@@ -39,6 +40,13 @@ _METADATA_FIELDS = ("in_features", "out_features", "bias", "block_size", "double
                     "weight_dtype")
 
 
+def _dequantize_for_matmul(packed, absmax, shape, block_size, dtype):
+    """dequantize_nf4, as one Triton kernel on CUDA (the same bits; quant/nf4_triton.py), else plain PyTorch."""
+    if nf4_triton.available(packed):
+        return nf4_triton.dequantize_nf4_triton(packed, absmax, shape, block_size, dtype)
+    return dequantize_nf4(packed, absmax, shape, block_size, dtype)
+
+
 class LinearNF4Function(torch.autograd.Function):
     """y = x @ dequantize(W)ᵀ with gradient to x only; W is rebuilt in backward rather than saved.
 
@@ -48,7 +56,7 @@ class LinearNF4Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, absmax, shape, block_size, compute_dtype):
-        weight = dequantize_nf4(packed, absmax, shape, block_size, compute_dtype)  # [out, in]
+        weight = _dequantize_for_matmul(packed, absmax, shape, block_size, compute_dtype)  # [out, in]
         ctx.save_for_backward(packed, absmax)  # the 4-bit form only, ~8x smaller than W in fp32
         ctx.shape, ctx.block_size, ctx.compute_dtype = shape, block_size, compute_dtype
         return x @ weight.t()  # (…, in) @ [in, out] -> (…, out)
@@ -58,7 +66,7 @@ class LinearNF4Function(torch.autograd.Function):
         packed, absmax = ctx.saved_tensors
         grad_input = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_nf4(packed, absmax, ctx.shape, ctx.block_size, ctx.compute_dtype)  # [out, in]
+            weight = _dequantize_for_matmul(packed, absmax, ctx.shape, ctx.block_size, ctx.compute_dtype)  # [out, in]
             # subtle: under autocast the forward matmul ran in bf16/fp16, so dy arrives in that dtype while W
             # is in compute_dtype; multiply in dy's dtype (as bitsandbytes' MatMul4Bit does), and autograd
             # casts dx back to x's dtype

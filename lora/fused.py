@@ -1,0 +1,129 @@
+"""The same numbers, faster: LoRA's training forward and backward as one autograd Function.
+
+Read lora/layer.py first: `LoRALinear.forward` is the plain path, y = W x + b + s · B A x, built from
+`F.linear` calls that autograd differentiates one by one. That is right but, on a GPU at the sizes
+MiniGPT trains at, slow: the rank-r branch adds about as many small kernels as the base matmul
+itself (two thin matmuls, a scaled add in forward; a scale, four thin matmuls and a gradient sum in
+backward), each a separate launch and a pass over an (..., out) tensor. This file computes the same
+function with fewer launches and no (..., out) temporary (docs/reference.md#lora):
+
+    forward   h  = x Aᵀ                         (N, r)      1 GEMM
+              y  = b + x Wᵀ                                  1 GEMM (bias in its epilogue)
+              y += s · h Bᵀ                                  1 GEMM accumulating into y (beta = 1)
+    backward  g  = s · dy B                     (N, r)      1 GEMM (alpha = s)
+              dx = dy W + g A                   (N, in)     2 GEMMs, the second accumulating into the first
+              dA = gᵀ x                         [r, in]     1 GEMM
+              dB = s · dyᵀ h                    [out, r]    1 GEMM (alpha = s)
+
+Saved for backward: x and h (N × r) only, nothing of size (N, out); W, A, B are the parameters
+themselves. No dW: the base is frozen. The fused path covers the common training case (one active
+LoRA adapter, no dropout, an nn.Linear base in the adapter's dtype, no autocast); `can_fuse` says
+when, and `LoRALinear.forward` falls back to the plain path otherwise.
+
+The switch: `lora.set_fused(False)` turns it off everywhere (e.g. to profile or debug the plain
+path); `lora.fused_enabled()` reads it. It is on by default and used on CUDA only: on CPU the
+launches it saves cost nothing, so the plain path runs there unless `set_fused(True, cpu=True)`
+(which the tests use to compare the two).
+
+Numbers: in float32 equal to the plain path up to the order of float additions (~1e-6 relative);
+in bf16 within bf16 rounding, since y += s · h Bᵀ rounds once where the plain path rounds B A x to
+bf16 before adding it (tests/lora/test_fused_lora.py).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LoRALinearFunction", "can_fuse", "fused_enabled", "fused_lora_forward", "set_fused"]
+
+_FUSED = {"enabled": True, "cpu": False}
+
+
+def set_fused(enabled: bool = True, cpu: bool = False) -> None:
+    """Use the fused LoRA Function (default on, CUDA only); `cpu=True` also uses it on CPU (tests)."""
+    _FUSED["enabled"], _FUSED["cpu"] = bool(enabled), bool(cpu)
+
+
+def fused_enabled() -> bool:
+    """Whether LoRALinear may take the fused path (see `set_fused`)."""
+    return _FUSED["enabled"]
+
+
+def can_fuse(layer, x: torch.Tensor) -> bool:
+    """True when `fused_lora_forward(layer, x)` computes exactly what the plain forward would.
+
+    That is: the switch is on (and x is on CUDA, or CPU is allowed), gradients are being recorded
+    (inference gains nothing from it), one LoRA adapter runs (not DoRA, no dropout), the base is a
+    frozen nn.Linear, and x, W, A, B share one dtype with autocast off.
+    """
+    if not _FUSED["enabled"] or (x.device.type != "cuda" and not _FUSED["cpu"]):
+        return False
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    adapters = layer._adapters_to_run()
+    if len(adapters) != 1 or layer.use_dora[adapters[0]]:
+        return False
+    name = adapters[0]
+    base = layer.base_layer
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return False
+    if base.bias is not None and base.bias.requires_grad:
+        return False
+    if not isinstance(layer.lora_dropout[name], nn.Identity):
+        return False
+    dtype = x.dtype
+    return base.weight.dtype == dtype and layer.lora_A[name].dtype == dtype and layer.lora_B[name].dtype == dtype
+
+
+def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """LoRALinear's output through `LoRALinearFunction` (call only when `can_fuse(layer, x)`)."""
+    name = layer._adapters_to_run()[0]
+    base = layer.base_layer
+    return LoRALinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name], layer.lora_B[name],
+                                    float(layer.scaling[name]))
+
+
+def _mm_scaled(first: torch.Tensor, second: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · (first @ second) in one GEMM: addmm with beta = 0 ignores its input (a broadcast scalar)."""
+    nothing = first.new_empty(())  # [] broadcast to the output; never read with beta = 0 (no fill kernel)
+    return torch.addmm(nothing, first, second, beta=0, alpha=scale)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (x Aᵀ) Bᵀ, with gradients for x, A, B (not W, b).
+
+    Shapes: x (..., in), W [out, in], b [out] or None, A [r, in], B [out, r] -> y (..., out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias: Optional[torch.Tensor], lora_A, lora_B, scaling: float):
+        x_2d = x.reshape(-1, x.shape[-1])  # (N, in), a view for contiguous x
+        h = x_2d @ lora_A.t()  # (N, in) @ [in, r] -> (N, r)
+        if bias is not None:
+            y = torch.addmm(bias, x_2d, weight.t())  # b + x Wᵀ   (N, out)
+        else:
+            y = x_2d @ weight.t()  # (N, out)
+        y.addmm_(h, lora_B.t(), alpha=scaling)  # y += s · h Bᵀ, one GEMM with beta = 1
+        ctx.save_for_backward(x_2d, h, weight, lora_A, lora_B)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_2d, h, weight, lora_A, lora_B = ctx.saved_tensors
+        scaling = ctx.scaling
+        dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
+        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_x = grad_A = grad_B = None
+        if need_x or need_A:
+            g = _mm_scaled(dy, lora_B, scaling)  # s · dy B   (N, out) @ [out, r] -> (N, r)
+            if need_x:
+                grad_x = dy @ weight  # (N, out) @ [out, in] -> (N, in)
+                grad_x.addmm_(g, lora_A)  # += g A   (N, r) @ [r, in]
+                grad_x = grad_x.view(ctx.x_shape)
+            if need_A:
+                grad_A = g.t() @ x_2d  # [r, N] @ (N, in) -> [r, in]
+        if need_B:
+            grad_B = _mm_scaled(dy.t(), h, scaling)  # s · dyᵀ h   [out, N] @ (N, r) -> [out, r]
+        return grad_x, None, None, grad_A, grad_B, None
