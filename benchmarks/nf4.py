@@ -358,7 +358,7 @@ def main(config: BenchmarkConfig) -> dict:
 def compare_codes(ours, bnb_packed: torch.Tensor, weight: torch.Tensor) -> str:
     """"" when our 4-bit codes equal bitsandbytes', else a note saying how many differ and where.
 
-    On the CPU they are identical (tests/test_nf4_vs_bitsandbytes.py). bitsandbytes' CUDA kernel is
+    On the CPU they are identical (tests/quant/test_nf4_vs_bitsandbytes.py). bitsandbytes' CUDA kernel is
     built with fast math, so its reciprocal 1/absmax can be one ulp off the IEEE one: a value that lands
     exactly on a midpoint then rounds up instead of down (measured on an H200: 1 code in 16.8M for a
     4096x4096 float32 weight; bitsandbytes' own CPU path agrees with ours there). A difference anywhere

@@ -76,7 +76,7 @@ def dora_forward_fused(layer, adapter_name: str, x: torch.Tensor, result: torch.
     adds (m/n) ⊙ result in one pass over the (..., out) output. In eval, when no gradient is wanted,
     the three factors are cached (`dora_factors`, `DoRACache`), so a DoRA forward launches the same few
     kernels as a LoRA forward (measured: docs/benchmarks.md). Equal to the plain path up to rounding,
-    as the sums are ordered differently (tests/test_lora_layer_paths.py states the tolerance).
+    as the sums are ordered differently (tests/lora/test_lora_layer_paths.py states the tolerance).
     """
     lora_A = layer.lora_A[adapter_name]  # [r, in]
     magnitude_scale, scaled_B, bias_fix = dora_factors(layer, adapter_name, x.dtype)  # [out], [out, r], [out]

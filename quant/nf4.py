@@ -19,12 +19,12 @@ The file reads in two passes:
    `quantize_absmax_reference` / `dequantize_absmax_reference`, each a dozen lines straight from the
    definitions (docs/reference.md#nf4-quantize, #nf4-packing, #nf4-dequantize, #double-quantization).
 2. The same numbers, faster: `quantize_nf4`, `dequantize_nf4`, `quantize_absmax`, `dequantize_absmax`,
-   what `NF4Weight` and `Linear4bit` use. tests/test_nf4_fast_equals_reference.py checks that they
+   what `NF4Weight` and `Linear4bit` use. tests/quant/test_nf4_fast_equals_reference.py checks that they
    give the same bytes and the same dequantized tensors as the plain versions.
 
 The rules follow bitsandbytes 0.50 exactly, down to which blocks divide and which multiply by a
 reciprocal, so `packed` and `dequantize()` equal bitsandbytes' `quantize_4bit` /
-`dequantize_4bit(quant_type="nf4")` bit for bit (tests/test_nf4_vs_bitsandbytes.py); the few places
+`dequantize_4bit(quant_type="nf4")` bit for bit (tests/quant/test_nf4_vs_bitsandbytes.py); the few places
 where we differ are in docs/reference.md#where-we-differ.
 
 Speed (benchmarks/nf4.py, docs/benchmarks.md): the fast versions process big tensors in chunks of about

@@ -22,7 +22,7 @@ back. Everything else in `quant/` is bookkeeping around these two tables.
    3, "Double Quantization") stores the per-block scales of NF4 with this map.
 
 Both are rebuilt here from their definitions and tested equal, bit for bit, to the constants that
-bitsandbytes ships (see tests/test_nf4_code.py).
+bitsandbytes ships (see tests/quant/test_nf4_code.py).
 """
 
 import torch
