@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora.base_layer import _adapter_dtype, _device_of, base_weight, is_4bit_linear, is_linear_like
+from lora.base_layer import (_adapter_dtype, _device_of, base_weight, is_4bit_linear, is_linear_like,
+                              linear_features, write_base_weight)
 from lora.bookkeeping import LoRALayerBase
 from lora.dora import DoRACache, dora_forward, initial_magnitude
 from lora.dora import _usable_here  # noqa: F401  (importable from lora.layer, as before the split)
@@ -41,8 +42,10 @@ class LoRALinear(LoRALayerBase):
     """A frozen nn.Linear (or 4-bit linear) plus one or more LoRA / DoRA adapters.
 
     Args:
-        base_layer: the layer to adapt, kept frozen. nn.Linear, or a 4-bit layer with
-            `dequantize_weight()` (QLoRA). PiSSA / OLoRA inits rewrite its weight (see `add_adapter`).
+        base_layer: the layer to adapt, kept frozen. nn.Linear, a 4-bit layer with
+            `dequantize_weight()` (QLoRA), or transformers' GPT-2 `Conv1D` (weight stored `[in, out]`:
+            PEFT's fan_in_fan_out; the adapter is the same, only merging writes W^T back, through
+            `lora.base_layer.write_base_weight`). PiSSA / OLoRA inits rewrite its weight (see `add_adapter`).
         adapter_name: name of the first adapter.
         rank, alpha, dropout, use_rslora, use_dora, init: see `LoRAConfig`.
 
@@ -61,10 +64,10 @@ class LoRALinear(LoRALayerBase):
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", rank: int = 8, alpha: float = 8.0,
                  dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False, init: str = "kaiming"):
         if not is_linear_like(base_layer):
-            raise TypeError(f"LoRALinear wraps an nn.Linear or a 4-bit linear layer, got {type(base_layer).__name__}")
+            raise TypeError(f"LoRALinear wraps an nn.Linear, a 4-bit linear layer or a GPT-2 Conv1D, "
+                            f"got {type(base_layer).__name__}")
         super().__init__(base_layer)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)  # a Conv1D's weight is [in, out]
         self.dora_cache = DoRACache()  # DoRA's n and factors, kept between eval forwards (lora/dora.py)
         self._merge_norms: Dict[str, torch.Tensor] = {}  # DoRA: the n used at merge time, for unmerge
         self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, use_dora, init)
@@ -130,9 +133,8 @@ class LoRALinear(LoRALayerBase):
         if not adapter_names:
             return
         self._refuse_4bit("merge")
-        weight = self.base_layer.weight
         merged, norms = self.merged_weight(adapter_names, dtype=torch.float32)
-        weight.copy_(merged.to(weight.dtype))
+        write_base_weight(self.base_layer, merged)  # in the base's dtype (a Conv1D stores it transposed)
         self._merge_norms.update(norms)
         self.merged_adapters.extend(adapter_names)
         self.clear_caches()
@@ -143,8 +145,7 @@ class LoRALinear(LoRALayerBase):
         if not self.merged_adapters:
             return
         self._refuse_4bit("unmerge")
-        weight = self.base_layer.weight
-        weight.copy_(self._unmerged_weight(torch.float32).to(weight.dtype))
+        write_base_weight(self.base_layer, self._unmerged_weight(torch.float32))
         self._merge_norms.clear()
         self.merged_adapters = []
         self.clear_caches()
@@ -231,9 +232,8 @@ class LoRALinear(LoRALayerBase):
                 raise ValueError(f"init={init!r} rewrites the base weight, which a 4-bit base cannot store "
                                  f"without re-quantizing; use init='kaiming' or 'gaussian' for QLoRA")
             initialise = pissa_init if init == "pissa" else olora_init
-            lora_A, lora_B, residual = initialise(self.base_layer.weight, rank, scaling)
-            with torch.no_grad():
-                self.base_layer.weight.copy_(residual)  # subtle: the base layer now holds the residual, not W
+            lora_A, lora_B, residual = initialise(self._dense_weight(), rank, scaling)
+            write_base_weight(self.base_layer, residual)  # subtle: the base layer now holds the residual, not W
         self._register(adapter_name, rank, alpha, scaling, dropout, use_dora, lora_A, lora_B)
         if use_dora:
             self.lora_magnitude[adapter_name] = nn.Parameter(initial_magnitude(self, adapter_name))
