@@ -194,6 +194,7 @@ def test_a_reader_meets_the_lora_forward_early():
 
 
 ANCHORS = {"lora", "rslora", "initialisations", "dora", "several-adapters", "merging", "lora-on-embeddings",
+           "lora-on-convolutions",
            "lora-plus", "combining-adapters", "adapter-files-and-peft-key-names", "qlora", "where-we-differ"}
 
 
