@@ -428,15 +428,52 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 # ----- merging and unloading -------------------------------------------------------------------------------
+def _tied_targets(model: nn.Module) -> Dict[str, List[str]]:
+    """{LoRA layer: [other modules holding its base weight]} for the layers about to merge whose weight
+    is shared (tied): e.g. an output layer tied to the token embedding (`tie_word_embeddings`)."""
+    owners: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for name, layer in lora_layers(model):
+        weight = getattr(layer.base_layer, "weight", None)
+        if weight is None or not layer._unmerged_active(None):
+            continue
+        others = [owner for owner in owners.get(id(weight), []) if owner != name + ".base_layer"]
+        if others:
+            tied[name] = others
+    return tied
+
+
+def _warn_tied_targets(model: nn.Module) -> None:
+    """Warn, as PEFT does when merging, that a merge into a tied weight changes every module sharing it.
+
+    PEFT 0.21 (`BaseTuner._check_merge_allowed`) warns when the config has `tie_word_embeddings` and a
+    target is named `embed_tokens` or `lm_head`; here the condition is the tie itself: the same weight
+    Parameter held by another module."""
+    tied = _tied_targets(model)
+    if tied:
+        pairs = ", ".join(f"{name!r} (shared with {others})" for name, others in tied.items())
+        warnings.warn(f"The adapter targets tied weights: {pairs}. This can lead to complications: merging "
+                      f"writes the update into the shared weight, so every module holding it changes, not "
+                      f"only the adapted one (an input embedding tied to the output layer then looks up "
+                      f"adapted rows too). You can opt to merge the adapter after cloning the weight (to "
+                      f"untie it), or keep the adapter unmerged.", UserWarning, stacklevel=3)
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the base weights in place (repeat-safe: merged ones are skipped).
 
     Refused on 4-bit bases (see merge_and_unload). The model then runs at the base model's speed.
+    Warns when a merged weight is tied to another module (`_warn_tied_targets`), as PEFT does.
     """
     layers = [layer for _, layer in lora_layers(model)]
     for name, layer in lora_layers(model):
         if isinstance(layer, LoRALinear) and layer.is_4bit and layer._unmerged_active(None):
             layer._refuse_4bit(f"merge {name!r}")  # checked for all layers before any is touched
+    _warn_tied_targets(model)
     for layer in layers:
         layer.merge()
     return model
@@ -469,6 +506,7 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by a plain layer; no adapter parameters remain.
 
     A modules_to_save module becomes the active adapter's trained copy, as in PEFT.
+    Warns when a merged weight is tied to another module (`_warn_tied_targets`), as PEFT does.
 
     An nn.Linear base keeps its dtype. A 4-bit base becomes a full-precision nn.Linear holding
     dequantize(W) + update, computed in float32 and stored in the dtype the weight had before it was
@@ -482,6 +520,7 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     every 4-bit layer stays 4-bit. (PEFT differs: its merge into a bitsandbytes 4-bit base always
     re-quantizes, so the whole model stays 4-bit.)
     """
+    _warn_tied_targets(model)
     _replace_wrappers(model, merge_first=True, requantize=requantize)
     if not requantize and any(is_4bit_linear(module) for module in model.modules()):
         from quant import dequantize_model  # only a model that has 4-bit layers needs quant/

@@ -170,3 +170,47 @@ def test_gpt2_adapter_saves_and_loads(tmp_path):
     idx = inputs(ours)
     with torch.no_grad():
         assert torch.equal(fresh(idx).logits, ours(idx).logits)
+
+
+@pytest.mark.parametrize("target, tied_with", [(["lm_head"], "transformer.wte"), (["wte"], "lm_head")])
+def test_merging_a_tied_weight_warns(target, tied_with):
+    model = lora.apply_lora(base_model("gpt2"), lora.LoRAConfig(r=4, alpha=8, target_modules=target))
+    with pytest.warns(UserWarning, match=rf"tied weights: .*shared with \['{tied_with}'\]"):
+        lora.merge(model)
+    lora.unmerge(model)
+    with pytest.warns(UserWarning, match="tied weights"):
+        lora.merge_and_unload(model)
+
+
+def test_merging_untied_weights_does_not_warn():
+    model = lora.apply_lora(base_model("gpt2"), lora.LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora.merge_and_unload(model)
+
+
+def test_vit_matches_peft():
+    """ViT: no output embedding, so "all-linear" takes the classifier too, as PEFT's does."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, num_labels=5, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    base = transformers.ViTForImageClassification(config).eval()
+    ours = lora.apply_lora(copy.deepcopy(base), lora.LoRAConfig(r=4, alpha=8, target_modules="all-linear",
+                                                                  use_dora=True))
+    randomize_B(ours)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       use_dora=True))
+    peft.set_peft_model_state_dict(theirs, lora.to_peft_state_dict(lora.adapter_state_dict(ours)))
+    assert sorted(path for path, _ in lora.lora_layers(ours)) == sorted(theirs.targeted_module_names)
+    pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours_logits, their_logits = ours(pixels).logits, theirs(pixels).logits
+    assert (ours_logits - their_logits).abs().max() <= TOL
+    ours_logits.square().mean().backward()
+    their_logits.square().mean().backward()
+    ours_grads = lora.from_peft_state_dict(lora.to_peft_state_dict(adapter_grads(ours)))
+    their_grads = lora.from_peft_state_dict(adapter_grads(theirs))
+    assert ours_grads.keys() == their_grads.keys()
+    for key in ours_grads:
+        assert (ours_grads[key] - their_grads[key]).abs().max() <= TOL, key
+    with torch.no_grad():
+        assert (lora.merge_and_unload(ours)(pixels).logits - theirs.merge_and_unload()(pixels).logits).abs().max() <= TOL
