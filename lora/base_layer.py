@@ -79,8 +79,7 @@ def _adapter_dtype(layer: nn.Module) -> torch.dtype:
     compute dtype, so a bf16-compute 4-bit base gets bf16 adapters; with no compute dtype, float32.
     subtle: PEFT differs by default (docs/reference.md#where-we-differ):
     `get_peft_model(..., autocast_adapter_dtype=True)` upcasts bf16/fp16 adapters to float32. To train
-    that way here, cast them after apply_lora:
-    `for n, p in model.named_parameters(): p.data = p.data.float() if "lora_" in n else p.data`.
+    that way here, use `LoRAConfig(..., autocast_adapter_dtype=True)` (lora/model.py `_upcast_adapter`).
     """
     if is_4bit_linear(layer):
         return getattr(layer, "compute_dtype", None) or torch.float32

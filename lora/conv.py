@@ -88,7 +88,8 @@ class LoRAConv(LoRALayerBase):
             x_lora = x.to(self.lora_A[adapter_name].dtype)  # the branch runs in the adapter's dtype
             if not self.use_dora[adapter_name]:
                 lora_out = self.lora_branch(adapter_name, dropout(x_lora))  # B(A(x))   (N, out, *spatial')
-                result = result + (lora_out * scaling).to(result.dtype)  # as PEFT: result + B(A(x)) · s
+                # as PEFT: result + B(A(x)) · s, taken in the wider dtype and rounded once to the base's
+                result = (result + lora_out * scaling).to(result.dtype)
             else:
                 result = self._dora_forward(adapter_name, x_lora, result)
         return result
@@ -112,7 +113,7 @@ class LoRAConv(LoRALayerBase):
             base_out = result if base.bias is None else result - base.bias.view(bias_shape)  # result - b
         lora_out = self.lora_branch(adapter_name, x) * self.scaling[adapter_name]  # s · B(A(x))
         update = (magnitude_scale - 1) * base_out + magnitude_scale * lora_out
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)  # promoted to the wider dtype, rounded once
 
     # ----- merging (docs/reference.md#lora-on-convolutions) ----------------------------------------------
     def lora_delta(self, adapter_name: str) -> torch.Tensor:

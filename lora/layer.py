@@ -216,7 +216,7 @@ class LoRALinear(LoRALayerBase):
         use_dora adds the magnitude m = ||W + s·B·A||_row (lora/dora.py). The parameters get the base
         weight's dtype, or a 4-bit base's compute dtype; PEFT's default `autocast_adapter_dtype` would
         upcast bf16 adapters to float32, a deliberate difference (`lora.base_layer._adapter_dtype`,
-        docs/reference.md#where-we-differ).
+        docs/reference.md#where-we-differ); `LoRAConfig(autocast_adapter_dtype=True)` does what PEFT does.
         """
         self._check_new_adapter(adapter_name, rank, alpha, min(self.in_features, self.out_features), init)
         if self.merged_adapters:
@@ -265,7 +265,12 @@ class LoRALinear(LoRALayerBase):
 
 
 def _add_scaled(result: torch.Tensor, lora_out: torch.Tensor, scaling: float) -> torch.Tensor:
-    """result + s · lora_out, in result's dtype (`torch.add(..., alpha=s)`: one pass, no s · lora_out temporary)."""
+    """result + s · lora_out, in result's dtype (`torch.add(..., alpha=s)`: one pass, no s · lora_out temporary).
+
+    Adapters in another dtype than the base's output (float32 adapters on a bf16 base,
+    `LoRAConfig.autocast_adapter_dtype`): the sum is taken in the wider dtype and rounded once to
+    result's dtype, as PEFT's `result + lora_B(lora_A(x)) * scaling` is promoted.
+    """
     if lora_out.dtype == result.dtype:
         return torch.add(result, lora_out, alpha=scaling)
-    return result + (lora_out * scaling).to(result.dtype)  # adapters cast to another dtype than the base's output
+    return (result + lora_out * scaling).to(result.dtype)  # promoted to the wider dtype, rounded once

@@ -273,6 +273,8 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
             wrapper = _wrapper_class(module)(module, adapter_name=adapter_name, **options)
             wrapper.train(module.training)
             _set_submodule(model, name, wrapper)
+        if config.autocast_adapter_dtype:
+            _upcast_adapter(model.get_submodule(name), adapter_name)
         model.get_submodule(name).set_adapter(model.active_lora_adapters)
     for name in saved:
         module = model.get_submodule(name)
@@ -285,6 +287,16 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
         module.set_adapter(model.active_lora_adapters)
     configs[adapter_name] = config
     return model
+
+
+def _upcast_adapter(layer: LoRALayerBase, adapter_name: str) -> None:
+    """LoRAConfig.autocast_adapter_dtype: a float16 / bfloat16 adapter's A, B (and m) become float32, as
+    PEFT's `cast_adapter_dtype` does after creating them. The forward then runs the branch in float32
+    and adds it to the base output in float32, rounding once (`lora.layer._add_scaled`)."""
+    for container in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+        if adapter_name in container and container[adapter_name].dtype in (torch.float16, torch.bfloat16):
+            container[adapter_name] = nn.Parameter(container[adapter_name].detach().to(torch.float32))
+    layer.clear_caches()
 
 
 def _wrapper_class(module: nn.Module) -> type:
