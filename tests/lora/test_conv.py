@@ -193,3 +193,33 @@ def test_rank_is_checked_against_the_flattened_kernel():
     lora.apply_lora(copy.deepcopy(model), lora.LoRAConfig(r=9, target_modules=["0"]))
     with pytest.raises(ValueError, match="r=10"):
         lora.apply_lora(model, lora.LoRAConfig(r=10, target_modules=["0"]))
+
+
+def test_dropout_in_training_matches_peft_with_the_same_seed():
+    base, x = build("conv2d")
+    for use_dora in (False, True):
+        config = dict(r=4, target_modules=TARGETS["conv2d"], use_dora=use_dora)
+        ours = lora.apply_lora(copy.deepcopy(base), lora.LoRAConfig(alpha=8, dropout=0.3, **config))
+        randomize_B(ours)
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(lora_alpha=8, lora_dropout=0.3, **config))
+        peft.set_peft_model_state_dict(theirs, lora.to_peft_state_dict(lora.adapter_state_dict(ours)))
+        ours.train(), theirs.train()
+        torch.manual_seed(5)
+        ours_out = ours(x)
+        torch.manual_seed(5)
+        assert (ours_out - theirs(x)).abs().max() <= TOL
+
+
+def test_combine_adapters_refuses_convolutions():
+    model = lora.apply_lora(build("conv2d")[0], lora.LoRAConfig(r=2, target_modules=["conv1"]))
+    with pytest.raises(ValueError, match="'conv1' is a convolution"):
+        lora.combine_adapters(model, ["default"], [1.0])
+
+
+def test_a_class_named_conv1d_without_the_gpt2_layout_is_not_taken_for_one():
+    class Conv1D(nn.Linear):  # an nn.Linear named Conv1D: no `nf`, weight [out, in]
+        pass
+
+    model = lora.apply_lora(nn.Sequential(Conv1D(6, 4)), lora.LoRAConfig(r=2, target_modules=["0"]))
+    assert model[0].lora_A["default"].shape == (2, 6)  # treated as the nn.Linear it is
+    assert not lora.base_layer.is_fan_in_fan_out(model[0].base_layer)
