@@ -223,3 +223,17 @@ def test_a_class_named_conv1d_without_the_gpt2_layout_is_not_taken_for_one():
     model = lora.apply_lora(nn.Sequential(Conv1D(6, 4)), lora.LoRAConfig(r=2, target_modules=["0"]))
     assert model[0].lora_A["default"].shape == (2, 6)  # treated as the nn.Linear it is
     assert not lora.base_layer.is_fan_in_fan_out(model[0].base_layer)
+
+
+def test_a_training_step_changes_only_the_adapters():
+    base, x = build("conv2d")
+    model = lora.apply_lora(copy.deepcopy(base), lora.LoRAConfig(r=4, target_modules=TARGETS["conv2d"],
+                                                                   use_dora=True))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(x).square().mean().backward()
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(parameter, before[name])
+        assert changed == (".lora_B." in name or ".lora_magnitude." in name), name  # B = 0: A gets no gradient yet
