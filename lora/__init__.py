@@ -20,7 +20,8 @@ After (LoRA: the model is frozen, small adapters A, B train next to q_proj and v
 Files, in reading order: config.py (LoRAConfig), layer.py (LoRALinear: the LoRA forward, merge),
 dora.py (DoRA: the formula, then the fast path and its cache), inits.py (kaiming, gaussian, PiSSA,
 OLoRA), bookkeeping.py (LoRALayerBase: named adapters), base_layer.py (nn.Linear or 4-bit base),
-embedding.py (LoRAEmbedding), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
+embedding.py (LoRAEmbedding), conv.py (LoRAConv: nn.Conv1d/2d/3d; GPT-2's Conv1D is a LoRALinear,
+base_layer.py), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
 one copy per adapter), model.py (apply_lora, target matching, adapters on a model),
 combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+),
 fused.py (the same LoRA training forward/backward in fewer GPU kernels; `lora.set_fused(False)` turns it off).
@@ -28,6 +29,7 @@ fused.py (the same LoRA training forward/backward in fewer GPU kernels; `lora.se
 
 from lora.combine import combine_adapters
 from lora.config import LoRAConfig
+from lora.conv import LoRAConv
 from lora.embedding import LoRAEmbedding
 from lora.fused import fused_enabled, set_fused
 from lora.io import (adapter_state_dict, check_adapter_fits, check_base_fingerprint, from_peft_state_dict,
@@ -41,7 +43,7 @@ from lora.model import (add_adapter, apply_lora, count_parameters, delete_adapte
                         set_adapter, set_adapter_scale, unload, unmerge)
 
 __all__ = [
-    "LoRAConfig", "LoRALinear", "LoRAEmbedding", "ModulesToSaveWrapper", "base_weight",
+    "LoRAConfig", "LoRALinear", "LoRAEmbedding", "LoRAConv", "ModulesToSaveWrapper", "base_weight",
     "apply_lora", "add_adapter", "set_adapter", "disable_adapters", "set_adapter_scale", "delete_adapter",
     "combine_adapters", "merge", "unmerge", "merge_and_unload", "unload",
     "print_trainable_parameters", "count_parameters", "find_targets", "lora_layers", "mark_only_lora_as_trainable",

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from lora.config import LoRAConfig
+from lora.conv import LoRAConv
 from lora.model import _existing_configs, check_layer_can_take, lora_layers
 
 METHODS = ("cat", "svd", "linear")
@@ -80,6 +81,9 @@ def combine_adapters(model: nn.Module, adapter_names: Sequence[str], weights: Se
     layers = [(path, layer) for path, layer in lora_layers(model) if any(name in layer.lora_A for name in names)]
     plans = []
     for path, layer in layers:
+        if isinstance(layer, LoRAConv):  # A [r, in, *k], B [out, r/g, 1...]: the formulas below are for matrices
+            raise ValueError(f"{path!r} is a convolution; combine_adapters handles Linear and Embedding layers "
+                             f"only (PEFT's add_weighted_adapter reshapes conv factors; not done here)")
         missing = [name for name in names if name not in layer.lora_A]
         if missing:
             raise ValueError(f"{path!r} has no adapter {missing[0]!r}; only adapters on the same modules combine")

@@ -36,6 +36,10 @@ class LoRAConfig:
     modules_to_save: Tuple[str, ...] = ()  # modules trained fully and stored with the adapter (e.g. lm_head)
     rank_pattern: Dict[str, int] = field(default_factory=dict)  # per-module rank overrides {name: r}
     alpha_pattern: Dict[str, float] = field(default_factory=dict)  # per-module alpha overrides {name: alpha}
+    # on a bf16 / fp16 base: True keeps A, B, m in float32 and adds the LoRA output in float32 before one
+    # rounding, as PEFT's get_peft_model(autocast_adapter_dtype=True), its default; False (ours): the
+    # adapters take the base's dtype (docs/reference.md#qlora, docs/reference.md#where-we-differ)
+    autocast_adapter_dtype: bool = False
 
     def __post_init__(self):
         # subtle: lists are accepted for convenience but stored as tuples so the config stays immutable
@@ -51,7 +55,7 @@ class LoRAConfig:
             check_alpha(alpha, f"LoRAConfig.alpha_pattern[{name!r}]")
         if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        for flag in ("use_dora", "use_rslora"):
+        for flag in ("use_dora", "use_rslora", "autocast_adapter_dtype"):
             # subtle: a hand-edited JSON "false" is a non-empty string, which Python would treat as True
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LoRAConfig.{flag} must be True or False, got {getattr(self, flag)!r} "
@@ -69,7 +73,7 @@ class LoRAConfig:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": target,
                 "use_dora": self.use_dora, "use_rslora": self.use_rslora, "init": self.init,
                 "modules_to_save": list(self.modules_to_save), "rank_pattern": dict(self.rank_pattern),
-                "alpha_pattern": dict(self.alpha_pattern)}
+                "alpha_pattern": dict(self.alpha_pattern), "autocast_adapter_dtype": self.autocast_adapter_dtype}
 
 
 def _target_modules(target) -> Union[str, Tuple[str, ...]]:

@@ -61,7 +61,7 @@ def dora_forward_plain(layer, adapter_name: str, x: torch.Tensor, result: torch.
     scaled_B = (magnitude_scale * scaling)[:, None] * lora_B  # diag(m/n · s) B: row i times (m/n)_i · s
     lora_out = F.linear(F.linear(x_dropped, lora_A), scaled_B)  # (m/n) · s · B A x_d   (..., r) -> (..., out)
     update = torch.addcmul(lora_out, magnitude_scale - 1, weight_x)  # ... + (m/n - 1) · W x_d   (..., out)
-    return result + update.to(result.dtype)
+    return (result + update).to(result.dtype)  # float32 adapters on a bf16 base: added in float32, rounded once
 
 
 def dora_forward_fused(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

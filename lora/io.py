@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from lora.config import LoRAConfig
-from lora.model import (_compile_patterns, _existing_configs, _modules_to_save, _pattern_value, add_adapter, find_targets, lora_layers,
-                        saved_modules, set_adapter)
+from lora.model import (_compile_patterns, _existing_configs, _modules_to_save, _pattern_value, adapter_shapes,
+                        add_adapter, find_targets, lora_layers, saved_modules, set_adapter)
 from lora.modules_to_save import ModulesToSaveWrapper
 from runtime.atomic import MARKER, atomic_directory  # the same atomic write as checkpoints
 from runtime.files import read_json_file
@@ -230,14 +230,8 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig) -> Dict[str, torch.Si
     for path in find_targets(model, config):
         module = model.get_submodule(path)
         rank = _pattern_value(path, rank_pattern, config.r)
-        if isinstance(module, nn.Embedding):
-            size_in, size_out = module.num_embeddings, module.embedding_dim  # A [r, vocab], B [dim, r]
-        else:  # nn.Linear, 4-bit linear, or a LoRA wrapper (LoRAEmbedding: in = vocab, out = dim)
-            size_in, size_out = module.in_features, module.out_features
-        expected[f"{path}.lora_A"] = torch.Size((rank, size_in))
-        expected[f"{path}.lora_B"] = torch.Size((size_out, rank))
-        if config.use_dora:
-            expected[f"{path}.lora_magnitude"] = torch.Size((size_out,))
+        for kind, shape in adapter_shapes(module, rank, config.use_dora).items():  # lora_A, lora_B (, magnitude)
+            expected[f"{path}.{kind}"] = shape
     for module_name in _modules_to_save(model, config):
         module = model.get_submodule(module_name)
         if isinstance(module, ModulesToSaveWrapper):  # already saved by another adapter: shapes of the original

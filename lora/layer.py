@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora.base_layer import _adapter_dtype, _device_of, base_weight, is_4bit_linear, is_linear_like
+from lora.base_layer import (_adapter_dtype, _device_of, base_weight, is_4bit_linear, is_linear_like,
+                              linear_features, write_base_weight)
 from lora.bookkeeping import LoRALayerBase
 from lora.dora import DoRACache, dora_forward, initial_magnitude
 from lora.fused import can_fuse, fused_lora_forward
@@ -42,8 +43,10 @@ class LoRALinear(LoRALayerBase):
     """A frozen nn.Linear (or 4-bit linear) plus one or more LoRA / DoRA adapters.
 
     Args:
-        base_layer: the layer to adapt, kept frozen. nn.Linear, or a 4-bit layer with
-            `dequantize_weight()` (QLoRA). PiSSA / OLoRA inits rewrite its weight (see `add_adapter`).
+        base_layer: the layer to adapt, kept frozen. nn.Linear, a 4-bit layer with
+            `dequantize_weight()` (QLoRA), or transformers' GPT-2 `Conv1D` (weight stored `[in, out]`:
+            PEFT's fan_in_fan_out; the adapter is the same, only merging writes W^T back, through
+            `lora.base_layer.write_base_weight`). PiSSA / OLoRA inits rewrite its weight (see `add_adapter`).
         adapter_name: name of the first adapter.
         rank, alpha, dropout, use_rslora, use_dora, init: see `LoRAConfig`.
 
@@ -62,10 +65,10 @@ class LoRALinear(LoRALayerBase):
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", rank: int = 8, alpha: float = 8.0,
                  dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False, init: str = "kaiming"):
         if not is_linear_like(base_layer):
-            raise TypeError(f"LoRALinear wraps an nn.Linear or a 4-bit linear layer, got {type(base_layer).__name__}")
+            raise TypeError(f"LoRALinear wraps an nn.Linear, a 4-bit linear layer or a GPT-2 Conv1D, "
+                            f"got {type(base_layer).__name__}")
         super().__init__(base_layer)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)  # a Conv1D's weight is [in, out]
         self.dora_cache = DoRACache()  # DoRA's n and factors, kept between eval forwards (lora/dora.py)
         self._merge_norms: Dict[str, torch.Tensor] = {}  # DoRA: the n used at merge time, for unmerge
         self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, use_dora, init)
@@ -133,9 +136,8 @@ class LoRALinear(LoRALayerBase):
         if not adapter_names:
             return
         self._refuse_4bit("merge")
-        weight = self.base_layer.weight
         merged, norms = self.merged_weight(adapter_names, dtype=torch.float32)
-        weight.copy_(merged.to(weight.dtype))
+        write_base_weight(self.base_layer, merged)  # in the base's dtype (a Conv1D stores it transposed)
         self._merge_norms.update(norms)
         self.merged_adapters.extend(adapter_names)
         self.clear_caches()
@@ -146,8 +148,7 @@ class LoRALinear(LoRALayerBase):
         if not self.merged_adapters:
             return
         self._refuse_4bit("unmerge")
-        weight = self.base_layer.weight
-        weight.copy_(self._unmerged_weight(torch.float32).to(weight.dtype))
+        write_base_weight(self.base_layer, self._unmerged_weight(torch.float32))
         self._merge_norms.clear()
         self.merged_adapters = []
         self.clear_caches()
@@ -218,7 +219,7 @@ class LoRALinear(LoRALayerBase):
         use_dora adds the magnitude m = ||W + s·B·A||_row (lora/dora.py). The parameters get the base
         weight's dtype, or a 4-bit base's compute dtype; PEFT's default `autocast_adapter_dtype` would
         upcast bf16 adapters to float32, a deliberate difference (`lora.base_layer._adapter_dtype`,
-        docs/reference.md#where-we-differ).
+        docs/reference.md#where-we-differ); `LoRAConfig(autocast_adapter_dtype=True)` does what PEFT does.
         """
         self._check_new_adapter(adapter_name, rank, alpha, min(self.in_features, self.out_features), init)
         if self.merged_adapters:
@@ -234,9 +235,8 @@ class LoRALinear(LoRALayerBase):
                 raise ValueError(f"init={init!r} rewrites the base weight, which a 4-bit base cannot store "
                                  f"without re-quantizing; use init='kaiming' or 'gaussian' for QLoRA")
             initialise = pissa_init if init == "pissa" else olora_init
-            lora_A, lora_B, residual = initialise(self.base_layer.weight, rank, scaling)
-            with torch.no_grad():
-                self.base_layer.weight.copy_(residual)  # subtle: the base layer now holds the residual, not W
+            lora_A, lora_B, residual = initialise(self._dense_weight(), rank, scaling)
+            write_base_weight(self.base_layer, residual)  # subtle: the base layer now holds the residual, not W
         self._register(adapter_name, rank, alpha, scaling, dropout, use_dora, lora_A, lora_B)
         if use_dora:
             self.lora_magnitude[adapter_name] = nn.Parameter(initial_magnitude(self, adapter_name))
@@ -268,7 +268,12 @@ class LoRALinear(LoRALayerBase):
 
 
 def _add_scaled(result: torch.Tensor, lora_out: torch.Tensor, scaling: float) -> torch.Tensor:
-    """result + s · lora_out, in result's dtype (`torch.add(..., alpha=s)`: one pass, no s · lora_out temporary)."""
+    """result + s · lora_out, in result's dtype (`torch.add(..., alpha=s)`: one pass, no s · lora_out temporary).
+
+    Adapters in another dtype than the base's output (float32 adapters on a bf16 base,
+    `LoRAConfig.autocast_adapter_dtype`): the sum is taken in the wider dtype and rounded once to
+    result's dtype, as PEFT's `result + lora_B(lora_A(x)) * scaling` is promoted.
+    """
     if lora_out.dtype == result.dtype:
         return torch.add(result, lora_out, alpha=scaling)
-    return result + (lora_out * scaling).to(result.dtype)  # adapters cast to another dtype than the base's output
+    return (result + lora_out * scaling).to(result.dtype)  # promoted to the wider dtype, rounded once

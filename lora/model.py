@@ -7,7 +7,11 @@
 Target matching (`LoRAConfig.target_modules`), as in PEFT:
     ["q_proj", "attn.v_proj"]  a module matches if its name is one of these or ends with "." + one
     "blocks\\.0\\..*_proj"       a single string is a regex that must match the whole module name
-    "all-linear"               every Linear (4-bit ones included) except the output layer `lm_head`
+    "all-linear"               every Linear (4-bit ones and GPT-2 Conv1D included) except the output layer:
+                               the model's `get_output_embeddings()` where it has one, else modules named `lm_head`
+
+Targets can be nn.Linear, 4-bit linear and GPT-2 Conv1D layers (LoRALinear), nn.Embedding
+(LoRAEmbedding) and nn.Conv1d / Conv2d / Conv3d (LoRAConv, lora/conv.py).
 
 The model keeps a little bookkeeping next to its modules: `model.lora_configs` ({adapter name:
 LoRAConfig}) and `model.active_lora_adapters` (the adapters that run). Every function here works on
@@ -20,11 +24,14 @@ import re
 import warnings
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
 from lora.config import LoRAConfig
+from lora.conv import CONV_TYPES, LoRAConv, check_conv, check_conv_rank, conv_adapter_shapes, max_conv_rank
 from lora.embedding import LoRAEmbedding
 from lora.layer import LoRALayerBase, LoRALinear, is_4bit_linear, is_linear_like
+from lora.base_layer import linear_features
 from lora.modules_to_save import ModulesToSaveWrapper
 
 OUTPUT_LAYER_NAMES = ("lm_head",)  # "all-linear" leaves these out, as PEFT leaves out the output embedding
@@ -61,7 +68,17 @@ def _candidate_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
 
 
 def _is_target_type(module: nn.Module) -> bool:
-    return isinstance(module, (LoRALayerBase, nn.Embedding)) or is_linear_like(module)
+    return isinstance(module, (LoRALayerBase, nn.Embedding) + CONV_TYPES) or is_linear_like(module)
+
+
+def _output_layer_names(model: nn.Module) -> List[str]:
+    """The output layer "all-linear" leaves out, as PEFT: the module `model.get_output_embeddings()`
+    returns (a transformers model: lm_head, BERT's cls.predictions.decoder, ...), else every `lm_head`."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if isinstance(output, nn.Module):
+        return [name for name, module in model.named_modules() if module is output]
+    return [name for name, _ in model.named_modules() if name.split(".")[-1] in OUTPUT_LAYER_NAMES]
 
 
 def _is_linear_target(module: nn.Module) -> bool:
@@ -77,11 +94,12 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
     target = config.target_modules
     target_regex = re.compile(target) if isinstance(target, str) and target != "all-linear" else None  # once
     found = []
+    output_layers = _output_layer_names(model) if target == "all-linear" else []
     for name, module in _candidate_modules(model):
         if not name:
             continue
         if target == "all-linear":
-            selected = _is_linear_target(module) and name.split(".")[-1] not in OUTPUT_LAYER_NAMES
+            selected = _is_linear_target(module) and name not in output_layers
         elif isinstance(target, str):
             selected = target_regex.fullmatch(name) is not None
         else:
@@ -92,7 +110,8 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
             if isinstance(target, str):  # a regex may well match containers too; only leaves count
                 continue
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear, 4-bit "
-                             f"linear and nn.Embedding layers. Name the layers inside it instead")
+                             f"linear, GPT-2 Conv1D, nn.Conv1d/2d/3d and nn.Embedding layers. Name the layers "
+                             f"inside it instead")
         found.append(name)
     if not found:
         raise ValueError(_no_match_message(model, target))
@@ -200,10 +219,17 @@ def _existing_configs(model: nn.Module) -> Dict[str, LoRAConfig]:
 def check_layer_can_take(name: str, module: nn.Module, adapter_name: str, rank: int, config: LoRAConfig) -> None:
     """Raise if `module` (a target, wrapped or not) cannot get adapter `adapter_name`: every check that the
     layer's own add_adapter makes, so that callers can run them on all layers before changing any."""
-    if isinstance(module, nn.Embedding):
+    conv = module.base_layer if isinstance(module, LoRAConv) else module
+    if isinstance(conv, CONV_TYPES):
+        check_conv(conv)
+        size = (max_conv_rank(conv),)  # ΔW is [out, in · prod(kernel)]
+        check_conv_rank(conv, rank, config.use_dora, repr(name))
+    elif isinstance(module, nn.Embedding):
         size = (module.num_embeddings, module.embedding_dim)
-    else:  # nn.Linear, a 4-bit linear, or a LoRA wrapper getting one more adapter
+    elif isinstance(module, LoRALayerBase):  # a LoRA wrapper getting one more adapter
         size = (module.in_features, module.out_features)
+    else:  # nn.Linear, a 4-bit linear, a GPT-2 Conv1D
+        size = linear_features(module)
     if rank > min(size):
         raise ValueError(f"r={rank} for {name!r} is larger than min(in, out) = {min(size)} of that layer "
                          f"{size}; use r <= {min(size)} (or a rank_pattern entry for it)")
@@ -217,8 +243,8 @@ def check_layer_can_take(name: str, module: nn.Module, adapter_name: str, rank: 
     if embedding and config.use_dora:
         raise ValueError(f"DoRA is not supported on the embedding {name!r}; leave it out of target_modules")
     four_bit = is_4bit_linear(module) or (isinstance(module, LoRALinear) and module.is_4bit)
-    if config.init in ("pissa", "olora") and (four_bit or embedding):
-        kind = "4-bit layer" if four_bit else "embedding"
+    if config.init in ("pissa", "olora") and (four_bit or embedding or isinstance(conv, CONV_TYPES)):
+        kind = "4-bit layer" if four_bit else "embedding" if embedding else "convolution"
         raise ValueError(f"init={config.init!r} rewrites the base weight from its SVD / QR, which the {kind} "
                          f"{name!r} cannot take; use init='kaiming' or 'gaussian'")
 
@@ -253,10 +279,11 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
         if isinstance(module, LoRALayerBase):
             module.add_adapter(adapter_name, **options)
         else:
-            wrapper_class = LoRAEmbedding if isinstance(module, nn.Embedding) else LoRALinear
-            wrapper = wrapper_class(module, adapter_name=adapter_name, **options)
+            wrapper = _wrapper_class(module)(module, adapter_name=adapter_name, **options)
             wrapper.train(module.training)
             _set_submodule(model, name, wrapper)
+        if config.autocast_adapter_dtype:
+            _upcast_adapter(model.get_submodule(name), adapter_name)
         model.get_submodule(name).set_adapter(model.active_lora_adapters)
     for name in saved:
         module = model.get_submodule(name)
@@ -269,6 +296,39 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
         module.set_adapter(model.active_lora_adapters)
     configs[adapter_name] = config
     return model
+
+
+def _upcast_adapter(layer: LoRALayerBase, adapter_name: str) -> None:
+    """LoRAConfig.autocast_adapter_dtype: a float16 / bfloat16 adapter's A, B (and m) become float32, as
+    PEFT's `cast_adapter_dtype` does after creating them. The forward then runs the branch in float32
+    and adds it to the base output in float32, rounding once (`lora.layer._add_scaled`)."""
+    for container in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+        if adapter_name in container and container[adapter_name].dtype in (torch.float16, torch.bfloat16):
+            container[adapter_name] = nn.Parameter(container[adapter_name].detach().to(torch.float32))
+    layer.clear_caches()
+
+
+def _wrapper_class(module: nn.Module) -> type:
+    """The LoRA wrapper for a target: LoRAEmbedding, LoRAConv, or LoRALinear (nn.Linear, 4-bit, Conv1D)."""
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbedding
+    return LoRAConv if isinstance(module, CONV_TYPES) else LoRALinear
+
+
+def adapter_shapes(module: nn.Module, rank: int, use_dora: bool) -> Dict[str, torch.Size]:
+    """{"lora_A": shape, "lora_B": shape(, "lora_magnitude": shape)} an adapter of rank `rank` has on a
+    target (wrapped or not): what an adapter file must hold for it (lora/io.py)."""
+    base = module.base_layer if isinstance(module, LoRALayerBase) else module
+    if isinstance(base, CONV_TYPES):
+        return conv_adapter_shapes(base, rank, use_dora)
+    if isinstance(base, nn.Embedding):
+        size_in, size_out = base.num_embeddings, base.embedding_dim  # A [r, vocab], B [dim, r]
+    else:  # nn.Linear, 4-bit linear, GPT-2 Conv1D
+        size_in, size_out = linear_features(base)
+    shapes = {"lora_A": torch.Size((rank, size_in)), "lora_B": torch.Size((size_out, rank))}
+    if use_dora:
+        shapes["lora_magnitude"] = torch.Size((size_out,))
+    return shapes
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
@@ -389,15 +449,52 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 # ----- merging and unloading -------------------------------------------------------------------------------
+def _tied_targets(model: nn.Module) -> Dict[str, List[str]]:
+    """{LoRA layer: [other modules holding its base weight]} for the layers about to merge whose weight
+    is shared (tied): e.g. an output layer tied to the token embedding (`tie_word_embeddings`)."""
+    owners: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for name, layer in lora_layers(model):
+        weight = getattr(layer.base_layer, "weight", None)
+        if weight is None or not layer._unmerged_active(None):
+            continue
+        others = [owner for owner in owners.get(id(weight), []) if owner != name + ".base_layer"]
+        if others:
+            tied[name] = others
+    return tied
+
+
+def _warn_tied_targets(model: nn.Module) -> None:
+    """Warn, as PEFT does when merging, that a merge into a tied weight changes every module sharing it.
+
+    PEFT 0.21 (`BaseTuner._check_merge_allowed`) warns when the config has `tie_word_embeddings` and a
+    target is named `embed_tokens` or `lm_head`; here the condition is the tie itself: the same weight
+    Parameter held by another module."""
+    tied = _tied_targets(model)
+    if tied:
+        pairs = ", ".join(f"{name!r} (shared with {others})" for name, others in tied.items())
+        warnings.warn(f"The adapter targets tied weights: {pairs}. This can lead to complications: merging "
+                      f"writes the update into the shared weight, so every module holding it changes, not "
+                      f"only the adapted one (an input embedding tied to the output layer then looks up "
+                      f"adapted rows too). You can opt to merge the adapter after cloning the weight (to "
+                      f"untie it), or keep the adapter unmerged.", UserWarning, stacklevel=3)
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the base weights in place (repeat-safe: merged ones are skipped).
 
     Refused on 4-bit bases (see merge_and_unload). The model then runs at the base model's speed.
+    Warns when a merged weight is tied to another module (`_warn_tied_targets`), as PEFT does.
     """
     layers = [layer for _, layer in lora_layers(model)]
     for name, layer in lora_layers(model):
         if isinstance(layer, LoRALinear) and layer.is_4bit and layer._unmerged_active(None):
             layer._refuse_4bit(f"merge {name!r}")  # checked for all layers before any is touched
+    _warn_tied_targets(model)
     for layer in layers:
         layer.merge()
     return model
@@ -430,6 +527,7 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by a plain layer; no adapter parameters remain.
 
     A modules_to_save module becomes the active adapter's trained copy, as in PEFT.
+    Warns when a merged weight is tied to another module (`_warn_tied_targets`), as PEFT does.
 
     An nn.Linear base keeps its dtype. A 4-bit base becomes a full-precision nn.Linear holding
     dequantize(W) + update, computed in float32 and stored in the dtype the weight had before it was
@@ -443,6 +541,7 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     every 4-bit layer stays 4-bit. (PEFT differs: its merge into a bitsandbytes 4-bit base always
     re-quantizes, so the whole model stays 4-bit.)
     """
+    _warn_tied_targets(model)
     _replace_wrappers(model, merge_first=True, requantize=requantize)
     if not requantize and any(is_4bit_linear(module) for module in model.modules()):
         from quant import dequantize_model  # only a model that has 4-bit layers needs quant/

@@ -8,7 +8,7 @@ import re
 import lora
 from lora.layer import LoRALinear
 
-ANCHORS = {"lora", "rslora", "initialisations", "dora", "several-adapters", "merging", "lora-on-embeddings",
+ANCHORS = {"lora", "rslora", "initialisations", "dora", "several-adapters", "merging", "lora-on-embeddings", "lora-on-convolutions",
            "lora-plus", "combining-adapters", "adapter-files-and-peft-key-names", "qlora", "where-we-differ"}
 
 
