@@ -52,7 +52,7 @@ def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor) -> Tuple[t
     Example:
         >>> codes, absmax = quantize_blockwise_8bit(torch.tensor([-2.0, 0.0, 1.0]), DYNAMIC_MAP_SIGNED)
         >>> codes.tolist(), absmax.tolist()
-        ([0, 127, 222], [2.0])
+        ([0, 127, 219], [2.0])
     """
     flat = values.detach().reshape(-1).float()
     numel = flat.numel()
