@@ -57,14 +57,18 @@ def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor) -> Tuple[t
     flat = values.detach().reshape(-1).float()
     numel = flat.numel()
     num_blocks = -(-numel // BLOCK_SIZE)
-    blocks = torch.nn.functional.pad(flat, (0, num_blocks * BLOCK_SIZE - numel)).view(num_blocks, BLOCK_SIZE)
+    if numel % BLOCK_SIZE:
+        flat = torch.nn.functional.pad(flat, (0, num_blocks * BLOCK_SIZE - numel))  # the last block's tail
+    blocks = flat.view(num_blocks, BLOCK_SIZE)
     absmax = blocks.abs().amax(dim=1)  # [num_blocks]
-    normed = blocks / absmax[:, None]  # [num_blocks, 256]; a division, as bitsandbytes' CPU kernel
+    normed = (blocks / absmax[:, None]).view(-1)  # [n]; a division, as bitsandbytes' CPU kernel
     code = code.to(flat.device)
     # The entry at or below each value, then one step up where that entry is strictly nearer.
-    below = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, code.numel() - 2)  # [nb, 256]
-    above_is_nearer = (normed - code[below + 1]).abs() < (normed - code[below]).abs()
-    codes = below + above_is_nearer.long()
+    # (index_select rather than code[below]: the same numbers, several times faster on CPU)
+    below = torch.searchsorted(code, normed, right=True).sub_(1).clamp_(0, code.numel() - 2)  # [n]
+    above_is_nearer = ((normed - code.index_select(0, below + 1)).abs()
+                       < (normed - code.index_select(0, below)).abs())
+    codes = (below + above_is_nearer).view(num_blocks, BLOCK_SIZE)
     # subtle: a block of zeros divides 0 / 0 = NaN; bitsandbytes stores index 0 there, and any entry
     # times absmax 0 dequantizes to 0
     codes[absmax == 0] = 0
@@ -79,10 +83,11 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
         ...                           DYNAMIC_MAP_SIGNED)
         tensor([-1.9859,  0.0000,  2.0000])
     """
-    flat = code.to(codes.device)[codes.reshape(-1).long()]  # [n] in [-1, 1]
+    flat = code.to(codes.device).index_select(0, codes.reshape(-1).long())  # [n] in [-1, 1]
     numel = flat.numel()
     num_blocks = absmax.numel()
-    padded = torch.nn.functional.pad(flat, (0, num_blocks * BLOCK_SIZE - numel)).view(num_blocks, BLOCK_SIZE)
+    padded = flat if numel % BLOCK_SIZE == 0 else torch.nn.functional.pad(flat, (0, num_blocks * BLOCK_SIZE - numel))
+    padded = padded.view(num_blocks, BLOCK_SIZE)
     return (padded * absmax[:, None]).reshape(-1)[:numel].view(codes.shape)
 
 
