@@ -27,8 +27,8 @@ import lora
 from lora.config import INITS
 from lora.model import check_layer_can_take
 from finetuning.fact_edit import edit_report, edit_table
-from finetuning.methods import (ADAPTER_METHODS, METHODS, folder_bytes, max_logit_difference, merged_copy,
-                                setup_method, train_method)
+from finetuning.methods import (ADAPTER_METHODS, METHODS, OPTIMIZERS, folder_bytes, make_optimizer,
+                                max_logit_difference, merged_copy, setup_method, train_method)
 from finetuning.report import comparison_table, plot_comparison, prediction_table
 from minigpt import pretrain
 from minigpt.adapter_folder import fingerprint_base, save_finetuned_adapter
@@ -72,6 +72,7 @@ class FinetuneConfig:
     init: str = "kaiming"  # LoRA A init: kaiming | gaussian | pissa | olora
     lr: float = 5e-3  # adapter learning rate: LoRA tolerates (and needs) more than full fine-tuning
     full_lr: float = 1e-3  # learning rate of full fine-tuning and layer freezing
+    optim: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit: moments in float32 or 8 bits (memory column)
     embedding_lr: float | None = None  # one lr (no decay) for tok_emb / lm_head in every method; default: each
     #                                    method's own (--full-lr with decay, or --lr): see the table's note
     epochs: float = 50.0  # passes over the fine-tuning tokens (one epoch = tokens / (batch_size * context))
@@ -136,6 +137,8 @@ def check_config(config: FinetuneConfig) -> None:
         check_number("--embedding-lr", config.embedding_lr, 0, low_open=True, note=" (or left out: each method's own)")
     if config.init not in INITS:
         raise ValueError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}")
+    if config.optim not in OPTIMIZERS:
+        raise ValueError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {config.optim!r}")
     try:  # the targets' spelling (a regex must compile, a list must not be empty): LoRAConfig's own checks
         lora_config_from(config)
     except ValueError as error:
@@ -370,7 +373,7 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
             method_config = TrainConfig(**{**asdict(train_config), "desc": method,
                                            "lr": config.lr if method in ADAPTER_METHODS else config.full_lr})
             result = train_method(setup, train_stream, val_stream, method_config, tokenizer, base_probes, domain_probes,
-                                  distributed)
+                                  distributed, optim=config.optim)
             if tmp is not None:  # rank 0 writes
                 folder = tmp / SAVED_FOLDER[method]
                 if method in ADAPTER_METHODS:
@@ -442,7 +445,7 @@ def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
             train_model(distributed.wrap(setup.model), train_stream, None,
                         train_config_for(config, tokens_in(edit_set.train, tokenizer), base_model.config.context_length,
                                          device, variant),
-                        optimizer=torch.optim.AdamW(setup.param_groups, lr=config.lr, betas=(0.9, 0.95)),
+                        optimizer=make_optimizer(setup.param_groups, config.lr, config.optim),
                         distributed=distributed)
             setup.model.cpu().eval()
             reports.append(edit_report(variant, setup.trainable_params, model, setup.model, tokenizer, edit_set))

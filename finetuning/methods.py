@@ -29,6 +29,7 @@ from minigpt.predict import batched_probe_accuracy
 from minigpt.training import TrainConfig, train_model
 from minigpt.vocab import count_new_row_parameters, new_rows_param_group, train_new_rows_only
 from quant import quantize_model
+from quant.adamw8bit import AdamW8bit, PagedAdamW8bit
 from runtime.distributed import SINGLE_PROCESS, DistributedContext
 
 METHODS = ("full", "layer_frozen", "lora", "dora", "qlora")
@@ -57,7 +58,7 @@ class MethodResult:
     base_accuracy_after: float  # base-fact probe accuracy after fine-tuning (forgetting)
     domain_accuracy_after: float  # new-domain probe accuracy after fine-tuning
     weight_bytes: int  # parameters + buffers held while training (4-bit codes for QLoRA)
-    training_bytes: int = 0  # weight_bytes + gradients + AdamW's two moments of every trainable tensor
+    training_bytes: int = 0  # weight_bytes + gradients + the optimizer's state (AdamW: two moments per weight)
     disk_bytes: int = 0  # the saved folder (adapter or whole model)
     wall_time_s: float = 0.0  # the training loop only
     val_curve: list = field(default_factory=list)  # [(step, val_loss)]
@@ -159,15 +160,34 @@ def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lor
     return MethodSetup(method, model, param_groups, trainable, total)
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")  # finetune.py --optim
+
+
+def make_optimizer(param_groups: list, lr: float, optim: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.95) over the non-empty groups, its moments in float32 or in 8 bits.
+
+    "adamw8bit" / "paged_adamw8bit" (quant/adamw8bit.py, docs/reference.md#8-bit-adamw) store both moments
+    of every tensor of 4096 elements or more in 8 bits (2 bytes per parameter instead of 8); smaller
+    tensors, such as MiniGPT's rank-16 adapters, keep float32 moments, as in bitsandbytes.
+    """
+    groups = [group for group in param_groups if group["params"]]
+    if optim == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    if optim in ("adamw8bit", "paged_adamw8bit"):
+        return (AdamW8bit if optim == "adamw8bit" else PagedAdamW8bit)(groups, lr=lr, betas=(0.9, 0.95))
+    raise ValueError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
+
+
 def train_method(setup: MethodSetup, train_stream, val_stream, train_config: TrainConfig, tokenizer,
-                 base_probes, domain_probes, distributed: DistributedContext = SINGLE_PROCESS) -> MethodResult:
+                 base_probes, domain_probes, distributed: DistributedContext = SINGLE_PROCESS,
+                 optim: str = "adamw") -> MethodResult:
     """Train `setup.model` with the shared loop and measure it (val loss, probe accuracy, memory, time).
 
     Under torchrun (`distributed` from runtime.distributed.process_group) the model trains wrapped in
     DistributedDataParallel, which all-reduces only the trainable parameters (adapters, new rows).
+    `optim` picks the optimizer (`make_optimizer`); its state counts in `training_bytes`.
     """
-    optimizer = torch.optim.AdamW([group for group in setup.param_groups if group["params"]],
-                                  lr=train_config.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(setup.param_groups, train_config.lr, optim)
     result = train_model(distributed.wrap(setup.model), train_stream, val_stream, train_config, optimizer=optimizer,
                          distributed=distributed)
     setup.model.cpu().eval()

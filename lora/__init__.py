@@ -24,7 +24,8 @@ embedding.py (LoRAEmbedding), conv.py (LoRAConv: nn.Conv1d/2d/3d; GPT-2's Conv1D
 base_layer.py), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
 one copy per adapter), model.py (apply_lora, target matching, adapters on a model),
 combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+),
-fused.py (the same LoRA training forward/backward in fewer GPU kernels; `lora.set_fused(False)` turns it off).
+fused.py (the same LoRA training forward/backward in fewer GPU kernels; `lora.set_fused(False)` turns it off),
+loftq.py (LoftQ: QLoRA's adapter started at the quantization error).
 """
 
 from lora.combine import combine_adapters
@@ -36,6 +37,7 @@ from lora.io import (adapter_state_dict, check_adapter_fits, check_base_fingerpr
                      load_adapter, load_base_fingerprint, load_lora_config, model_fingerprint, save_adapter,
                      state_fingerprint, to_peft_state_dict, write_adapter_files)
 from lora.layer import LoRALinear, base_weight
+from lora.loftq import apply_loftq, loftq_init
 from lora.lora_plus import lora_plus_param_groups
 from lora.modules_to_save import ModulesToSaveWrapper
 from lora.model import (add_adapter, apply_lora, count_parameters, delete_adapter, disable_adapters, find_targets,
@@ -50,4 +52,5 @@ __all__ = [
     "save_adapter", "write_adapter_files", "load_adapter", "load_lora_config", "adapter_state_dict",
     "check_adapter_fits", "model_fingerprint", "state_fingerprint", "load_base_fingerprint", "check_base_fingerprint",
     "to_peft_state_dict", "from_peft_state_dict", "lora_plus_param_groups", "set_fused", "fused_enabled",
+    "apply_loftq", "loftq_init",
 ]

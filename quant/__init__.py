@@ -9,6 +9,7 @@ run time. Read the files in this order:
                    numbers faster: quantize_nf4 / NF4Weight.dequantize, double quantization
     linear4bit.py  Linear4bit: a frozen NF4 weight dequantized on the fly in forward
     model.py       quantize_model (swap Linear -> Linear4bit), dequantize_model (back), memory_report
+    adamw8bit.py   AdamW8bit / PagedAdamW8bit: the optimizer's two moments in 8 bits (blockwise dynamic map)
 
 Usage:
 
@@ -35,6 +36,7 @@ QLoRA = quantize_model(model) then lora.apply_lora(model, config): the LoRA bran
 compute dtype on top of the frozen 4-bit base.
 """
 
+from quant.adamw8bit import AdamW8bit, PagedAdamW8bit, dequantize_blockwise_8bit, quantize_blockwise_8bit
 from quant.linear4bit import Linear4bit, LinearNF4Function
 from quant.model import (MemoryReport, QuantizationReport, dequantize_model, memory_report, nf4_storage_bytes,
                          quantize_model)
@@ -55,7 +57,8 @@ from quant.nf4 import (
     quantize_nf4_reference,
     unpack_nibbles,
 )
-from quant.nf4_code import DYNAMIC_MAP_SIGNED, NF4_CODE, code_midpoints, create_dynamic_map_signed, derive_nf4_code
+from quant.nf4_code import (DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED, NF4_CODE, code_midpoints, create_dynamic_map_signed,
+                            create_dynamic_map_unsigned, derive_nf4_code)
 
 __all__ = [
     "NF4_CODE", "DYNAMIC_MAP_SIGNED", "derive_nf4_code", "create_dynamic_map_signed", "code_midpoints",
@@ -65,4 +68,6 @@ __all__ = [
     "mean_absmax",
     "Linear4bit", "LinearNF4Function",
     "quantize_model", "dequantize_model", "QuantizationReport", "memory_report", "MemoryReport", "nf4_storage_bytes",
+    "DYNAMIC_MAP_UNSIGNED", "create_dynamic_map_unsigned", "AdamW8bit", "PagedAdamW8bit",
+    "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
 ]

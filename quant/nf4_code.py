@@ -19,7 +19,9 @@ back. Everything else in `quant/` is bookkeeping around these two tables.
 2. `DYNAMIC_MAP_SIGNED` (Dettmers, "8-bit Approximations for Parallelism in Deep Learning", 2015;
    bitsandbytes `create_dynamic_map(signed=True)`): a sign bit, a run of leading zeros acting as a
    decimal exponent, and the remaining bits as a linear fraction. QLoRA's double quantization (section
-   3, "Double Quantization") stores the per-block scales of NF4 with this map.
+   3, "Double Quantization") stores the per-block scales of NF4 with this map. 8-bit AdamW
+   (quant/adamw8bit.py) stores its first moment with it, and its second moment, never negative, with
+   `DYNAMIC_MAP_UNSIGNED`, the same construction with the sign bit spent on the fraction.
 
 Both are rebuilt here from their definitions and tested equal, bit for bit, to the constants that
 bitsandbytes ships (see tests/quant/test_nf4_code.py).
@@ -121,6 +123,37 @@ def create_dynamic_map_signed(max_exponent_bits: int = 7, total_bits: int = 8) -
 
 
 DYNAMIC_MAP_SIGNED = create_dynamic_map_signed()  # [256] float32: codes of the double-quantized scales
+
+
+def create_dynamic_map_unsigned(max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """Rebuild bitsandbytes' unsigned 8-bit dynamic map (`create_dynamic_map(signed=False)`).
+
+    The map of 8-bit Adam's second moment, which is never negative: the bit a signed map spends on the
+    sign buys twice as many fraction values per power of ten instead. For e = 0 .. 6 there are 2**(e + 1)
+    midpoints of `linspace(0.1, 1, 2**(e + 1) + 1)` (float32), times 10**(e - 6) (in float32); then 0.0
+    and 1.0. That gives (2 + 4 + ... + 128) + 2 = 256 values, sorted.
+
+    Example:
+        >>> code = create_dynamic_map_unsigned()
+        >>> code[0].item(), code[1].item(), code[255].item()
+        (0.0, 3.2500003044333425e-07, 1.0)
+    """
+    non_sign_bits = total_bits - 1
+    values = []
+    for exponent in range(max_exponent_bits):
+        fraction_items = 2 ** (exponent + non_sign_bits - max_exponent_bits + 1) + 1  # one more bit than signed
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0  # float32, as bitsandbytes
+        values.append(means * 10 ** (-(max_exponent_bits - 1) + exponent))  # float32, as in the signed map
+    values.append(torch.tensor([0.0, 1.0], dtype=torch.float32))
+    table = torch.cat(values)
+    if table.numel() != 2**total_bits:
+        raise ValueError(f"dynamic map has {table.numel()} entries, expected {2**total_bits}; "
+                         f"use max_exponent_bits=7 with total_bits=8")
+    return table.sort().values
+
+
+DYNAMIC_MAP_UNSIGNED = create_dynamic_map_unsigned()  # [256] float32: codes of 8-bit Adam's second moment
 
 
 def code_midpoints(code: torch.Tensor) -> torch.Tensor:
