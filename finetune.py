@@ -2,6 +2,7 @@
 
     python finetune.py                              # everything below (aim: about a minute on a laptop CPU)
     python finetune.py --methods lora               # only LoRA (any subset of full,layer_frozen,lora,dora,qlora)
+    python finetune.py --methods lora,adalora       # AdaLoRA too (not in the default run): ranks pruned to a budget
     python finetune.py --rank 16 --alpha 32 --targets q_proj,v_proj --lr 3e-3 --epochs 40
     python finetune.py --data my_text.txt           # your own text (it must contain words the base lacks)
     python finetune.py --task fact-correction       # LoRA on v_proj only vs on all attention projections
@@ -28,6 +29,8 @@ The default run (task "new-domain"):
   5. trains full fine-tuning, layer freezing, DoRA and QLoRA on the same data, steps and seed and prints
      the comparison table (trainable parameters, validation loss, forgetting, bytes, memory, time);
   6. prints the top-3 next words for a few prompts before and after.
+With --methods ...,adalora also adalora_merged/ (AdaLoRA's merged model; it has no adapter folder yet), and
+the rank each AdaLoRA layer ended with, printed under the table and stored in results.json ("layer_ranks").
 """
 
 from finetuning.experiment import DESCRIPTION, FinetuneConfig, main, output_folder

@@ -13,6 +13,7 @@ Task "fact-correction", in `fact_correction`: LoRA on v_proj only and on q, k, v
 finetune.py's docstring lists what the results folder holds.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -21,14 +22,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 import lora
+from lora.adalora import AdaLoRAConfig, check_adalora_targets, merge_adalora
 from lora.config import INITS
 from lora.model import check_layer_can_take
 from finetuning.fact_edit import edit_report, edit_table
-from finetuning.methods import (ADAPTER_METHODS, METHODS, OPTIMIZERS, folder_bytes, make_optimizer,
-                                max_logit_difference, merged_copy, setup_method, train_method)
+from finetuning.methods import (ADAPTER_METHODS, LOW_RANK_METHODS, METHODS, OPTIMIZERS, folder_bytes,
+                                make_optimizer, max_logit_difference, merged_copy, setup_method, train_method)
 from finetuning.report import comparison_table, plot_comparison, prediction_table
 from minigpt import pretrain
 from minigpt.adapter_folder import fingerprint_base, save_finetuned_adapter
@@ -46,7 +46,7 @@ from runtime.threads import use_threads
 DEFAULT_BASE = "dist/base_model"
 TASKS = ("new-domain", "fact-correction")
 SAVED_FOLDER = {"full": "full_finetuned", "layer_frozen": "layer_frozen", "lora": "lora_adapter",
-                "dora": "dora_adapter", "qlora": "qlora_adapter"}
+                "dora": "dora_adapter", "qlora": "qlora_adapter", "adalora": "adalora_merged"}
 FACT_VARIANTS = {"v_proj only": ("v_proj",), "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj")}
 FACT_FOLDER = {"v_proj only": "v_proj_adapter", "q,k,v,o": "attention_adapter"}
 DEFAULT_OUT = {"new-domain": "dist/finetuning_results", "fact-correction": "dist/fact_correction"}
@@ -179,6 +179,15 @@ def lora_config_from(config: FinetuneConfig, targets=None) -> lora.LoRAConfig:
     target_names = targets or tuple(name.strip() for name in config.targets.split(",") if name.strip())
     return lora.LoRAConfig(r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=target_names,
                            use_dora=config.dora, use_rslora=config.rslora, init=config.init)
+
+
+def adalora_config_from(config: FinetuneConfig, steps: int) -> AdaLoRAConfig:
+    """AdaLoRA for the run: from 1.5 x --rank ranks per layer down to --rank on average (PEFT's 12 -> 8),
+    the first 10% of the steps unpruned, the last 20% with the final ranks (PEFT's docstring example)."""
+    targets = tuple(name.strip() for name in config.targets.split(",") if name.strip())
+    return AdaLoRAConfig(total_step=steps, target_modules=targets, init_r=max(config.rank + 1, config.rank * 3 // 2),
+                         target_r=config.rank, alpha=config.alpha, dropout=config.dropout, tinit=steps // 10,
+                         tfinal=steps // 5)
 
 
 def check_lora_fits(model, lora_configs: dict, config: FinetuneConfig) -> None:
@@ -356,6 +365,13 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
     val_stream = TokenStream(corpus.val, tokenizer, context_length)
     tokens_once = tokens_in(corpus.train, tokenizer)
     train_config = train_config_for(config, tokens_once, context_length, device, desc="")
+    adalora_config = adalora_config_from(config, train_config.steps)
+    if "adalora" in methods:  # before full fine-tuning trains a minute
+        try:
+            check_adalora_targets(model, adalora_config)
+        except ValueError as error:
+            raise ValueError(f"--rank {config.rank} (adalora starts at {adalora_config.init_r}) with --targets "
+                             f"{config.targets!r} does not fit the base {config.base}: {error}") from None
     base_probes = known_probes(base_fact_probes(), base_tokenizer)
     domain_probes = known_probes(new_domain_probes(), tokenizer) if config.data is None else []
     base_accuracy = batched_probe_accuracy(base_model, base_tokenizer, base_probes) if base_probes else float("nan")
@@ -367,11 +383,11 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
         for method in methods:
             setup = setup_method(method, model, base_vocab_size, lora_config, lr=config.lr, full_lr=config.full_lr,
                                  lora_plus_ratio=config.lora_plus_ratio, seed=config.seed,
-                                 embedding_lr=config.embedding_lr)
+                                 embedding_lr=config.embedding_lr, adalora_config=adalora_config)
             distributed.manual_seed(config.seed)  # seed + rank: under torchrun, dropout differs between ranks
             setup.model.to(device)
             method_config = TrainConfig(**{**asdict(train_config), "desc": method,
-                                           "lr": config.lr if method in ADAPTER_METHODS else config.full_lr})
+                                           "lr": config.lr if method in LOW_RANK_METHODS else config.full_lr})
             result = train_method(setup, train_stream, val_stream, method_config, tokenizer, base_probes, domain_probes,
                                   distributed, optim=config.optim)
             if tmp is not None:  # rank 0 writes
@@ -379,6 +395,8 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
                 if method in ADAPTER_METHODS:
                     save_finetuned_adapter(setup.model, tokenizer, base_vocab_size, folder,
                                            base_fingerprint=fingerprint_base(base_model, base_tokenizer))
+                elif method == "adalora":  # no adapter folder format for it (yet): the merged model
+                    save_model(merge_adalora(copy.deepcopy(setup.model)), tokenizer, folder)
                 else:
                     save_model(setup.model, tokenizer, folder)
                 result.disk_bytes = folder_bytes(folder)
@@ -403,6 +421,11 @@ def new_domain(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
                       f"{train_config.steps} steps of {config.batch_size} x {context_length} tokens, "
                       f"seed {config.seed}, device {device}")
     distributed.print(table)
+    for result in results:
+        if result.layer_ranks:  # adalora: where its pruned budget went
+            distributed.print(f"\n{result.method} ranks per layer (from {adalora_config.init_r}, "
+                              f"{adalora_config.target_r} on average): "
+                              + ", ".join(f"{name} {rank}" for name, rank in result.layer_ranks.items()))
     models = {"base": (base_model, base_tokenizer)}
     models.update({method: (trained[method], tokenizer) for method in trained})
     domain_prompts = [probe.prompt for probe in domain_probes[:3]]

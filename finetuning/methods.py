@@ -10,6 +10,8 @@ differ only in which parameters train:
     lora          LoRA A, B on the targets (Hu et al., 2021) + new rows   adapter + new rows
     dora          LoRA + a magnitude per output row (Liu et al., 2024)    adapter + new rows
     qlora         LoRA on an NF4 4-bit frozen base (Dettmers et al., 2023) adapter + new rows
+    adalora       SVD-form LoRA whose ranks are pruned to a budget           the merged model
+                  while training (Zhang et al., 2023) + new rows
 
 "new rows" are the tok_emb / lm_head rows of the words the base model did not know; they train in
 every method (train_new_rows_only keeps the old rows bit-identical in the adapter methods). The adapter
@@ -20,10 +22,13 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 import lora
+from lora.adalora import AdaLoRAConfig, apply_adalora, orthogonal_regularization
+from lora.rank_allocator import RankAllocator
 from minigpt.model import MiniGPT
 from minigpt.predict import batched_probe_accuracy
 from minigpt.training import TrainConfig, train_model
@@ -32,8 +37,9 @@ from quant import quantize_model
 from quant.adamw8bit import AdamW8bit, PagedAdamW8bit
 from runtime.distributed import SINGLE_PROCESS, DistributedContext
 
-METHODS = ("full", "layer_frozen", "lora", "dora", "qlora")
-ADAPTER_METHODS = ("lora", "dora", "qlora")
+METHODS = ("full", "layer_frozen", "lora", "dora", "qlora", "adalora")
+ADAPTER_METHODS = ("lora", "dora", "qlora")  # they save an adapter folder (adalora saves its merged model)
+LOW_RANK_METHODS = ADAPTER_METHODS + ("adalora",)  # they train at --lr; full and layer_frozen at --full-lr
 
 
 @dataclass
@@ -45,6 +51,8 @@ class MethodSetup:
     param_groups: list  # for torch.optim.AdamW: only the trainable parameters
     trainable_params: int  # what actually changes (new rows only, for the adapter methods' embeddings)
     total_params: int  # every parameter of the model as it trains (a 4-bit weight counts in * out)
+    extra_loss: Optional[Callable] = None  # added to the loss each step (adalora: its orthogonality term)
+    rank_allocator: Optional[RankAllocator] = None  # adalora: prunes ranks after each step
 
 
 @dataclass
@@ -61,6 +69,7 @@ class MethodResult:
     training_bytes: int = 0  # weight_bytes + gradients + the optimizer's state (AdamW: two moments per weight)
     disk_bytes: int = 0  # the saved folder (adapter or whole model)
     wall_time_s: float = 0.0  # the training loop only
+    layer_ranks: dict = field(default_factory=dict)  # adalora: {layer: ranks it ended with}; {} otherwise
     val_curve: list = field(default_factory=list)  # [(step, val_loss)]
     train_curve: list = field(default_factory=list)  # [(step, train_loss)]
 
@@ -97,7 +106,8 @@ def folder_bytes(folder) -> int:
 
 def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lora_config: lora.LoRAConfig,
                  lr: float, full_lr: float, weight_decay: float = 0.1, lora_plus_ratio: float = 1.0,
-                 seed: int = 0, embedding_lr: float | None = None) -> MethodSetup:
+                 seed: int = 0, embedding_lr: float | None = None,
+                 adalora_config: AdaLoRAConfig | None = None) -> MethodSetup:
     """A deep copy of `expanded_model` prepared for `method` (the input is never changed).
 
     Args:
@@ -115,6 +125,7 @@ def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lor
             full_lr with weight_decay in full / layer_frozen, at lr without decay in the adapter
             methods. A number: they train at that lr without decay in every method (the adapter
             methods train only their new rows), so the new words learn alike everywhere.
+        adalora_config: the AdaLoRA settings, needed by "adalora" only (its total_step is the run's steps).
 
     Returns:
         MethodSetup with the model and its optimizer groups.
@@ -144,6 +155,21 @@ def setup_method(method: str, expanded_model: MiniGPT, base_vocab_size: int, lor
             param_groups.append(new_rows_param_group(model, embedding_lr))
         total = sum(p.numel() for p in model.parameters())
         return MethodSetup(method, model, param_groups, sum(p.numel() for p in trainable), total)
+
+    if method == "adalora":
+        if adalora_config is None:
+            raise ValueError("method 'adalora' needs adalora_config (an AdaLoRAConfig with the run's total_step)")
+        apply_adalora(model, adalora_config)  # freezes everything, adds A, E, B (E = 0: the start is the base model)
+        adapter = [p for p in model.parameters() if p.requires_grad]
+        param_groups = [{"params": adapter, "lr": lr, "weight_decay": 0.0}]
+        train_new_rows_only(model, base_vocab_size)
+        param_groups.append(new_rows_param_group(model, embedding_lr or lr))
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in adapter) + count_new_row_parameters(model, base_vocab_size)
+        weight = adalora_config.orth_reg_weight
+        return MethodSetup(method, model, param_groups, trainable, total,
+                           extra_loss=lambda: weight * orthogonal_regularization(model),
+                           rank_allocator=RankAllocator(model, adalora_config))
 
     if method == "qlora":
         quantize_model(model)  # every Linear but lm_head -> frozen NF4 (QLoRA section 3)
@@ -188,8 +214,10 @@ def train_method(setup: MethodSetup, train_stream, val_stream, train_config: Tra
     `optim` picks the optimizer (`make_optimizer`); its state counts in `training_bytes`.
     """
     optimizer = make_optimizer(setup.param_groups, train_config.lr, optim)
+    allocator = setup.rank_allocator
     result = train_model(distributed.wrap(setup.model), train_stream, val_stream, train_config, optimizer=optimizer,
-                         distributed=distributed)
+                         distributed=distributed, extra_loss=setup.extra_loss,
+                         after_step=allocator.update_and_allocate if allocator else None)
     setup.model.cpu().eval()
     def accuracy(probes) -> float:  # NaN when there are no probes (a user's own --data has none)
         return batched_probe_accuracy(setup.model, tokenizer, probes) if probes else float("nan")
@@ -199,7 +227,7 @@ def train_method(setup: MethodSetup, train_stream, val_stream, train_config: Tra
         val_loss=result.final_val_loss, base_accuracy_after=accuracy(base_probes),
         domain_accuracy_after=accuracy(domain_probes),
         weight_bytes=weight_bytes(setup.model), training_bytes=training_state_bytes(setup.model, optimizer),
-        wall_time_s=result.wall_time_s,
+        wall_time_s=result.wall_time_s, layer_ranks=allocator.ranks() if allocator else {},
         val_curve=result.val_curve, train_curve=result.train_curve)
 
 

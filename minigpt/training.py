@@ -228,7 +228,7 @@ def check_trained_model(model, trainable, x, y, last_record: dict, config: Train
 
 def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainConfig,
                 optimizer: torch.optim.Optimizer | None = None,
-                distributed: DistributedContext = SINGLE_PROCESS) -> TrainResult:
+                distributed: DistributedContext = SINGLE_PROCESS, extra_loss=None, after_step=None) -> TrainResult:
     """Train the parameters of `model` that require grad; returns losses, timings and the best val loss.
 
     Args:
@@ -238,6 +238,10 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         optimizer: optional, e.g. built from LoRA+ parameter groups; default make_optimizer(model, ...).
         distributed: under torchrun, the DistributedContext from runtime.distributed.process_group(), with
             `model` wrapped by its wrap(); the default SINGLE_PROCESS does nothing.
+        extra_loss: optional `extra_loss() -> tensor`, added to each step's loss before backward (AdaLoRA's
+            orthogonality term). The history's train_loss stays the model's own loss, comparable across methods.
+        after_step: optional `after_step(step)`, called with step = 1, 2, ... after optimizer.step(), while the
+            gradients are still there (AdaLoRA's rank allocation).
 
     Returns:
         a TrainResult: `history` (one dict per step), `val_curve`, `final_val_loss`, timings.
@@ -285,11 +289,13 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         with autocast_context(config.device):
             _, loss = step_model(x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + extra_loss() if extra_loss is not None else loss).backward()
         if config.grad_clip:  # None or 0: no clipping
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step(step + 1)
         train_loss = distributed.mean(loss.item())  # the global batch's loss: the mean of the ranks' losses
         if not math.isfinite(train_loss):  # every rank sees the same mean, so every rank stops here
             raise diverged(config, optimizer, step + 1, "training loss", train_loss)

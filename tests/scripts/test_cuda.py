@@ -150,7 +150,7 @@ def test_finetune_tiny_run_on_cuda(tmp_path):
     results = experiment.main(experiment.FinetuneConfig(base=str(base), out=str(out), steps=5, batch_size=4,
                                                     warmup_steps=1, rank=2, alpha=4.0, plot=False,
                                                     progress=False, device="cuda"))
-    assert [result.method for result in results["results"]] == list(experiment.METHODS)
+    assert [result.method for result in results["results"]] == experiment.DEFAULTS.methods.split(",")
     merged, _ = load_model(out / "lora_merged")
     adapted, tokenizer = load_model(base, adapter=out / "lora_adapter")
     ids = torch.tensor([tokenizer.encode("the cat sits on the")])

@@ -75,9 +75,9 @@ def test_default_run_writes_every_folder_and_file(run):
         assert names(out / adapter) == ADAPTER_FILES
     for model in ("lora_merged", "full_finetuned", "layer_frozen"):
         assert names(out / model) == MODEL_FILES
-    assert [result.method for result in results["results"]] == list(experiment.METHODS)
+    assert [result.method for result in results["results"]] == experiment.DEFAULTS.methods.split(",")
     summary = json.loads((out / "results.json").read_text())
-    assert [entry["method"] for entry in summary["methods"]] == list(experiment.METHODS)
+    assert [entry["method"] for entry in summary["methods"]] == experiment.DEFAULTS.methods.split(",")
     assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]  # no temp folders left
 
 
