@@ -18,7 +18,7 @@ function with fewer launches and no (..., out) temporary (docs/reference.md#lora
 Saved for backward: x and h (N × r) only, nothing of size (N, out); W, A, B are the parameters
 themselves. No dW: the base is frozen. The fused path covers the common training case (one active
 LoRA adapter, no dropout, an nn.Linear base in the adapter's dtype, no autocast); `can_fuse` says
-when, and `LoRALinear.forward` falls back to the plain path otherwise.
+when (`fusable_adapter` names the adapter), and `LoRALinear.forward` falls back to the plain path otherwise.
 
 The switch: `lora.set_fused(False)` turns it off everywhere (e.g. to profile or debug the plain
 path); `lora.fused_enabled()` reads it. It is on by default and used on CUDA only: on CPU the
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["LoRALinearFunction", "can_fuse", "fused_enabled", "fused_lora_forward", "set_fused"]
+__all__ = ["LoRALinearFunction", "can_fuse", "fusable_adapter", "fused_enabled", "fused_lora_forward", "set_fused"]
 
 _FUSED = {"enabled": True, "cpu": False}
 
@@ -50,35 +50,52 @@ def fused_enabled() -> bool:
     return _FUSED["enabled"]
 
 
-def can_fuse(layer, x: torch.Tensor) -> bool:
-    """True when `fused_lora_forward(layer, x)` computes exactly what the plain forward would.
+def fusable_adapter(layer, x: torch.Tensor) -> Optional[str]:
+    """The adapter `fused_lora_forward(layer, x, name)` computes exactly as the plain forward would, or None.
 
     That is: the switch is on (and x is on CUDA, or CPU is allowed), gradients are being recorded
     (inference gains nothing from it), one LoRA adapter runs (not DoRA, no dropout), the base is a
     frozen nn.Linear, and x, W, A, B share one dtype with autocast off.
+
+    Cheap on purpose: it runs before every LoRALinear forward, and on one small layer its host time
+    is of the order of the launches the fused path saves (docs/benchmarks.md, the single-layer rows).
+    So the cheapest checks come first and every attribute is read once.
     """
-    if not _FUSED["enabled"] or (x.device.type != "cuda" and not _FUSED["cpu"]):
-        return False
-    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
-        return False
-    adapters = layer._adapters_to_run()
-    if len(adapters) != 1 or layer.use_dora[adapters[0]]:
-        return False
-    name = adapters[0]
+    if not _FUSED["enabled"]:
+        return None
+    device_type = x.device.type
+    if device_type != "cuda" and not _FUSED["cpu"]:
+        return None
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(device_type):
+        return None
+    if layer.adapters_disabled or layer.merged_adapters or len(layer.active_adapters) != 1:
+        return None  # the plain path handles (and explains) disabled, merged and several adapters
+    name = layer.active_adapters[0]
+    if layer.use_dora[name] or type(layer.lora_dropout[name]) is not nn.Identity:
+        return None
     base = layer.base_layer
-    if type(base) is not nn.Linear or base.weight.requires_grad:
-        return False
-    if base.bias is not None and base.bias.requires_grad:
-        return False
-    if not isinstance(layer.lora_dropout[name], nn.Identity):
-        return False
+    if type(base) is not nn.Linear:
+        return None
+    weight, bias = base.weight, base.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
     dtype = x.dtype
-    return base.weight.dtype == dtype and layer.lora_A[name].dtype == dtype and layer.lora_B[name].dtype == dtype
+    if weight.dtype != dtype or layer.lora_A[name].dtype != dtype or layer.lora_B[name].dtype != dtype:
+        return None
+    return name
 
 
-def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """LoRALinear's output through `LoRALinearFunction` (call only when `can_fuse(layer, x)`)."""
-    name = layer._adapters_to_run()[0]
+def can_fuse(layer, x: torch.Tensor) -> bool:
+    """True when `layer(x)` takes the fused path (see `fusable_adapter`)."""
+    return fusable_adapter(layer, x) is not None
+
+
+def fused_lora_forward(layer, x: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
+    """LoRALinear's output through `LoRALinearFunction` (`name` from `fusable_adapter(layer, x)`)."""
+    if name is None:
+        name = fusable_adapter(layer, x)
+        if name is None:
+            raise ValueError("fused_lora_forward: this layer and input need the plain path (see fusable_adapter)")
     base = layer.base_layer
     return LoRALinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name], layer.lora_B[name],
                                     float(layer.scaling[name]))
@@ -113,7 +130,10 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x_2d, h, weight, lora_A, lora_B = ctx.saved_tensors
         scaling = ctx.scaling
-        dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
+        # subtle: contiguous once here. y.sum().backward() hands an expanded (stride 0) gradient, which every
+        # GEMM below would otherwise copy on its own (three (N, out) copies); a real loss's gradient is
+        # contiguous already, and then this is free.
+        dy = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()  # (N, out)
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         grad_x = grad_A = grad_B = None
         if need_x or need_A:
