@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["LoRALinearFunction", "can_fuse", "fusable_adapter", "fused_enabled", "fused_lora_forward", "set_fused"]
 
@@ -54,19 +55,23 @@ def fusable_adapter(layer, x: torch.Tensor) -> Optional[str]:
     """The adapter `fused_lora_forward(layer, x, name)` computes exactly as the plain forward would, or None.
 
     That is: the switch is on (and x is on CUDA, or CPU is allowed), gradients are being recorded
-    (inference gains nothing from it), one LoRA adapter runs (not DoRA, no dropout), the base is a
-    frozen nn.Linear, and x, W, A, B share one dtype with autocast off.
+    and x needs one (see below), one LoRA adapter runs (not DoRA, no dropout), the base is a frozen
+    nn.Linear, and x, W, A, B share one dtype with autocast off.
 
-    Cheap on purpose: it runs before every LoRALinear forward, and on one small layer its host time
-    is of the order of the launches the fused path saves (docs/benchmarks.md, the single-layer rows).
-    So the cheapest checks come first and every attribute is read once.
+    Where it wins: the Function's Python (apply, backward, a dozen tensor calls) costs host time
+    that only the launches it saves pay back. With dx needed it saves the dx sum and the s · dy pass
+    (a whole MiniGPT step: 0.91-0.95x of the plain path on an H200); without dx (x needs no gradient:
+    one layer on a leaf input, or the first block after a frozen embedding) it saves one launch and
+    lost: 1.15-1.2x of the plain path on one layer at 256 to 16k rows (docs/benchmarks.md, issue #19
+    round 2). So an x without requires_grad takes the plain path. The checks are ordered cheapest
+    first, and every attribute is read once: this runs before every LoRALinear forward.
     """
     if not _FUSED["enabled"]:
         return None
     device_type = x.device.type
     if device_type != "cuda" and not _FUSED["cpu"]:
         return None
-    if not torch.is_grad_enabled() or torch.is_autocast_enabled(device_type):
+    if not x.requires_grad or not torch.is_grad_enabled() or torch.is_autocast_enabled(device_type):
         return None
     if layer.adapters_disabled or layer.merged_adapters or len(layer.active_adapters) != 1:
         return None  # the plain path handles (and explains) disabled, merged and several adapters
@@ -101,9 +106,9 @@ def fused_lora_forward(layer, x: torch.Tensor, name: Optional[str] = None) -> to
                                     float(layer.scaling[name]))
 
 
-def _mm_scaled(first: torch.Tensor, second: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale · (first @ second) in one GEMM: addmm with beta = 0 ignores its input (a broadcast scalar)."""
-    nothing = first.new_empty(())  # [] broadcast to the output; never read with beta = 0 (no fill kernel)
+def _mm_scaled(nothing: torch.Tensor, first: torch.Tensor, second: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · (first @ second) in one GEMM: addmm with beta = 0 ignores its input `nothing` (a [] tensor,
+    broadcast to the output and never read: no fill kernel)."""
     return torch.addmm(nothing, first, second, beta=0, alpha=scale)
 
 
@@ -116,11 +121,8 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias: Optional[torch.Tensor], lora_A, lora_B, scaling: float):
         x_2d = x.reshape(-1, x.shape[-1])  # (N, in), a view for contiguous x
-        h = x_2d @ lora_A.t()  # (N, in) @ [in, r] -> (N, r)
-        if bias is not None:
-            y = torch.addmm(bias, x_2d, weight.t())  # b + x Wᵀ   (N, out)
-        else:
-            y = x_2d @ weight.t()  # (N, out)
+        h = F.linear(x_2d, lora_A)  # x Aᵀ   (N, in) @ [in, r] -> (N, r)
+        y = F.linear(x_2d, weight, bias)  # b + x Wᵀ   (N, out), the bias in the GEMM's epilogue
         y.addmm_(h, lora_B.t(), alpha=scaling)  # y += s · h Bᵀ, one GEMM with beta = 1
         ctx.save_for_backward(x_2d, h, weight, lora_A, lora_B)
         ctx.scaling, ctx.x_shape = scaling, x.shape
@@ -136,8 +138,9 @@ class LoRALinearFunction(torch.autograd.Function):
         dy = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()  # (N, out)
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         grad_x = grad_A = grad_B = None
+        nothing = dy.new_empty(())  # the ignored input of both scaled GEMMs
         if need_x or need_A:
-            g = _mm_scaled(dy, lora_B, scaling)  # s · dy B   (N, out) @ [out, r] -> (N, r)
+            g = _mm_scaled(nothing, dy, lora_B, scaling)  # s · dy B   (N, out) @ [out, r] -> (N, r)
             if need_x:
                 grad_x = dy @ weight  # (N, out) @ [out, in] -> (N, in)
                 grad_x.addmm_(g, lora_A)  # += g A   (N, r) @ [r, in]
@@ -145,5 +148,5 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_A:
                 grad_A = g.t() @ x_2d  # [r, N] @ (N, in) -> [r, in]
         if need_B:
-            grad_B = _mm_scaled(dy.t(), h, scaling)  # s · dyᵀ h   [out, N] @ (N, r) -> [out, r]
+            grad_B = _mm_scaled(nothing, dy.t(), h, scaling)  # s · dyᵀ h   [out, N] @ (N, r) -> [out, r]
         return grad_x, None, None, grad_A, grad_B, None

@@ -26,14 +26,14 @@ def layer_of(**kwargs):
 
 
 def test_one_plain_lora_adapter_is_fused():
-    assert fused.fusable_adapter(layer_of(), torch.randn(3, 12)) == "default"
+    assert fused.fusable_adapter(layer_of(), torch.randn(3, 12, requires_grad=True)) == "default"
 
 
 @pytest.mark.parametrize("change", ["dora", "dropout", "two adapters", "disabled", "merged", "trainable base",
-                                    "no grad", "float64 input"])
+                                    "no grad", "float64 input", "x needs no gradient"])
 def test_other_cases_take_the_plain_path(change):
     layer = layer_of(use_dora=change == "dora", dropout=0.1 if change == "dropout" else 0.0)
-    x = torch.randn(3, 12)
+    x = torch.randn(3, 12, requires_grad=change != "x needs no gradient")
     if change == "two adapters":
         layer.add_adapter("second", rank=2, alpha=2)
         layer.set_adapter(["default", "second"])
@@ -44,7 +44,7 @@ def test_other_cases_take_the_plain_path(change):
     elif change == "trainable base":
         layer.base_layer.weight.requires_grad_(True)
     elif change == "float64 input":
-        x = x.double()
+        x = x.detach().double().requires_grad_(True)
     with torch.set_grad_enabled(change != "no grad"):
         assert fused.fusable_adapter(layer, x) is None
 
@@ -52,7 +52,7 @@ def test_other_cases_take_the_plain_path(change):
 def test_fused_forward_of_a_plain_path_layer_says_so():
     layer = layer_of(use_dora=True)
     with pytest.raises(ValueError, match="plain path"):
-        fused.fused_lora_forward(layer, torch.randn(3, 12))
+        fused.fused_lora_forward(layer, torch.randn(3, 12, requires_grad=True))
 
 
 def test_expanded_gradient_of_sum_equals_plain_path():
