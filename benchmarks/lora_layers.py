@@ -14,7 +14,8 @@ ratios are medians of the per-round ratios with their 25th-75th percentile):
 - eval  : forward under torch.no_grad() in eval mode (DoRA's norm is cached by our layer)
 
 for: the frozen nn.Linear alone ("base"), our LoRALinear ("lora", "dora"; "lora-plain" is "lora" with
-`lora.set_fused(False)`, the readable forward instead of lora/fused.py), and PEFT's
+`lora.set_fused(False)`; x here needs no gradient, so on CUDA both take the plain forward: lora/fused.py
+fuses only inputs that need one, see `fusable_adapter`), and PEFT's
 `peft.tuners.lora.Linear` ("peft-lora", "peft-dora"), all from the same weights.
 
 Goals (issue #3): LoRA no slower than PEFT; DoRA training no slower than PEFT's DoRA; DoRA in eval

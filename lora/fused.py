@@ -17,8 +17,9 @@ function with fewer launches and no (..., out) temporary (docs/reference.md#lora
 
 Saved for backward: x and h (N × r) only, nothing of size (N, out); W, A, B are the parameters
 themselves. No dW: the base is frozen. The fused path covers the common training case (one active
-LoRA adapter, no dropout, an nn.Linear base in the adapter's dtype, no autocast); `can_fuse` says
-when (`fusable_adapter` names the adapter), and `LoRALinear.forward` falls back to the plain path otherwise.
+LoRA adapter, no dropout, an nn.Linear base in the adapter's dtype, no autocast, an input that needs
+a gradient); `fusable_adapter` says when (and names the adapter), and `LoRALinear.forward` falls
+back to the plain path otherwise.
 
 The switch: `lora.set_fused(False)` turns it off everywhere (e.g. to profile or debug the plain
 path); `lora.fused_enabled()` reads it. It is on by default and used on CUDA only: on CPU the
@@ -58,13 +59,15 @@ def fusable_adapter(layer, x: torch.Tensor) -> Optional[str]:
     and x needs one (see below), one LoRA adapter runs (not DoRA, no dropout), the base is a frozen
     nn.Linear, and x, W, A, B share one dtype with autocast off.
 
-    Where it wins: the Function's Python (apply, backward, a dozen tensor calls) costs host time
-    that only the launches it saves pay back. With dx needed it saves the dx sum and the s · dy pass
-    (a whole MiniGPT step: 0.91-0.95x of the plain path on an H200); without dx (x needs no gradient:
-    one layer on a leaf input, or the first block after a frozen embedding) it saves one launch and
-    lost: 1.15-1.2x of the plain path on one layer at 256 to 16k rows (docs/benchmarks.md, issue #19
-    round 2). So an x without requires_grad takes the plain path. The checks are ordered cheapest
-    first, and every attribute is read once: this runs before every LoRALinear forward.
+    Where it pays: the Function's Python (apply, backward, a dozen tensor calls) costs host time
+    that only the launches it saves pay back. With dx needed it saves the dx sum and the s · dy pass;
+    without dx (x needs no gradient: one layer on a leaf input, or the first block after a frozen
+    embedding) it saves about one launch. Measured on an H200 (docs/benchmarks.md, issue #19 round 2):
+    a whole MiniGPT step is 0.93x of the plain path; one isolated layer without dx was 1.1-1.2x of it
+    at 256 to 16k rows, so an x without requires_grad takes the plain path. (One isolated bf16 layer
+    with dx is still 1.1-1.2x of the plain path at 1k-4k rows: the host cost shows there, the saved
+    launches pay off only in a whole step.) The checks are ordered cheapest first, and every
+    attribute is read once: this runs before every LoRALinear forward.
     """
     if not _FUSED["enabled"]:
         return None
