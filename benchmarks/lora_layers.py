@@ -13,7 +13,9 @@ ratios are medians of the per-round ratios with their 25th-75th percentile):
 - train : forward + backward of y.sum() in training mode (only A, B, and DoRA's magnitude get grads)
 - eval  : forward under torch.no_grad() in eval mode (DoRA's norm is cached by our layer)
 
-for: the frozen nn.Linear alone ("base"), our LoRALinear ("lora", "dora"), and PEFT's
+for: the frozen nn.Linear alone ("base"), our LoRALinear ("lora", "dora"; "lora-plain" is "lora" with
+`lora.set_fused(False)`; x here needs no gradient, so on CUDA both take the plain forward: lora/fused.py
+fuses only inputs that need one, see `fusable_adapter`), and PEFT's
 `peft.tuners.lora.Linear` ("peft-lora", "peft-dora"), all from the same weights.
 
 Goals (issue #3): LoRA no slower than PEFT; DoRA training no slower than PEFT's DoRA; DoRA in eval
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import Ratio, Timing, time_side_by_side
+import lora
 from lora import LoRALinear
 
 
@@ -85,7 +88,7 @@ def build_layers(in_features: int, out_features: int, config: BenchmarkConfig) -
     base = nn.Linear(in_features, out_features, device=config.device)
     base.requires_grad_(False)
     layers = {"base": base}
-    for name, use_dora in (("lora", False), ("dora", True)):
+    for name, use_dora in (("lora", False), ("lora-plain", False), ("dora", True)):
         layers[name] = LoRALinear(_copy_linear(base), rank=config.rank, alpha=config.alpha, use_dora=use_dora)
     layers.update(peft_layers(base, config))
     for layer in layers.values():
@@ -99,6 +102,18 @@ def _train_step(layer: nn.Module, x: torch.Tensor) -> None:
         y.sum().backward()
     for parameter in layer.parameters():
         parameter.grad = None
+
+
+def _plain(step):
+    """`step` with lora/fused.py switched off (the "lora-plain" layer), restored afterwards."""
+    def plain_step(layer: nn.Module, x: torch.Tensor) -> None:
+        enabled = lora.fused_enabled()
+        lora.set_fused(False)
+        try:
+            step(layer, x)
+        finally:
+            lora.set_fused(enabled)
+    return plain_step
 
 
 def _eval_forward(layer: nn.Module, x: torch.Tensor) -> None:
@@ -116,7 +131,8 @@ def time_layers(layers: Dict[str, nn.Module], x: torch.Tensor, config: Benchmark
     for mode, step in (("train", _train_step), ("eval", _eval_forward)):
         for layer in layers.values():
             layer.train(mode == "train")  # once per mode, as in real use (our DoRA caches its norm in eval)
-        functions = {name: functools.partial(step, layer, x) for name, layer in layers.items()}
+        functions = {name: functools.partial(_plain(step) if name == "lora-plain" else step, layer, x)
+                     for name, layer in layers.items()}
         timings[mode] = time_side_by_side(functions, config.device, warmup=config.warmup, repeats=config.repeats)
     return timings
 
@@ -130,6 +146,8 @@ def ratio_pairs(names) -> list:
             if f"peft-{ours}" in names:
                 pairs.append((mode, ours, f"peft-{ours}"))
     pairs.append(("eval", "dora", "lora"))
+    if "lora-plain" in names:
+        pairs.append(("train", "lora", "lora-plain"))  # what lora/fused.py gains (or costs) on one layer
     return pairs
 
 

@@ -80,6 +80,10 @@ GOALS = (
     # the performance issue's GPU goals (lora/fused.py, quant/nf4_triton.py); before the general one below
     ("training_step", "1024 tokens step time lora/full", "max", 1.0, ("cuda",), "LoRA step <= 1.0x full at 1k tokens"),
     ("training_step", "16384 tokens step time lora/full", "max", 0.8, ("cuda",), "LoRA step <= 0.8x full at 16k"),
+    ("training_step", "1024 tokens step time lora+graph/full", "max", 1.0, ("cuda",),
+     "LoRA step <= 1.0x full at 1k tokens (CUDA graph)"),
+    ("training_step", "16384 tokens step time lora+graph/full", "max", 0.8, ("cuda",),
+     "LoRA step <= 0.8x full at 16k (CUDA graph)"),
     ("training_step", "step time lora/peft_lora", "max", 1.0, ("cuda",), "LoRA step no slower than PEFT's"),
     ("training_step", "step time qlora/bnb_qlora", "max", 1.0, ("cuda",), "QLoRA step <= bitsandbytes + PEFT"),
     ("training_step", "step time lora/full", "max", 0.7, ("cuda",), "LoRA step <= 0.7x full"),

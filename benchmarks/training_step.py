@@ -25,6 +25,8 @@ Methods (all train with AdamW; on CUDA the weights are bfloat16, on CPU float32)
     bnb_qlora   CUDA only: bitsandbytes.nn.Linear4bit base + PEFT adapters, the reference QLoRA stack
     <m>+ckpt    the same with gradient checkpointing (MiniGPT recomputes each block in backward)
     <m>+compile the same under torch.compile (fuses the LoRA branch's small element-wise kernels)
+    <m>+graph   CUDA only: the whole step (forward, backward, AdamW) captured once in a CUDA graph and
+                replayed (torch.cuda.graphs, `capture_training_step`): one launch instead of hundreds
     <m>+plain   the same on the plain paths: lora.set_fused(False) (LoRALinear's readable forward instead
                 of lora/fused.py) and quant.nf4_triton.use_triton(False) (PyTorch NF4 dequantize): "before"
 
@@ -81,7 +83,7 @@ QUICK = dict(embed_dim=64, n_layers=2, n_heads=4, vocab_size=512, context_length
              repeats=3, warmup=1)
 CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_length=512, batch_sizes=(2, 8, 32),
             methods=("full", "full_amp", "lora", "lora+plain", "peft_lora", "qlora", "qlora+plain", "bnb_qlora",
-                     "full+ckpt", "lora+ckpt", "qlora+ckpt"),
+                     "full+ckpt", "lora+ckpt", "qlora+ckpt", "full+graph", "lora+graph"),
             repeats=10, warmup=3)
 
 
@@ -102,10 +104,11 @@ def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
 def split_method(method: str) -> Tuple[str, bool, bool]:
     """'lora+ckpt' -> ('lora', True, False); 'qlora+compile' -> ('qlora', False, True). Unknown names raise."""
     base, *suffixes = method.split("+")
-    if base not in ALL_METHODS or any(suffix not in ("ckpt", "compile", "plain") for suffix in suffixes):
+    if base not in ALL_METHODS or any(suffix not in ("ckpt", "compile", "plain", "graph") for suffix in suffixes):
         raise ValueError(f"unknown training-step method {method!r}; valid: {ALL_METHODS}, each optionally "
-                         f"with '+ckpt' (gradient checkpointing), '+compile' (torch.compile) and/or '+plain' "
-                         f"(fused LoRA and the Triton NF4 dequantize off)")
+                         f"with '+ckpt' (gradient checkpointing), '+compile' (torch.compile), '+graph' (the "
+                         f"step in a CUDA graph, CUDA only) and/or '+plain' (fused LoRA and the Triton NF4 "
+                         f"dequantize off)")
     return base, "ckpt" in suffixes, "compile" in suffixes
 
 
@@ -171,7 +174,8 @@ def build_method(method: str, config: BenchmarkConfig):
     elif base_method in ("peft_lora", "bnb_qlora"):
         _inject_peft_lora(model, config, torch.float32 if base_method == "bnb_qlora" else dtype)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda")
+    # capturable: AdamW keeps its step count on the GPU, so a CUDA graph can replay the update
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda", capturable=is_graphed(method))
     if compiled:
         model = torch.compile(model)  # compiles at the first step (a warm-up step, never a timed one)
     return model, optimizer, use_autocast
@@ -184,8 +188,11 @@ def make_batch(config: BenchmarkConfig, batch_size: int):
     return tokens[:, :-1].to(config.device), tokens[:, 1:].to(config.device)  # (B, T), (B, T)
 
 
-def make_training_step(model, optimizer, use_autocast: bool, batch, plain: bool = False):
-    """A zero-argument function doing one full optimizer step on `batch` (plain: the '+plain' switches)."""
+def make_training_step(model, optimizer, use_autocast: bool, batch, plain: bool = False, graph: bool = False):
+    """A zero-argument function doing one full optimizer step on `batch` (plain: the '+plain' switches;
+    graph: the step captured in a CUDA graph, see `capture_training_step`)."""
+    if graph:
+        return capture_training_step(model, optimizer, use_autocast, batch)
     inputs, targets = batch
     device_type = inputs.device.type
 
@@ -207,8 +214,53 @@ def make_training_step(model, optimizer, use_autocast: bool, batch, plain: bool 
     return training_step
 
 
+def capture_training_step(model, optimizer, use_autocast: bool, batch, warmup_steps: int = 3):
+    """One optimizer step on `batch`, captured in a CUDA graph: each call replays every kernel in one launch.
+
+    An eager step is host bound at these sizes (hundreds of kernels, tens of microseconds of Python and
+    dispatch each: docs/benchmarks.md); a replay costs the host one call. The recipe is PyTorch's
+    whole-network capture (torch.cuda.graphs): a few eager steps on a side stream (cuBLAS workspaces,
+    AdamW's states), then zero_grad(set_to_none) and one captured step, whose gradients and temporaries
+    live in the graph's private memory. What a replay may not change: the tensors' addresses (the batch
+    is copied into the captured `inputs`, `targets` to train on other data), shapes, and Python-side
+    values (the learning rate is read at capture; AdamW must be `capturable=True`). Returns the function,
+    whose result is the captured loss tensor, overwritten by every replay.
+    """
+    inputs, targets = batch
+    device_type = inputs.device.type
+
+    def eager_step():
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
+            _, loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        for _ in range(warmup_steps):
+            optimizer.zero_grad(set_to_none=True)
+            eager_step()
+    torch.cuda.current_stream().wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates the gradients in its own pool
+    with torch.cuda.graph(graph):
+        captured_loss = eager_step()
+
+    def training_step():
+        graph.replay()
+        return captured_loss
+
+    return training_step
+
+
 def is_plain(method: str) -> bool:
     return "plain" in method.split("+")[1:]
+
+
+def is_graphed(method: str) -> bool:
+    return "graph" in method.split("+")[1:]
 
 
 def memory_breakdown(model: nn.Module, optimizer) -> dict:
@@ -253,13 +305,19 @@ def measure_memory(method: str, batch_size: int, config: BenchmarkConfig) -> dic
     # transformers), kernel and thread-pool initialisation happen here, outside the measurement.
     tiny = replace(config, embed_dim=32, n_layers=1, n_heads=2, vocab_size=64, context_length=8,
                    rank=min(config.rank, 8))
-    make_training_step(*build_method(method, tiny), make_batch(tiny, 2), plain=is_plain(method))()
+    make_training_step(*build_method(method, tiny), make_batch(tiny, 2), plain=is_plain(method),
+                       graph=is_graphed(method))()
     release_memory(config.device)
     meter = PeakMemory(config.device).start()
     model, optimizer, use_autocast = build_method(method, config)
+    if is_graphed(method):
+        # subtle: a graph's activations and gradients are allocated while it is captured (inside
+        # make_training_step) and stay reserved in its private pool, not allocated, during replays
+        meter.reset_peak()
     training_step = make_training_step(model, optimizer, use_autocast, make_batch(config, batch_size),
-                                       plain=is_plain(method))
-    meter.reset_peak()  # forget construction transients (quantizing, casting); the baseline stays
+                                       plain=is_plain(method), graph=is_graphed(method))
+    if not is_graphed(method):
+        meter.reset_peak()  # forget construction transients (quantizing, casting); the baseline stays
     for _ in range(max(config.warmup, 1) + 1):
         training_step()
     peak = meter.stop()
@@ -280,7 +338,7 @@ def available_methods(config: BenchmarkConfig, notes: list) -> list:
     methods = []
     for method in config.methods:
         base_method, _, _ = split_method(method)
-        if base_method in CUDA_ONLY_METHODS and config.device != "cuda":
+        if (base_method in CUDA_ONLY_METHODS or is_graphed(method)) and config.device != "cuda":
             continue
         needed = {"peft_lora": ["peft"], "bnb_qlora": ["peft", "bitsandbytes"]}.get(base_method, [])
         missing = []
@@ -303,7 +361,8 @@ RATIO_PAIRS = (("lora", "full"), ("lora", "full_amp"), ("qlora", "full"), ("qlor
                ("qlora+compile", "qlora"), ("qlora_bf16", "lora"), ("qlora_bf16", "qlora"),
                ("lora", "lora+plain"), ("lora+plain", "full"), ("lora+plain", "full_amp"), ("lora+plain", "peft_lora"),
                ("qlora", "qlora+plain"), ("qlora+plain", "bnb_qlora"), ("lora+compile", "full"),
-               ("lora+compile", "lora"))
+               ("lora+compile", "lora"),
+               ("lora+graph", "full"), ("lora+graph", "full+graph"), ("full+graph", "full"), ("lora+graph", "lora"))
 
 
 def ratio_rows(results: dict) -> dict:
@@ -357,7 +416,8 @@ def main(config: BenchmarkConfig) -> dict:
         for method in methods:
             try:
                 built[method] = build_method(method, config)
-                steps[method] = make_training_step(*built[method], batch, plain=is_plain(method))
+                steps[method] = make_training_step(*built[method], batch, plain=is_plain(method),
+                                                   graph=is_graphed(method))
                 steps[method]()  # one step outside the timing: compiles, and proves the method runs
             except Exception as error:
                 steps.pop(method, None)

@@ -17,8 +17,9 @@ function with fewer launches and no (..., out) temporary (docs/reference.md#lora
 
 Saved for backward: x and h (N × r) only, nothing of size (N, out); W, A, B are the parameters
 themselves. No dW: the base is frozen. The fused path covers the common training case (one active
-LoRA adapter, no dropout, an nn.Linear base in the adapter's dtype, no autocast); `can_fuse` says
-when, and `LoRALinear.forward` falls back to the plain path otherwise.
+LoRA adapter, no dropout, an nn.Linear base in the adapter's dtype, no autocast, an input that needs
+a gradient); `fusable_adapter` says when (and names the adapter), and `LoRALinear.forward` falls
+back to the plain path otherwise.
 
 The switch: `lora.set_fused(False)` turns it off everywhere (e.g. to profile or debug the plain
 path); `lora.fused_enabled()` reads it. It is on by default and used on CUDA only: on CPU the
@@ -34,8 +35,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["LoRALinearFunction", "can_fuse", "fused_enabled", "fused_lora_forward", "set_fused"]
+__all__ = ["LoRALinearFunction", "can_fuse", "fusable_adapter", "fused_enabled", "fused_lora_forward", "set_fused"]
 
 _FUSED = {"enabled": True, "cpu": False}
 
@@ -50,43 +52,66 @@ def fused_enabled() -> bool:
     return _FUSED["enabled"]
 
 
-def can_fuse(layer, x: torch.Tensor) -> bool:
-    """True when `fused_lora_forward(layer, x)` computes exactly what the plain forward would.
+def fusable_adapter(layer, x: torch.Tensor) -> Optional[str]:
+    """The adapter `fused_lora_forward(layer, x, name)` computes exactly as the plain forward would, or None.
 
     That is: the switch is on (and x is on CUDA, or CPU is allowed), gradients are being recorded
-    (inference gains nothing from it), one LoRA adapter runs (not DoRA, no dropout), the base is a
-    frozen nn.Linear, and x, W, A, B share one dtype with autocast off.
+    and x needs one (see below), one LoRA adapter runs (not DoRA, no dropout), the base is a frozen
+    nn.Linear, and x, W, A, B share one dtype with autocast off.
+
+    Where it pays: the Function's Python (apply, backward, a dozen tensor calls) costs host time
+    that only the launches it saves pay back. With dx needed it saves the dx sum and the s · dy pass;
+    without dx (x needs no gradient: one layer on a leaf input, or the first block after a frozen
+    embedding) it saves about one launch. Measured on an H200 (docs/benchmarks.md, issue #19 round 2):
+    a whole MiniGPT step is 0.93x of the plain path; one isolated layer without dx was 1.1-1.2x of it
+    at 256 to 16k rows, so an x without requires_grad takes the plain path. (One isolated bf16 layer
+    with dx is still 1.1-1.2x of the plain path at 1k-4k rows: the host cost shows there, the saved
+    launches pay off only in a whole step.) The checks are ordered cheapest first, and every
+    attribute is read once: this runs before every LoRALinear forward.
     """
-    if not _FUSED["enabled"] or (x.device.type != "cuda" and not _FUSED["cpu"]):
-        return False
-    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
-        return False
-    adapters = layer._adapters_to_run()
-    if len(adapters) != 1 or layer.use_dora[adapters[0]]:
-        return False
-    name = adapters[0]
+    if not _FUSED["enabled"]:
+        return None
+    device_type = x.device.type
+    if device_type != "cuda" and not _FUSED["cpu"]:
+        return None
+    if not x.requires_grad or not torch.is_grad_enabled() or torch.is_autocast_enabled(device_type):
+        return None
+    if layer.adapters_disabled or layer.merged_adapters or len(layer.active_adapters) != 1:
+        return None  # the plain path handles (and explains) disabled, merged and several adapters
+    name = layer.active_adapters[0]
+    if layer.use_dora[name] or type(layer.lora_dropout[name]) is not nn.Identity:
+        return None
     base = layer.base_layer
-    if type(base) is not nn.Linear or base.weight.requires_grad:
-        return False
-    if base.bias is not None and base.bias.requires_grad:
-        return False
-    if not isinstance(layer.lora_dropout[name], nn.Identity):
-        return False
+    if type(base) is not nn.Linear:
+        return None
+    weight, bias = base.weight, base.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
     dtype = x.dtype
-    return base.weight.dtype == dtype and layer.lora_A[name].dtype == dtype and layer.lora_B[name].dtype == dtype
+    if weight.dtype != dtype or layer.lora_A[name].dtype != dtype or layer.lora_B[name].dtype != dtype:
+        return None
+    return name
 
 
-def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """LoRALinear's output through `LoRALinearFunction` (call only when `can_fuse(layer, x)`)."""
-    name = layer._adapters_to_run()[0]
+def can_fuse(layer, x: torch.Tensor) -> bool:
+    """True when `layer(x)` takes the fused path (see `fusable_adapter`)."""
+    return fusable_adapter(layer, x) is not None
+
+
+def fused_lora_forward(layer, x: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
+    """LoRALinear's output through `LoRALinearFunction` (`name` from `fusable_adapter(layer, x)`)."""
+    if name is None:
+        name = fusable_adapter(layer, x)
+        if name is None:
+            raise ValueError("fused_lora_forward: this layer and input need the plain path (see fusable_adapter)")
     base = layer.base_layer
     return LoRALinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name], layer.lora_B[name],
                                     float(layer.scaling[name]))
 
 
-def _mm_scaled(first: torch.Tensor, second: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale · (first @ second) in one GEMM: addmm with beta = 0 ignores its input (a broadcast scalar)."""
-    nothing = first.new_empty(())  # [] broadcast to the output; never read with beta = 0 (no fill kernel)
+def _mm_scaled(nothing: torch.Tensor, first: torch.Tensor, second: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · (first @ second) in one GEMM: addmm with beta = 0 ignores its input `nothing` (a [] tensor,
+    broadcast to the output and never read: no fill kernel)."""
     return torch.addmm(nothing, first, second, beta=0, alpha=scale)
 
 
@@ -99,11 +124,8 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias: Optional[torch.Tensor], lora_A, lora_B, scaling: float):
         x_2d = x.reshape(-1, x.shape[-1])  # (N, in), a view for contiguous x
-        h = x_2d @ lora_A.t()  # (N, in) @ [in, r] -> (N, r)
-        if bias is not None:
-            y = torch.addmm(bias, x_2d, weight.t())  # b + x Wᵀ   (N, out)
-        else:
-            y = x_2d @ weight.t()  # (N, out)
+        h = F.linear(x_2d, lora_A)  # x Aᵀ   (N, in) @ [in, r] -> (N, r)
+        y = F.linear(x_2d, weight, bias)  # b + x Wᵀ   (N, out), the bias in the GEMM's epilogue
         y.addmm_(h, lora_B.t(), alpha=scaling)  # y += s · h Bᵀ, one GEMM with beta = 1
         ctx.save_for_backward(x_2d, h, weight, lora_A, lora_B)
         ctx.scaling, ctx.x_shape = scaling, x.shape
@@ -113,11 +135,15 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x_2d, h, weight, lora_A, lora_B = ctx.saved_tensors
         scaling = ctx.scaling
-        dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
+        # subtle: contiguous once here. y.sum().backward() hands an expanded (stride 0) gradient, which every
+        # GEMM below would otherwise copy on its own (three (N, out) copies); a real loss's gradient is
+        # contiguous already, and then this is free.
+        dy = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()  # (N, out)
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         grad_x = grad_A = grad_B = None
+        nothing = dy.new_empty(())  # the ignored input of both scaled GEMMs
         if need_x or need_A:
-            g = _mm_scaled(dy, lora_B, scaling)  # s · dy B   (N, out) @ [out, r] -> (N, r)
+            g = _mm_scaled(nothing, dy, lora_B, scaling)  # s · dy B   (N, out) @ [out, r] -> (N, r)
             if need_x:
                 grad_x = dy @ weight  # (N, out) @ [out, in] -> (N, in)
                 grad_x.addmm_(g, lora_A)  # += g A   (N, r) @ [r, in]
@@ -125,5 +151,5 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_A:
                 grad_A = g.t() @ x_2d  # [r, N] @ (N, in) -> [r, in]
         if need_B:
-            grad_B = _mm_scaled(dy.t(), h, scaling)  # s · dyᵀ h   [out, N] @ (N, r) -> [out, r]
+            grad_B = _mm_scaled(nothing, dy.t(), h, scaling)  # s · dyᵀ h   [out, N] @ (N, r) -> [out, r]
         return grad_x, None, None, grad_A, grad_B, None

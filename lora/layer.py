@@ -32,7 +32,7 @@ from lora.base_layer import (_adapter_dtype, _device_of, base_weight, is_4bit_li
                               linear_features, write_base_weight)
 from lora.bookkeeping import LoRALayerBase
 from lora.dora import DoRACache, dora_forward, initial_magnitude
-from lora.fused import can_fuse, fused_lora_forward
+from lora.fused import fusable_adapter, fused_lora_forward
 from lora.dora import _usable_here  # noqa: F401  (importable from lora.layer, as before the split)
 from lora.inits import gaussian_init, kaiming_init, olora_init, pissa_init
 
@@ -81,8 +81,9 @@ class LoRALinear(LoRALayerBase):
         `active_adapters` (docs/reference.md#several-adapters); a DoRA adapter rescales the running
         result instead (lora/dora.py). Merged adapters are already inside W and are skipped.
         """
-        if can_fuse(self, x):  # training on CUDA: the same numbers in fewer kernels (lora/fused.py)
-            return fused_lora_forward(self, x)
+        fused_name = fusable_adapter(self, x)  # training on CUDA: the same numbers in fewer kernels (lora/fused.py)
+        if fused_name is not None:
+            return fused_lora_forward(self, x, fused_name)
         result = self.base_layer(x)  # W x + b   (..., out)
         for adapter_name in self._adapters_to_run():
             lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]  # [r, in], [out, r]

@@ -80,7 +80,7 @@ def test_dispatch_takes_the_fused_path_only_where_it_applies(fused_on_cpu, monke
     calls = []
     original = fused.LoRALinearFunction.apply
     monkeypatch.setattr(fused.LoRALinearFunction, "apply", lambda *args: calls.append(1) or original(*args))
-    x = torch.randn(3, 24)
+    x = torch.randn(3, 24, requires_grad=True)  # an x without a gradient takes the plain path (lora/fused.py)
     make_layer()(x)
     assert calls == [1]
     with torch.no_grad():

@@ -29,7 +29,7 @@ def test_fused_equals_plain_on_cuda(dtype, tolerance):
     layer = LoRALinear(nn.Linear(512, 384), rank=16, alpha=32).cuda().to(dtype)
     with torch.no_grad():
         layer.lora_B["default"].normal_(std=0.02)
-    x = torch.randn(4, 64, 512, device="cuda", dtype=dtype)
+    x = torch.randn(4, 64, 512, device="cuda", dtype=dtype, requires_grad=True)
     assert fused.can_fuse(layer, x)
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

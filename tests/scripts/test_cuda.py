@@ -60,7 +60,15 @@ def test_nf4_large_weight_on_cuda_equals_cpu():
     on_cpu = quantize_nf4(weight)
     on_gpu = quantize_nf4(weight.cuda())
     assert torch.equal(on_gpu.packed.cpu(), on_cpu.packed)
-    assert torch.equal(on_gpu.dequantize().cpu(), on_cpu.dequantize())
+    # The same stored fields dequantize to the same bits on either device...
+    assert torch.equal(on_cpu.to("cuda").dequantize().cpu(), on_cpu.dequantize())
+    # ...but double quantization's offset is a mean of 131072 block scales, summed in another order on
+    # the GPU (see test_nf4_on_cuda_equals_nf4_on_cpu): it may differ by float rounding, and then the
+    # 8-bit scales and the dequantized weight follow it, within that rounding.
+    torch.testing.assert_close(on_gpu.absmax_offset.cpu(), on_cpu.absmax_offset, rtol=1e-6, atol=0)
+    if torch.equal(on_gpu.absmax_offset.cpu(), on_cpu.absmax_offset):
+        assert torch.equal(on_gpu.dequantize().cpu(), on_cpu.dequantize())
+    torch.testing.assert_close(on_gpu.dequantize().cpu(), on_cpu.dequantize(), rtol=1e-2, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
