@@ -12,6 +12,10 @@ import torch.nn as nn
 import lora
 from lora import LoRAConfig, apply_lora, load_adapter, model_fingerprint, save_adapter
 
+# A guard against hangs, not a speed target (those live in benchmarks/): unguarded, these inputs take
+# minutes or gigabytes; guarded, milliseconds. The wide margin keeps a busy CI machine from failing it.
+HANG_GUARD_S = 10.0
+
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
@@ -39,7 +43,7 @@ def test_risky_regex_in_lora_config_is_refused_fast(adapter_dir, changes, messag
     start = time.perf_counter()
     with pytest.raises(ValueError, match=message) as caught:
         load_adapter(tiny_model(), adapter_dir)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < HANG_GUARD_S
     assert "lora_config.json" in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -61,12 +65,18 @@ def test_truncated_and_mismatched_weights_are_named(adapter_dir):
         load_adapter(tiny_model(), adapter_dir)
 
 
-def test_many_rank_pattern_keys_are_compiled_once_per_apply():
+def test_many_rank_pattern_keys_are_compiled_once_per_apply(monkeypatch):
+    import lora.model
+
     pattern = {f"layer{index}": 2 for index in range(2000)}
-    start = time.perf_counter()
+    compiled = []
+    real_compile = lora.model.re.compile
+    monkeypatch.setattr(lora.model.re, "compile", lambda text, *args: compiled.append(text) or real_compile(text, *args))
     with pytest.warns(RuntimeWarning, match="did not match"):
         apply_lora(tiny_model(), LoRAConfig(r=4, target_modules=["0", "2"], rank_pattern=pattern))
-    assert time.perf_counter() - start < 0.5
+    # once for the ranks and once for the check that names unmatched keys, whatever the number of
+    # targets (compiling per module would make it 1 + the number of targeted modules)
+    assert sum("layer0)" in text for text in compiled) == 2 and sum("layer1999)" in text for text in compiled) == 2
 
 
 @pytest.mark.parametrize("init", ["kaiming", "pissa"])

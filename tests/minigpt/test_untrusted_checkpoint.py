@@ -14,6 +14,10 @@ from minigpt.model import MiniGPT
 from minigpt.vocab import EMBEDDING_FILE, load_new_rows
 from tokenizer import WordTokenizer
 
+# A guard against hangs, not a speed target (those live in benchmarks/): unguarded, these inputs take
+# minutes or gigabytes; guarded, milliseconds. The wide margin keeps a busy CI machine from failing it.
+HANG_GUARD_S = 10.0
+
 
 def peak_rss_reset() -> bool:
     """Reset the process's peak resident memory (Linux), so VmHWM shows what happens from now on."""
@@ -54,7 +58,7 @@ def test_huge_numbers_in_a_tiny_config_are_refused_fast_without_allocating(folde
     before, start = peak_rss_bytes(), time.perf_counter()
     with pytest.raises(ValueError, match="does not fit|too few for n_layers") as caught:
         load_model(folder)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < HANG_GUARD_S
     if measured:
         assert peak_rss_bytes() - before < 50 * 2**20  # a built model would need gigabytes
     assert "model.pt" in str(caught.value) and "\n" not in str(caught.value)
@@ -64,7 +68,7 @@ def test_n_heads_hint_is_cheap_for_a_huge_embed_dim():
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"try n_heads in \[1, 7, 11, 13"):
         GPTConfig(vocab_size=10, embed_dim=10**15 + 1, n_heads=3)
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < HANG_GUARD_S
 
 
 def test_config_nested_deep_is_one_line_error(folder):

@@ -6,6 +6,10 @@ import pytest
 
 from runtime.files import compile_checked_regex, json_depth, read_json_file
 
+# A guard against hangs, not a speed target (those live in benchmarks/): unguarded, these inputs take
+# minutes or gigabytes; guarded, milliseconds. The wide margin keeps a busy CI machine from failing it.
+HANG_GUARD_S = 10.0
+
 
 def test_json_nested_100000_deep_is_one_line_value_error(tmp_path):
     path = tmp_path / "deep.json"
@@ -13,7 +17,7 @@ def test_json_nested_100000_deep_is_one_line_value_error(tmp_path):
     start = time.perf_counter()
     with pytest.raises(ValueError, match="nests arrays/objects 100000 deep") as caught:
         read_json_file(path, "a test file")
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < HANG_GUARD_S
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -44,7 +48,7 @@ def test_risky_or_invalid_regex_is_refused_fast(pattern):
     start = time.perf_counter()
     with pytest.raises(ValueError, match="target_modules"):
         compile_checked_regex(pattern, "target_modules")
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < HANG_GUARD_S
 
 
 @pytest.mark.parametrize("pattern", [r"blocks\.0\..*_proj", r".*\.(q|v)_proj", r"\d\.v_proj", "(ab){3}", "a?b?c"])

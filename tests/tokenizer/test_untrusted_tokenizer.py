@@ -9,6 +9,10 @@ import pytest
 from tokenizer import BPETokenizer, WordTokenizer, load_tokenizer
 from tokenizer.bpe import MAX_TOKEN_BYTES
 
+# A guard against hangs, not a speed target (those live in benchmarks/): unguarded, these inputs take
+# minutes or gigabytes; guarded, milliseconds. The wide margin keeps a busy CI machine from failing it.
+HANG_GUARD_S = 10.0
+
 
 @pytest.fixture
 def bpe_file(tmp_path):
@@ -26,7 +30,7 @@ def test_pathological_split_pattern_is_refused_fast(bpe_file):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"split_pattern '\(a\+\)\+\$' is not one minilora ships") as caught:
         load_tokenizer(bpe_file)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < HANG_GUARD_S
     assert str(bpe_file) in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -43,7 +47,7 @@ def test_doubling_merges_are_refused_before_any_bytes_exist(bpe_file):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=f"tokens are at most {MAX_TOKEN_BYTES} bytes"):
         load_tokenizer(bpe_file)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < HANG_GUARD_S
 
 
 def test_deeply_nested_tokenizer_json_is_one_line_error(tmp_path):
@@ -61,7 +65,7 @@ def test_many_added_tokens_load_in_time_proportional_to_the_file(bpe_file):
     tokenizer.save(bpe_file)
     start = time.perf_counter()
     loaded = load_tokenizer(bpe_file)
-    assert time.perf_counter() - start < 0.5  # one regex compile, not 3000 growing ones
+    assert time.perf_counter() - start < HANG_GUARD_S  # one regex compile, not 3000 growing ones
     assert loaded.encode("a word2999!") == tokenizer.encode("a word2999!")
 
 
