@@ -99,7 +99,7 @@ MAX_REPLAY = 1000  # base sentences per fine-tuning sentence
 # options the fact-correction task does not read: giving one is a mistake worth saying so
 # options --task vision does not read (it has its own data, strategies and targets: finetuning/vision.py)
 VISION_UNUSED = ("data", "methods", "targets", "dora", "rslora", "lora_plus_ratio", "init", "embedding_lr", "epochs",
-                 "replay", "shuffled_copies", "early_stopping_patience", "compile", "dropout")
+                 "shuffled_copies", "early_stopping_patience", "compile", "dropout")
 FACT_CORRECTION_UNUSED = ("data", "methods", "targets", "dora", "replay", "full_lr", "early_stopping_patience")
 
 
