@@ -5,6 +5,8 @@
     python finetune.py --rank 16 --alpha 32 --targets q_proj,v_proj --lr 3e-3 --epochs 40
     python finetune.py --data my_text.txt           # your own text (it must contain words the base lacks)
     python finetune.py --task fact-correction       # LoRA on v_proj only vs on all attention projections
+    python finetune.py --task vision                # LoRA on a tiny vision-language model: decoder, encoder,
+                                                    # both, cross-attention, full (finetuning/vision.py)
     python -m minigpt.generate --model dist/finetuning_results/lora_merged --prompt "the soup"
     python -m minigpt.generate --model dist/base_model --adapter dist/finetuning_results/lora_adapter --prompt "the soup"
     torchrun --standalone --nproc_per_node=2 finetune.py --device cpu   # 2 processes (docs/distributed.md)
