@@ -7,6 +7,8 @@
     python finetune.py --data my_text.txt           # your own text (it must contain words the base lacks)
     python finetune.py --task fact-correction       # LoRA on v_proj only vs on all attention projections
     python finetune.py --optim adamw8bit            # AdamW moments in 8 bits (or paged_adamw8bit): memory column
+    python finetune.py --task vision                # LoRA on a tiny vision-language model: decoder, encoder,
+                                                    # both, cross-attention, full (finetuning/vision.py)
     python -m minigpt.generate --model dist/finetuning_results/lora_merged --prompt "the soup"
     python -m minigpt.generate --model dist/base_model --adapter dist/finetuning_results/lora_adapter --prompt "the soup"
     torchrun --standalone --nproc_per_node=2 finetune.py --device cpu   # 2 processes (docs/distributed.md)

@@ -44,15 +44,17 @@ from runtime.options import MAX_BATCH_TOKENS, MAX_STEPS, MAX_THREADS, check_batc
 from runtime.threads import use_threads
 
 DEFAULT_BASE = "dist/base_model"
-TASKS = ("new-domain", "fact-correction")
+TASKS = ("new-domain", "fact-correction", "vision")
 SAVED_FOLDER = {"full": "full_finetuned", "layer_frozen": "layer_frozen", "lora": "lora_adapter",
                 "dora": "dora_adapter", "qlora": "qlora_adapter", "adalora": "adalora_merged"}
 FACT_VARIANTS = {"v_proj only": ("v_proj",), "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj")}
 FACT_FOLDER = {"v_proj only": "v_proj_adapter", "q,k,v,o": "attention_adapter"}
-DEFAULT_OUT = {"new-domain": "dist/finetuning_results", "fact-correction": "dist/fact_correction"}
+DEFAULT_OUT = {"new-domain": "dist/finetuning_results", "fact-correction": "dist/fact_correction",
+               "vision": "dist/vision_results"}
 # the kind recorded in a results folder's marker (runtime/atomic.py): a previous folder is replaced as a whole
 # (one results.json describes one run) only when its marker names the same kind; any other folder is refused
-RESULT_KIND = {"new-domain": "finetune-results", "fact-correction": "fact-correction-results"}
+RESULT_KIND = {"new-domain": "finetune-results", "fact-correction": "fact-correction-results",
+               "vision": "vision-results"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class FinetuneConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     compile: bool = False  # torch.compile the training forward: fewer GPU launches, a slow first step
     plot: bool = True  # write comparison.png
+    encoder_rank: int | None = None  # --task vision: LoRA rank on the image encoder; default rank // 2
+    rank_sweep: bool = False  # --task vision: also train "both" at several (decoder, encoder) rank pairs
     progress: bool = True  # tqdm progress bars
 
 
@@ -94,6 +98,9 @@ DEFAULTS = FinetuneConfig()
 MAX_RANK = 4096  # the check against the base's layers (check_lora_fits) gives the real, smaller bound
 MAX_REPLAY = 1000  # base sentences per fine-tuning sentence
 # options the fact-correction task does not read: giving one is a mistake worth saying so
+# options --task vision does not read (it has its own data, strategies and targets: finetuning/vision.py)
+VISION_UNUSED = ("data", "methods", "targets", "dora", "rslora", "lora_plus_ratio", "init", "embedding_lr", "epochs",
+                 "shuffled_copies", "early_stopping_patience", "compile", "dropout")
 FACT_CORRECTION_UNUSED = ("data", "methods", "targets", "dora", "replay", "full_lr", "early_stopping_patience")
 
 
@@ -143,7 +150,16 @@ def check_config(config: FinetuneConfig) -> None:
         lora_config_from(config)
     except ValueError as error:
         raise ValueError(f"--targets {config.targets!r}: {error}") from None
-    if config.task == "fact-correction":
+    if config.encoder_rank is not None:
+        check_number("--encoder-rank", config.encoder_rank, 1, 32, integer=True, note=" (the encoder is 32 wide)")
+    if config.task != "vision" and (config.encoder_rank is not None or config.rank_sweep):
+        raise ValueError("--encoder-rank and --rank-sweep are options of --task vision; leave them out")
+    if config.task == "vision":
+        unused = [option for option in VISION_UNUSED if getattr(config, option) != getattr(DEFAULTS, option)]
+        if unused:
+            raise ValueError(f"--task vision does not use {', '.join('--' + o.replace('_', '-') for o in unused)}: it "
+                             f"compares its own LoRA strategies on its own images (finetuning/vision.py); leave them out")
+    elif config.task == "fact-correction":
         unused = [option for option in FACT_CORRECTION_UNUSED if getattr(config, option) != getattr(DEFAULTS, option)]
         if unused:
             flags = ", ".join("--" + option.replace("_", "-") for option in unused)
@@ -325,6 +341,9 @@ def main(config: FinetuneConfig) -> dict:
     only rank 0 prints and writes the results folder.
     """
     check_config(config)
+    if config.task == "vision":  # its own models and data: finetuning/vision.py
+        from finetuning.vision import run_vision
+        return run_vision(config)
     check_inputs_outside(output_folder(config), {"--base": config.base, "--data": config.data})
     check_output_dir(output_folder(config), RESULT_KIND[config.task])  # a foreign folder: refused before any work
     threads = use_threads(config.threads, base_width(config))

@@ -127,10 +127,15 @@ def _no_match_message(model: nn.Module, target) -> str:
     suggestions = []
     for pattern in wanted:
         close = difflib.get_close_matches(pattern.split(".")[-1], leaf_names + layers, n=1, cutoff=0.5)
-        if close:
+        if close and close[0] != pattern:  # the same name: the string form below is the mistake
             suggestions.append(f"{pattern!r} -> {close[0]!r}")
     if suggestions:
         message += f". Did you mean: {', '.join(suggestions)}?"
+    if isinstance(target, str) and target in leaf_names:
+        # subtle: as in PEFT, a string is a regular expression that must match the WHOLE module path
+        message += (f" A string is a regular expression matched against the whole module path, so {target!r} "
+                    f"matches only a top-level module of that name; write [{target!r}] (a list matches by "
+                    f"name at any depth) or {'.*' + target!r}")
     return message
 
 

@@ -212,3 +212,13 @@ def test_failed_add_adapter_leaves_a_plain_model_plain():
         lora.apply_lora(model, LoRAConfig(r=2, target_modules=["0", "1"], init="pissa"))
     assert_unchanged(model, snapshot)  # not even the PiSSA residual in the Linear before the embedding
     assert not hasattr(model, "lora_configs")
+
+
+def test_a_string_target_naming_a_nested_layer_explains_the_whole_path_rule():
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4)))
+    model[0].add_module("patch", nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"matched against the whole module path.*\['patch'\]") as caught:
+        lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules="patch"))
+    assert "'patch' -> 'patch'" not in str(caught.value)
+    lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules=["patch"]))  # the list form finds it
+    assert isinstance(model[0].patch, lora.LoRALinear)

@@ -1,7 +1,8 @@
 """The packages only import downward, nothing imports a script, and no file points outside the repository.
 
     floor 4  train.py  finetune.py                  scripts: nothing imports them
-    floor 3  finetuning                             -> minigpt, lora, quant, tokenizer, runtime
+    floor 3  finetuning                             -> minigpt, vision, lora, quant, tokenizer, runtime
+    floor 2  vision                                 -> minigpt (its blocks), tokenizer, runtime
     floor 2  minigpt                                -> tokenizer, runtime (+ lora, quant in adapter_folder.py)
     floor 1  lora                                   -> runtime (a 4-bit base only through its protocol)
     floor 1  quant, tokenizer                       -> nothing of the project
@@ -19,14 +20,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("runtime", "tokenizer", "quant", "lora", "minigpt", "finetuning")
+PACKAGES = ("runtime", "tokenizer", "quant", "lora", "minigpt", "vision", "finetuning")
 ALLOWED = {  # package -> the project packages it may import (besides itself)
     "runtime": set(),
     "tokenizer": {"runtime"},  # runtime/files.py reads tokenizer.json bounded
     "quant": set(),
     "lora": {"runtime", "quant"},  # quant only to dequantize whole 4-bit models in merge_and_unload
     "minigpt": {"tokenizer", "runtime", "lora", "quant"},  # lora and quant in adapter_folder.py alone
-    "finetuning": {"minigpt", "lora", "quant", "tokenizer", "runtime"},
+    "vision": {"minigpt", "tokenizer", "runtime"},  # MiniVLM reuses minigpt's blocks and decoder
+    "finetuning": {"minigpt", "vision", "lora", "quant", "tokenizer", "runtime"},
 }
 MINIGPT_FILES_USING_ADAPTERS = {"minigpt/adapter_folder.py"}
 
