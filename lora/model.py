@@ -26,6 +26,7 @@ from lora.config import LoRAConfig
 from lora.embedding import LoRAEmbedding
 from lora.layer import LoRALayerBase, LoRALinear, is_4bit_linear, is_linear_like
 from lora.modules_to_save import ModulesToSaveWrapper
+from runtime.save_guard import guard_save_pretrained
 
 OUTPUT_LAYER_NAMES = ("lm_head",)  # "all-linear" leaves these out, as PEFT leaves out the output embedding
 
@@ -268,6 +269,7 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
         module.add_adapter(adapter_name)  # a frozen copy of the original; set_adapter makes it train
         module.set_adapter(model.active_lora_adapters)
     configs[adapter_name] = config
+    guard_save_pretrained(model)  # a transformers model's save_pretrained now refuses (runtime/save_guard.py)
     return model
 
 
