@@ -79,6 +79,9 @@ CASES = {  # (model, LoRAConfig fields beyond target_modules)
     "llama-rslora": ("llama", dict(r=4, alpha=3, use_rslora=True)),
     "llama-modules_to_save": ("llama", dict(r=2, alpha=4, modules_to_save=["lm_head"])),
     "llama-embedding": ("llama", dict(r=2, alpha=4, target_modules=["embed_tokens", "q_proj"])),
+    # PiSSA / OLoRA rewrite the base from its SVD / QR when the adapter is applied, on load too, on both sides
+    "llama-pissa": ("llama", dict(r=2, alpha=4, init="pissa")),
+    "llama-olora": ("llama", dict(r=2, alpha=4, init="olora")),
 }
 
 
@@ -91,7 +94,8 @@ def peft_twin_config(config: LoRAConfig) -> LoraConfig:
     return LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.target_modules),
                       use_dora=config.use_dora, use_rslora=config.use_rslora,
                       modules_to_save=list(config.modules_to_save) or None, rank_pattern=dict(config.rank_pattern),
-                      alpha_pattern=dict(config.alpha_pattern), init_lora_weights=True)
+                      alpha_pattern=dict(config.alpha_pattern),
+                      init_lora_weights={"kaiming": True}.get(config.init, config.init))
 
 
 @pytest.mark.parametrize("case", list(CASES))
