@@ -444,6 +444,9 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     is None; with a bf16 compute dtype the full-precision matmul differs by bf16 rounding); with requantize=True
     every 4-bit layer stays 4-bit. (PEFT differs: its merge into a bitsandbytes 4-bit base always
     re-quantizes, so the whole model stays 4-bit.)
+
+    This is the route to a transformers checkpoint: `lora.merge_and_unload(model).save_pretrained(folder)`
+    (before it, the model's save_pretrained refuses: runtime/save_guard.py).
     """
     _replace_wrappers(model, merge_first=True, requantize=requantize)
     if not requantize and any(is_4bit_linear(module) for module in model.modules()):
