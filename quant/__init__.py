@@ -5,7 +5,9 @@ needing bitsandbytes at run time. What is identical, as measured against bitsand
 (tests/test_nf4_vs_bitsandbytes.py): the packed 4-bit codes and the float32 absmax, byte for byte. With
 double quantization the 8-bit absmax codes are the exactly nearest ones, which bitsandbytes' native CPU
 kernel (a 65,536-entry lookup table) misses in about 0.2% of blocks, so those blocks dequantize
-differently (docs/reference.md#where-we-differ). Read the files in this order:
+differently (docs/reference.md#where-we-differ); `quantize_nf4(..., absmax_rounding="bitsandbytes-cpu")`
+reproduces that lookup, and then every byte is bitsandbytes' CPU output
+(tests/quant/test_absmax_rounding_bitsandbytes_cpu.py). Read the files in this order:
 
     nf4_code.py    the 16 NF4 values and the 8-bit dynamic map, rebuilt from their definitions
     nf4.py         the plain quantize_nf4_reference / dequantize_nf4_reference first, then the same
