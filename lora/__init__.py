@@ -15,7 +15,11 @@ After (LoRA: the model is frozen, small adapters A, B train next to q_proj and v
     ...train...
     lora.save_adapter(model, "dist/my_adapter")  # a few KB: lora_config.json + lora_weights.pt
     lora.load_adapter(fresh_base_model, "dist/my_adapter")
+    lora.save_adapter(model, "dist/for_peft", format="peft")   # PEFT's folder: PeftModel.from_pretrained reads it
     plain = lora.merge_and_unload(model)         # nn.Linear layers again, no adapter parameters left
+
+A transformers model refuses `save_pretrained` while it holds LoRA layers (from_pretrained could not
+restore them): save the adapter with format="peft", or merge_and_unload first and then save_pretrained.
 
 Files, in reading order: config.py (LoRAConfig), layer.py (LoRALinear: the LoRA forward, merge),
 dora.py (DoRA: the formula, then the fast path and its cache), inits.py (kaiming, gaussian, PiSSA,
@@ -23,7 +27,8 @@ OLoRA), bookkeeping.py (LoRALayerBase: named adapters), base_layer.py (nn.Linear
 embedding.py (LoRAEmbedding), conv.py (LoRAConv: nn.Conv1d/2d/3d; GPT-2's Conv1D is a LoRALinear,
 base_layer.py), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
 one copy per adapter), model.py (apply_lora, target matching, adapters on a model),
-combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+),
+combine.py (weighted combinations), io.py (adapter folders, PEFT keys), peft_format.py (PEFT's
+folder: adapter_config.json + adapter_model.safetensors), lora_plus.py (LoRA+),
 fused.py (the same LoRA training forward/backward in fewer GPU kernels; `lora.set_fused(False)` turns it off),
 loftq.py (LoftQ: QLoRA's adapter started at the quantization error).
 """

@@ -29,6 +29,12 @@ class LoRALayerBase(nn.Module):
     `unloaded_base`, and override `clear_caches` if they cache anything.
     """
 
+    # read by runtime/save_guard.py: a transformers model holding this layer refuses save_pretrained
+    save_pretrained_refusal = ("from_pretrained would drop the adapter's keys (base_layer, lora_A, lora_B ...) and "
+                               "start the layer afresh, silently. Save the adapter alone with lora.save_adapter(model, "
+                               "folder, format='peft') (PeftModel.from_pretrained reads it), or merge first: "
+                               "model = lora.merge_and_unload(model), then model.save_pretrained(folder)")
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer

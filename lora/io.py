@@ -14,6 +14,10 @@ Only one adapter per folder, stored without its name, so it can be loaded under 
 the same tensors `base_model.model.<path>.lora_A.weight` (`lora_embedding_A` for embeddings,
 `lora_magnitude_vector` for DoRA); `to_peft_state_dict` / `from_peft_state_dict` translate.
 
+PEFT's own folder (adapter_config.json + adapter_model.safetensors, what `PeftModel.from_pretrained`
+reads) is written by `save_adapter(..., format="peft")` and recognised by load_adapter from its files;
+lora/peft_format.py maps the config fields and lists what is refused.
+
 Loading is all or nothing: the config is validated, every tensor's name and shape is checked against
 the model, and only then is the model touched. Files are written to a temporary folder first and moved
 into place with renames (runtime/atomic.py), so a crash never leaves half an adapter on disk; an existing
@@ -34,6 +38,8 @@ from lora.config import LoRAConfig
 from lora.model import (_compile_patterns, _existing_configs, _modules_to_save, _pattern_value, adapter_shapes,
                         add_adapter, find_targets, lora_layers, saved_modules, set_adapter)
 from lora.modules_to_save import ModulesToSaveWrapper
+from lora.peft_format import (PEFT_CONFIG_FILE, PEFT_FILES, PEFT_PICKLE_FILE, check_base_weights, read_peft_config,
+                              read_peft_weights, write_peft_files)
 from runtime.atomic import MARKER, atomic_directory  # the same atomic write as checkpoints
 from runtime.files import read_json_file
 
@@ -120,26 +126,37 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> Dict[
     return state
 
 
-def _foreign_entries(adapter_dir: Path) -> List[str]:
-    """Names in `adapter_dir` that save_adapter did not write (anything but ADAPTER_FILES, as plain files,
+def _foreign_entries(adapter_dir: Path, files=ADAPTER_FILES) -> List[str]:
+    """Names in `adapter_dir` that save_adapter did not write (anything but `files`, as plain files,
     and the hidden marker every output folder holds)."""
     return sorted(entry.name for entry in adapter_dir.iterdir()
-                  if entry.name != MARKER and (entry.name not in ADAPTER_FILES or not entry.is_file()
+                  if entry.name != MARKER and (entry.name not in files or not entry.is_file()
                                                or entry.is_symlink()))
 
 
 def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "default",
-                 base_fingerprint: str = None) -> Path:
+                 base_fingerprint: str = None, format: str = "minilora", task_type: str = None,
+                 base_model_name_or_path: str = None) -> Path:
     """Write adapter `adapter_name` to `adapter_dir` (lora_config.json + lora_weights.pt); returns the path.
 
     `base_fingerprint` (optional, `model_fingerprint(model)` taken before apply_lora) is written into
     lora_config.json, so load_adapter can tell when the adapter is loaded onto another base.
+
+    format="peft" writes PEFT's folder instead: adapter_config.json + adapter_model.safetensors, which
+    `PeftModel.from_pretrained(base, adapter_dir)` loads (fields mapped as lora/peft_format.py lists;
+    `task_type` such as "CAUSAL_LM" and `base_model_name_or_path` go into the config as PEFT writes them;
+    a base fingerprint goes into the safetensors metadata, which PEFT ignores). This is also the way to
+    save a transformers model's adapter: its save_pretrained refuses while the model holds LoRA layers.
 
     Merged adapters are saved as their A, B (the base is not changed by saving). The folder is written
     whole or not at all (runtime/atomic.py). An existing folder is replaced only if it holds nothing but
     these two files (an earlier save); a folder with anything else in it is refused with FileExistsError,
     so a save never deletes files it did not write.
     """
+    if format not in ("minilora", "peft"):
+        raise ValueError(f"save_adapter format must be 'minilora' ({list(ADAPTER_FILES)}) or 'peft' "
+                         f"({list(PEFT_FILES)}), got {format!r}")
+    files = PEFT_FILES if format == "peft" else ADAPTER_FILES
     state = adapter_state_dict(model, adapter_name)
     adapter_dir = Path(adapter_dir)
     if base_fingerprint is not None:
@@ -147,13 +164,21 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
     if adapter_dir.exists() or adapter_dir.is_symlink():
         if not adapter_dir.is_dir() or adapter_dir.is_symlink():
             raise FileExistsError(f"{adapter_dir} exists and is not a folder; save the adapter to a new folder")
-        foreign = _foreign_entries(adapter_dir)
+        foreign = _foreign_entries(adapter_dir, files)
         if foreign:
             raise FileExistsError(f"{adapter_dir} holds {foreign}, which save_adapter did not write (an adapter "
-                                  f"folder holds only {list(ADAPTER_FILES)}); save to an empty or new folder, "
+                                  f"folder holds only {list(files)}); save to an empty or new folder, "
                                   f"or move those out first")
-    with atomic_directory(adapter_dir, kind="adapter", legacy_files=ADAPTER_FILES) as tmp:
-        write_adapter_files(model, tmp, adapter_name, state, base_fingerprint)
+    with atomic_directory(adapter_dir, kind="adapter", legacy_files=files) as tmp:
+        if format == "peft":
+            config = _existing_configs(model)[adapter_name]
+            embeddings = {path for path, layer in lora_layers(model)
+                          if adapter_name in layer.lora_A and isinstance(layer.base_layer, nn.Embedding)}
+            targets = [path for path, layer in lora_layers(model) if adapter_name in layer.lora_A]
+            write_peft_files(tmp, config, targets, to_peft_state_dict(state, embeddings), task_type,
+                             base_model_name_or_path, base_fingerprint)
+        else:
+            write_adapter_files(model, tmp, adapter_name, state, base_fingerprint)
     return adapter_dir
 
 
@@ -273,14 +298,34 @@ def load_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
 
     `base_fingerprint`, when given (`model_fingerprint(model)` of the base, before any adapter), is compared
     with the one save_adapter recorded: a difference warns, or raises ValueError with `strict_base=True`.
+
+    A PEFT folder (adapter_config.json + adapter_model.safetensors, from PEFT's save_pretrained or
+    save_adapter(format="peft")) is read too; what it may not hold is listed in lora/peft_format.py.
     """
-    config = load_lora_config(adapter_dir)
-    check_base_fingerprint(load_base_fingerprint(adapter_dir), base_fingerprint, str(adapter_dir), strict_base)
-    state = _load_weights(adapter_dir)
+    folder = Path(adapter_dir)
+    peft_folder = not (folder / CONFIG_FILE).is_file() and ((folder / PEFT_CONFIG_FILE).is_file()
+                                                            or (folder / PEFT_PICKLE_FILE).is_file())
+    base_weights = {}
+    if peft_folder:  # PEFT's adapter_config.json + adapter_model.safetensors (lora/peft_format.py)
+        if not (folder / PEFT_CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{folder / PEFT_CONFIG_FILE} not found: a PEFT adapter folder holds "
+                                    f"{list(PEFT_FILES)}")
+        config = read_peft_config(folder)
+        peft_state, base_weights, recorded = read_peft_weights(folder)
+        if recorded is not None:
+            _check_fingerprint_text(recorded, str(folder))
+        state = _from_peft_folder_state(peft_state)
+    else:
+        config = load_lora_config(adapter_dir)
+        recorded = load_base_fingerprint(adapter_dir)
+    check_base_fingerprint(recorded, base_fingerprint, str(adapter_dir), strict_base)
+    if not peft_folder:
+        state = _load_weights(adapter_dir)
     configs = _existing_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on the model (adapters: {list(configs)}); "
                          f"load it under another name or delete_adapter it first")
+    check_base_weights(model, base_weights, str(adapter_dir))
     check_adapter_fits(model, config, state)
     add_adapter(model, config, adapter_name)
     with torch.no_grad():
@@ -321,6 +366,16 @@ def to_peft_state_dict(state: Dict[str, torch.Tensor], adapter_names=None) -> Di
         else:
             converted[f"base_model.model.{key}"] = tensor
     return converted
+
+
+def _from_peft_folder_state(peft_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A PEFT file's tensors -> our keys: LoRA tensors by from_peft_state_dict, everything else (PEFT's
+    modules_to_save copies, "base_model.model.lm_head.weight") under the module's own name."""
+    state = {}
+    for key, tensor in peft_state.items():
+        converted = from_peft_state_dict({key: tensor})
+        state.update(converted if converted else {key.removeprefix("base_model.model."): tensor})
+    return state
 
 
 def from_peft_state_dict(peft_state: Dict[str, torch.Tensor], adapter_name: str = "default") -> Dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from lora.embedding import LoRAEmbedding
 from lora.layer import LoRALayerBase, LoRALinear, is_4bit_linear, is_linear_like
 from lora.base_layer import linear_features
 from lora.modules_to_save import ModulesToSaveWrapper
+from runtime.save_guard import guard_save_pretrained
 
 OUTPUT_LAYER_NAMES = ("lm_head",)  # "all-linear" leaves these out, as PEFT leaves out the output embedding
 
@@ -300,6 +301,7 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
         module.add_adapter(adapter_name)  # a frozen copy of the original; set_adapter makes it train
         module.set_adapter(model.active_lora_adapters)
     configs[adapter_name] = config
+    guard_save_pretrained(model)  # a transformers model's save_pretrained now refuses (runtime/save_guard.py)
     return model
 
 
@@ -545,6 +547,9 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     is None; with a bf16 compute dtype the full-precision matmul differs by bf16 rounding); with requantize=True
     every 4-bit layer stays 4-bit. (PEFT differs: its merge into a bitsandbytes 4-bit base always
     re-quantizes, so the whole model stays 4-bit.)
+
+    This is the route to a transformers checkpoint: `lora.merge_and_unload(model).save_pretrained(folder)`
+    (before it, the model's save_pretrained refuses: runtime/save_guard.py).
     """
     _warn_tied_targets(model)
     _replace_wrappers(model, merge_first=True, requantize=requantize)

@@ -35,6 +35,12 @@ class ModulesToSaveWrapper(nn.Module):
         True
     """
 
+    # read by runtime/save_guard.py: a transformers model holding this layer refuses save_pretrained
+    save_pretrained_refusal = ("from_pretrained would drop the adapter's keys (original_module, modules_to_save ...) and "
+                               "keep the untrained module, silently. Save the adapter alone with lora.save_adapter(model, "
+                               "folder, format='peft') (PeftModel.from_pretrained reads it), or merge first: "
+                               "model = lora.merge_and_unload(model), then model.save_pretrained(folder)")
+
     def __init__(self, original_module: nn.Module):
         super().__init__()
         self.original_module = original_module

@@ -1,8 +1,13 @@
 """quant: pure-PyTorch NF4 quantization with double quantization, and the 4-bit base layer of QLoRA.
 
-Follows QLoRA (Dettmers et al., 2023) and matches bitsandbytes 0.50 byte for byte
-(docs/reference.md#nf4-quantize, docs/reference.md#where-we-differ), without needing bitsandbytes at
-run time. Read the files in this order:
+Follows QLoRA (Dettmers et al., 2023) and bitsandbytes 0.50 (docs/reference.md#nf4-quantize), without
+needing bitsandbytes at run time. What is identical, as measured against bitsandbytes 0.50.2 on CPU
+(tests/quant/test_nf4_vs_bitsandbytes.py): the packed 4-bit codes and the float32 absmax, byte for byte. With
+double quantization the 8-bit absmax codes are the exactly nearest ones, which bitsandbytes' native CPU
+kernel (a 65,536-entry lookup table) misses in about 0.2% of blocks, so those blocks dequantize
+differently (docs/reference.md#where-we-differ); `quantize_nf4(..., absmax_rounding="bitsandbytes-cpu")`
+reproduces that lookup, and then every byte is bitsandbytes' CPU output
+(tests/quant/test_absmax_rounding_bitsandbytes_cpu.py). Read the files in this order:
 
     nf4_code.py    the 16 NF4 values and the 8-bit dynamic map, rebuilt from their definitions
     nf4.py         the plain quantize_nf4_reference / dequantize_nf4_reference first, then the same

@@ -98,6 +98,13 @@ class Linear4bit(nn.Module):
         (torch.Size([32, 64]), False)
     """
 
+    # read by runtime/save_guard.py: a transformers model holding this layer refuses save_pretrained
+    save_pretrained_refusal = ("from_pretrained knows no NF4 buffers (packed codes, absmax ...): it would drop them and "
+                               "start the layer from random weights, silently. Either save the full-precision model "
+                               "(quant.dequantize_model(model), then save_pretrained), or torch.save(model.state_dict()) "
+                               "and restore it by building the model, quantize_model with the same options, then "
+                               "load_state_dict")
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
                  compute_dtype: Optional[torch.dtype] = None, weight_dtype: torch.dtype = torch.float32,

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from quant.linear4bit import Linear4bit
 from quant.nf4 import DEFAULT_BLOCK_SIZE, DEFAULT_DQ_BLOCK_SIZE
+from runtime.save_guard import guard_save_pretrained
 
 
 def _matches(module_path: str, patterns: Iterable[str]) -> bool:
@@ -127,6 +128,7 @@ def quantize_model(model: nn.Module, target_modules: Optional[Sequence[str]] = N
     for path, linear in selected:
         _set_submodule(model, path, Linear4bit.from_linear(linear, block_size=block_size,
                                                            double_quant=double_quant, compute_dtype=compute_dtype))
+    guard_save_pretrained(model)  # a transformers model's save_pretrained now refuses (runtime/save_guard.py)
     return QuantizationReport(quantized=tuple(path for path, _ in selected), bytes_before=bytes_before,
                               bytes_after=_model_bytes(model),
                               already_quantized=tuple(path for path, _ in already_4bit))

@@ -1,4 +1,4 @@
-"""NF4 blockwise quantization with double quantization, byte-identical to bitsandbytes.
+"""NF4 blockwise quantization with double quantization; the packed 4-bit codes are bitsandbytes' bytes.
 
 QLoRA (Dettmers et al., 2023) stores a frozen weight in 4 bits: the weight is cut into blocks of 64
 values, each block is divided by its largest magnitude ("absmax", QLoRA eq. 1) so it lies in [-1, 1],
@@ -23,9 +23,13 @@ The file reads in two passes:
    give the same bytes and the same dequantized tensors as the plain versions.
 
 The rules follow bitsandbytes 0.50 exactly, down to which blocks divide and which multiply by a
-reciprocal, so `packed` and `dequantize()` equal bitsandbytes' `quantize_4bit` /
-`dequantize_4bit(quant_type="nf4")` bit for bit (tests/quant/test_nf4_vs_bitsandbytes.py); the few places
-where we differ are in docs/reference.md#where-we-differ.
+reciprocal. Measured against bitsandbytes 0.50.2 on CPU (tests/quant/test_nf4_vs_bitsandbytes.py): `packed` and
+the float32 absmax equal its `quantize_4bit` bit for bit, and `dequantize()` equals the NF4 definition on
+those bytes bit for bit (and `dequantize_4bit(quant_type="nf4")` wherever that kernel decodes its own
+bytes right: see that test for the block sizes where it does not). With double quantization our 8-bit
+absmax codes are the exactly nearest ones; bitsandbytes' native CPU kernel picks a neighbour in about
+0.2% of blocks, and those blocks dequantize differently (docs/reference.md#where-we-differ).
+`absmax_rounding="bitsandbytes-cpu"` reproduces its lookup table (`lookup_codes`): every byte equal.
 
 Speed (benchmarks/nf4.py, docs/benchmarks.md): the fast versions process big tensors in chunks of about
 a million elements, so the temporaries stay small (and in cache) whatever the weight's size, and
@@ -398,6 +402,10 @@ def _cached_table(name: str, device: torch.device) -> torch.Tensor:
             table = code_midpoints(DYNAMIC_MAP_SIGNED)  # [255]
         elif name == "dynamic_map":
             table = DYNAMIC_MAP_SIGNED  # [256]
+        elif name == "dynamic_lookup":
+            # bitsandbytes' CPU lookup: entry i holds the code nearest to the grid point i / 65535 * 2 - 1
+            grid = torch.arange(LOOKUP_ENTRIES, dtype=torch.float32) / (LOOKUP_ENTRIES - 1) * 2 - 1  # [65536]
+            table = nearest_codes(grid, code_midpoints(DYNAMIC_MAP_SIGNED)).to(torch.uint8)  # [65536]
         elif name == "byte_to_pair_bits":
             # subtle: each row of the [256, 2] float32 table is 8 bytes; viewed as one int64 per byte
             # value, a 1-D lookup copies both code values at once (faster than gathering rows) and,
@@ -498,7 +506,7 @@ def nearest_codes(scaled: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
-                 dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE) -> NF4Weight:
+                 dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE, absmax_rounding: str = "nearest") -> NF4Weight:
     """Quantize a weight to NF4, optionally with double quantization (QLoRA section 3).
 
     The same bytes as `quantize_nf4_reference` (and, with double quantization, `quantize_absmax_reference`
@@ -510,6 +518,9 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
         double_quant: also quantize the absmax values to 8 bits (4.127 instead of 4.5 bits per weight).
         dq_block_size: absmax values per second-level block (256 in QLoRA and bitsandbytes); one of the
             same sizes, checked even when double_quant is False so that a typo never waits to surface.
+        absmax_rounding: how double quantization picks the 8-bit codes: "nearest" (the default, the exactly
+            nearest code) or "bitsandbytes-cpu" (bitsandbytes' native CPU lookup table, `lookup_codes`:
+            then every byte equals its `quantize_4bit(..., compress_statistics=True)` on CPU).
 
     Returns:
         NF4Weight on the weight's device.
@@ -529,6 +540,8 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
     """
     block_size = check_block_size(block_size)
     dq_block_size = check_block_size(dq_block_size, "dq_block_size")
+    if absmax_rounding not in ABSMAX_ROUNDINGS:  # checked before any work, as dq_block_size is
+        raise ValueError(f"absmax_rounding must be one of {ABSMAX_ROUNDINGS}, got {absmax_rounding!r}")
     _check_weight(weight)
     device = weight.device
     flat = weight.detach().reshape(-1)  # [n], row-major; blocks may cross row boundaries
@@ -574,7 +587,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
     if not double_quant:
         return NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, block_size=block_size,
                          absmax=absmax)
-    absmax_q, absmax_scale, absmax_offset = quantize_absmax(absmax, dq_block_size)
+    absmax_q, absmax_scale, absmax_offset = quantize_absmax(absmax, dq_block_size, absmax_rounding)
     _raise_on_overflowing_absmax(absmax, dequantize_absmax(absmax_q, absmax_scale, absmax_offset, dq_block_size),
                                  weight.dtype, block_size, weight.shape)
     return NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, block_size=block_size,
@@ -586,7 +599,33 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, dou
 # The same numbers, faster: double quantization of the block scales (QLoRA section 3)
 # ----------------------------------------------------------------------------------------------------
 
-def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE):
+LOOKUP_ENTRIES = 65536  # bitsandbytes' CPU kernel: a code lookup table over a grid of this many points in [-1, 1]
+ABSMAX_ROUNDINGS = ("nearest", "bitsandbytes-cpu")
+
+
+def lookup_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """8-bit codes as bitsandbytes 0.50's native CPU `quantize_blockwise` picks them: through a lookup table.
+
+    The value is first snapped to a grid of 65,536 points, `index = floor((x + 1) * 32767.5 + 0.5)` in
+    float32, and the code is the one nearest to that grid point (not to x). Near zero, where the dynamic
+    map's values lie closer together than the grid's 2 / 65535, this can be a neighbour of the nearest
+    code. (Formula found by comparing with bitsandbytes on CPU: every byte equal,
+    tests/quant/test_absmax_rounding_bitsandbytes_cpu.py.)
+
+    Args:
+        scaled: float32 tensor, values in [-1, 1].
+
+    Returns:
+        uint8 tensor of the same shape.
+    """
+    # subtle: a second-level block whose scale is 0 (every value equal to the offset) scales to 0 * (1/0) = NaN
+    # in that kernel, which lands on code 0; any code dequantizes to the offset there, so only the byte shows it
+    scaled = torch.nan_to_num(scaled, nan=-1.0)
+    index = torch.floor((scaled + 1) * 32767.5 + 0.5).long().clamp_(0, LOOKUP_ENTRIES - 1)
+    return _cached_table("dynamic_lookup", scaled.device)[index]
+
+
+def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_SIZE, rounding: str = "nearest"):
     """Quantize float32 block scales to 8 bits with the signed dynamic map, in blocks of `dq_block_size`.
 
     The same bytes as `quantize_absmax_reference` (docs/reference.md#double-quantization), with the
@@ -596,6 +635,9 @@ def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_
     Args:
         absmax: float32 [num_blocks].
         dq_block_size: values per second-level block, one of VALID_BLOCK_SIZES (bitsandbytes uses 256).
+        rounding: "nearest" (the exactly nearest code, as bitsandbytes' CUDA kernel and pure-PyTorch path
+            choose it) or "bitsandbytes-cpu" (its native CPU kernel's lookup table, `lookup_codes`: every
+            value is then scaled by a reciprocal, the partial last block too, as that kernel does).
 
     Returns:
         (absmax_q uint8 [num_blocks], absmax_scale float32 [ceil(num_blocks / dq_block_size)],
@@ -607,6 +649,8 @@ def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_
         ([0, 127, 255], [1.0], 2.0)
     """
     dq_block_size = check_block_size(dq_block_size, "dq_block_size")
+    if rounding not in ABSMAX_ROUNDINGS:
+        raise ValueError(f"absmax rounding must be one of {ABSMAX_ROUNDINGS}, got {rounding!r}")
     absmax_offset = mean_absmax(absmax)  # [] float32, bitsandbytes' mean unless that one overflows
     centered = absmax - absmax_offset  # [num_blocks]
     num_values = centered.numel()
@@ -618,14 +662,20 @@ def quantize_absmax(absmax: torch.Tensor, dq_block_size: int = DEFAULT_DQ_BLOCK_
         blocks = centered[:num_full * dq_block_size].view(num_full, dq_block_size)  # [nb2, 256]
         block_scale = _block_absmax(blocks)  # [nb2]
         absmax_scale[:num_full] = block_scale
-        reciprocal = 1.0 / block_scale.clamp(min=ABSMAX_FLOOR)
+        # subtle: no floor for the lookup: a zero scale gives NaN there, as in bitsandbytes' CPU kernel
+        reciprocal = 1.0 / (block_scale if rounding == "bitsandbytes-cpu" else block_scale.clamp(min=ABSMAX_FLOOR))
         scaled_parts.append((blocks * reciprocal[:, None]).reshape(-1))
     if num_second_level > num_full:
         tail = centered[num_full * dq_block_size:]  # [r]
         tail_scale = _block_absmax(tail[None, :])[0]
         absmax_scale[num_full] = tail_scale
-        scaled_parts.append(tail / tail_scale.clamp(min=ABSMAX_FLOOR))
+        if rounding == "bitsandbytes-cpu":
+            scaled_parts.append(tail * (1.0 / tail_scale))
+        else:
+            scaled_parts.append(tail / tail_scale.clamp(min=ABSMAX_FLOOR))
     scaled = torch.cat(scaled_parts).clamp_(-1.0, 1.0)  # [num_blocks], in [-1, 1]
+    if rounding == "bitsandbytes-cpu":
+        return lookup_codes(scaled), absmax_scale, absmax_offset
     midpoints = _cached_table("dynamic_midpoints", absmax.device)  # [255]
     absmax_q = nearest_codes(scaled, midpoints).to(torch.uint8)  # [num_blocks], 0..255
     return absmax_q, absmax_scale, absmax_offset

@@ -6,6 +6,7 @@
     distributed.py  data-parallel training under torchrun (a no-op for one process)
     threads.py      how many CPU threads a run uses: the cores free now, capped by what the model can use
     files.py        read JSON and regular expressions from untrusted files, bounded in time and memory
+    save_guard.py   a transformers model holding LoRA or 4-bit layers refuses save_pretrained (and says what to do)
 
 This is the bottom floor of the project: it imports nothing of minigpt, lora, quant, tokenizer or
 finetuning, so every one of them may use it (the layers are drawn in README.md, "Layout").

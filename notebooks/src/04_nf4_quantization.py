@@ -3,7 +3,8 @@
 #
 # QLoRA (Dettmers et al., 2023) fine-tunes a 65B model on one 48 GB GPU by storing the frozen base
 # weights in **4-bit NormalFloat (NF4)**. This notebook takes NF4 apart with the project's `quant`
-# package, which matches bitsandbytes byte for byte:
+# package, whose packed 4-bit codes are bitsandbytes' bytes (its 8-bit double-quantization codes differ
+# from bitsandbytes' CPU kernel in about 0.2% of blocks: docs/reference.md, "Where we differ"):
 #
 # 1. the 16 NF4 values, derived from quantiles of the normal distribution;
 # 2. a weight histogram with the 16 levels drawn on it;
