@@ -34,6 +34,7 @@ from typing import Dict, List, Union
 import torch
 import torch.nn as nn
 
+from lora.base_layer import is_fan_in_fan_out
 from lora.config import LoRAConfig
 from lora.model import (_compile_patterns, _existing_configs, _modules_to_save, _pattern_value, adapter_shapes,
                         add_adapter, find_targets, lora_layers, saved_modules, set_adapter)
@@ -175,8 +176,10 @@ def save_adapter(model: nn.Module, adapter_dir: PathLike, adapter_name: str = "d
             embeddings = {path for path, layer in lora_layers(model)
                           if adapter_name in layer.lora_A and isinstance(layer.base_layer, nn.Embedding)}
             targets = [path for path, layer in lora_layers(model) if adapter_name in layer.lora_A]
+            conv1d = any(is_fan_in_fan_out(layer.base_layer) for path, layer in lora_layers(model)
+                         if adapter_name in layer.lora_A)  # GPT-2's Conv1D: PEFT's config says fan_in_fan_out
             write_peft_files(tmp, config, targets, to_peft_state_dict(state, embeddings), task_type,
-                             base_model_name_or_path, base_fingerprint)
+                             base_model_name_or_path, base_fingerprint, fan_in_fan_out=conv1d)
         else:
             write_adapter_files(model, tmp, adapter_name, state, base_fingerprint)
     return adapter_dir

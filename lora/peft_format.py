@@ -9,10 +9,11 @@ Config fields, ours -> PEFT's (PEFT's LoraConfig, peft/tuners/lora/config.py):
     rank_pattern, alpha_pattern: the same;  target_modules: the same ("all-linear" is written as the list
     of module paths it selected: PEFT's own "all-linear" keeps lm_head on a model that is not a transformers one);
     init: "kaiming" -> init_lora_weights true, "gaussian" / "pissa" / "olora" -> that string.
-Everything else is written at PEFT's default (bias "none", fan_in_fan_out false, lora_bias false, ...).
+Everything else is written at PEFT's default (bias "none", lora_bias false, ...); fan_in_fan_out is true when
+the targets are GPT-2's Conv1D layers, as PEFT writes it for those models.
 
 Reading refuses, with one line naming the field, what this library cannot compute: another peft_type,
-`bias` other than "none", `lora_bias`, `use_qalora`, `fan_in_fan_out`, `layers_to_transform`,
+`bias` other than "none", `lora_bias`, `use_qalora`, `layers_to_transform`,
 `exclude_modules`, the other initialisations (LoftQ, EVA, CorDA, ...), and any field PEFT 0.21 does not know
 whose value is not empty. `adapter_model.bin` (PEFT's old pickle format) is refused: a pickle can run code.
 """
@@ -51,11 +52,18 @@ PEFT_DEFAULTS = {
 IGNORED = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
            "megatron_core", "qalora_group_size", "runtime_config"}
 OURS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora",
-        "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern"}
+        "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern",
+        # subtle: PEFT overrides fan_in_fan_out by each layer's type (Conv1D: true, nn.Linear: false, with a
+        # warning), and so does this library (lora/base_layer.py is_fan_in_fan_out): either value loads
+        "fan_in_fan_out"}
 
 
-def peft_config_dict(config: LoRAConfig, targets, task_type=None, base_model_name_or_path=None) -> dict:
-    """adapter_config.json's fields for `config`; `targets` are the module paths it selected on the model."""
+def peft_config_dict(config: LoRAConfig, targets, task_type=None, base_model_name_or_path=None,
+                     fan_in_fan_out: bool = False) -> dict:
+    """adapter_config.json's fields for `config`; `targets` are the module paths it selected on the model.
+
+    `fan_in_fan_out`: the targets are GPT-2's Conv1D layers (weight stored [in, out]); PEFT's own config
+    for such a model says so, though PEFT (and this library) set it from each layer's type when loading."""
     target_modules = sorted(targets) if config.target_modules == "all-linear" else config.to_dict()["target_modules"]
     fields = {
         **PEFT_DEFAULTS,
@@ -66,6 +74,7 @@ def peft_config_dict(config: LoRAConfig, targets, task_type=None, base_model_nam
         # subtle: PEFT writes null for "none" (and a list otherwise); an empty list would also load
         "modules_to_save": list(config.modules_to_save) or None,
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
+        "fan_in_fan_out": fan_in_fan_out,
     }
     return dict(sorted(fields.items()))  # PEFT's own file lists its fields sorted
 
@@ -146,9 +155,10 @@ def read_peft_weights(adapter_dir) -> Tuple[Dict[str, torch.Tensor], Dict[str, t
 
 
 def write_peft_files(folder, config: LoRAConfig, targets, peft_state: Dict[str, torch.Tensor],
-                     task_type=None, base_model_name_or_path=None, base_fingerprint=None) -> None:
+                     task_type=None, base_model_name_or_path=None, base_fingerprint=None,
+                     fan_in_fan_out: bool = False) -> None:
     """Write adapter_config.json + adapter_model.safetensors into the existing `folder`."""
-    fields = peft_config_dict(config, targets, task_type, base_model_name_or_path)
+    fields = peft_config_dict(config, targets, task_type, base_model_name_or_path, fan_in_fan_out)
     with open(Path(folder) / PEFT_CONFIG_FILE, "w") as file:
         json.dump(fields, file, indent=2)
     metadata = {"format": "pt"}  # what PEFT writes

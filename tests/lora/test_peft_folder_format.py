@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, ViTConfig, ViTModel)
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, ViTConfig, ViTModel)
 
 import lora
 from lora import LoRAConfig
@@ -29,6 +29,8 @@ def _build(name):
         model = LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=2, max_position_embeddings=32, **SMALL))
     elif name == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, num_key_value_heads=2, max_position_embeddings=32, **SMALL))
+    elif name == "gpt2":  # attention and MLP are Conv1D layers (weight stored [in, out]: fan_in_fan_out)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
     elif name == "gpt_neox":
         model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, max_position_embeddings=32, **SMALL))
     else:
@@ -68,12 +70,13 @@ def randomize(named_parameters, seed=1):
                 parameter.copy_(parameter + 0.2 * torch.randn(parameter.shape, generator=generator))
 
 
-TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"],
+TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"],
            "gpt_neox": ["query_key_value", "dense_4h_to_h"], "vit": ["q_proj", "v_proj"]}
 CASES = {  # (model, LoRAConfig fields beyond target_modules)
     "llama-lora": ("llama", dict(r=4, alpha=8)),
     "qwen2-lora": ("qwen2", dict(r=4, alpha=16, rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 4})),
     "gpt_neox-lora": ("gpt_neox", dict(r=2, alpha=4)),
+    "gpt2-lora": ("gpt2", dict(r=2, alpha=4)),
     "vit-lora": ("vit", dict(r=4, alpha=8)),
     "llama-dora": ("llama", dict(r=4, alpha=8, use_dora=True)),
     "llama-rslora": ("llama", dict(r=4, alpha=3, use_rslora=True)),
@@ -91,9 +94,9 @@ def our_config(case):
     return name, LoRAConfig(**{"target_modules": TARGETS[name], **fields})
 
 
-def peft_twin_config(config: LoRAConfig) -> LoraConfig:
+def peft_twin_config(config: LoRAConfig, fan_in_fan_out: bool = False) -> LoraConfig:
     target_modules = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
-    return LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=target_modules,
+    return LoraConfig(r=config.r, fan_in_fan_out=fan_in_fan_out, lora_alpha=config.alpha, target_modules=target_modules,
                       use_dora=config.use_dora, use_rslora=config.use_rslora,
                       modules_to_save=list(config.modules_to_save) or None, rank_pattern=dict(config.rank_pattern),
                       alpha_pattern=dict(config.alpha_pattern),
@@ -116,7 +119,7 @@ def test_our_peft_folder_loads_in_peft_with_the_same_outputs(case, tmp_path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_folder_loads_with_load_adapter_with_the_same_outputs(case, tmp_path):
     name, config = our_config(case)
-    theirs = get_peft_model(base(name), peft_twin_config(config))
+    theirs = get_peft_model(base(name), peft_twin_config(config, fan_in_fan_out=name == "gpt2"))
     randomize(theirs.named_parameters())
     theirs.eval()
     theirs.save_pretrained(tmp_path / "peft")
@@ -184,7 +187,6 @@ def peft_folder(tmp_path, **changes):
     (dict(lora_bias=True), "lora_bias = True is a PEFT feature this library does not implement"),
     (dict(use_qalora=True), "use_qalora = True is a PEFT feature"),
     (dict(bias="all"), "bias = 'all' is a PEFT feature"),
-    (dict(fan_in_fan_out=True), "fan_in_fan_out = True is a PEFT feature"),
     (dict(layers_to_transform=[0]), r"layers_to_transform = \[0\] is a PEFT feature"),
     (dict(init_lora_weights="loftq"), "init_lora_weights = 'loftq' is an initialisation"),
     (dict(some_future_field=3), "unknown field 'some_future_field' = 3"),
@@ -233,3 +235,12 @@ def test_unknown_format_is_refused(tmp_path):
     model = lora.apply_lora(base("llama"), LoRAConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="format must be 'minilora'"):
         lora.save_adapter(model, tmp_path / "adapter", format="PEFT")
+
+
+def test_a_gpt2_folder_says_fan_in_fan_out_as_peft_writes_it(tmp_path):
+    name, config = our_config("gpt2-lora")
+    lora.save_adapter(lora.apply_lora(base(name), config), tmp_path / "adapter", format="peft")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    name, config = our_config("llama-lora")
+    lora.save_adapter(lora.apply_lora(base(name), config), tmp_path / "llama", format="peft")
+    assert json.loads((tmp_path / "llama" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
