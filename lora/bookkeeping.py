@@ -29,6 +29,8 @@ class LoRALayerBase(nn.Module):
     `unloaded_base`, and override `clear_caches` if they cache anything.
     """
 
+    mixed_adapter_names: Optional[List[str]] = None  # one adapter per batch row, set by lora.mixed_batch
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer

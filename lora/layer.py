@@ -33,6 +33,7 @@ from lora.bookkeeping import LoRALayerBase
 from lora.dora import DoRACache, dora_forward, initial_magnitude
 from lora.fused import can_fuse, fused_lora_forward
 from lora.dora import _usable_here  # noqa: F401  (importable from lora.layer, as before the split)
+from lora.mixed_batch import mixed_batch_forward
 from lora.inits import gaussian_init, kaiming_init, olora_init, pissa_init
 
 __all__ = ["LoRALinear", "LoRALayerBase", "base_weight", "is_4bit_linear", "is_linear_like"]
@@ -80,6 +81,8 @@ class LoRALinear(LoRALayerBase):
         """
         if can_fuse(self, x):  # training on CUDA: the same numbers in fewer kernels (lora/fused.py)
             return fused_lora_forward(self, x)
+        if self.mixed_adapter_names is not None:  # one adapter per row (lora/mixed_batch.py)
+            return mixed_batch_forward(self, x, self.mixed_adapter_names)
         result = self.base_layer(x)  # W x + b   (..., out)
         for adapter_name in self._adapters_to_run():
             lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]  # [r, in], [out, r]

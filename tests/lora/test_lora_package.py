@@ -10,6 +10,7 @@ from lora.layer import LoRALinear
 
 ANCHORS = {"lora", "rslora", "initialisations", "dora", "several-adapters", "merging", "lora-on-embeddings",
            "lora-plus", "combining-adapters", "adapter-files-and-peft-key-names", "qlora", "where-we-differ"}
+ANCHORS |= {"mixed-batch-inference", "layer-replication"}
 
 
 def test_old_imports_still_work():
