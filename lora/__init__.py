@@ -23,7 +23,8 @@ OLoRA), bookkeeping.py (LoRALayerBase: named adapters), base_layer.py (nn.Linear
 embedding.py (LoRAEmbedding), modules_to_save.py (ModulesToSaveWrapper: a module trained fully,
 one copy per adapter), model.py (apply_lora, target matching, adapters on a model),
 combine.py (weighted combinations), io.py (adapter folders, PEFT keys), lora_plus.py (LoRA+),
-mixed_batch.py (a different adapter on each row of one batch),
+mixed_batch.py (a different adapter on each row of one batch), replication.py (a deeper
+model from shared blocks, each with its own adapter),
 fused.py (the same LoRA training forward/backward in fewer GPU kernels; `lora.set_fused(False)` turns it off).
 """
 
@@ -37,6 +38,7 @@ from lora.io import (adapter_state_dict, check_adapter_fits, check_base_fingerpr
 from lora.layer import LoRALinear, base_weight
 from lora.lora_plus import lora_plus_param_groups
 from lora.mixed_batch import forward_mixed, mixed_batch
+from lora.replication import replicate_layers
 from lora.modules_to_save import ModulesToSaveWrapper
 from lora.model import (add_adapter, apply_lora, count_parameters, delete_adapter, disable_adapters, find_targets,
                         lora_layers, mark_only_lora_as_trainable, merge, merge_and_unload, print_trainable_parameters,
@@ -50,5 +52,5 @@ __all__ = [
     "save_adapter", "write_adapter_files", "load_adapter", "load_lora_config", "adapter_state_dict",
     "check_adapter_fits", "model_fingerprint", "state_fingerprint", "load_base_fingerprint", "check_base_fingerprint",
     "to_peft_state_dict", "from_peft_state_dict", "lora_plus_param_groups", "set_fused", "fused_enabled",
-    "mixed_batch", "forward_mixed",
+    "mixed_batch", "forward_mixed", "replicate_layers",
 ]
