@@ -27,7 +27,8 @@ before a LoRA layer (e.g. flattening to (B*T, C)) cannot be served this way.
 """
 
 import contextlib
-from typing import Dict, Iterator, List, Sequence
+import functools
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,16 +37,22 @@ import torch.nn.functional as F
 BASE_MODEL = "__base__"  # the name for "no adapter" on a row, as in PEFT
 
 
-def _row_groups(adapter_names: Sequence[str], device: torch.device) -> Dict[str, torch.Tensor]:
+@functools.lru_cache(maxsize=16)
+def _row_groups(adapter_names: Tuple[str, ...], device: torch.device) -> Dict[str, torch.Tensor]:
     """{adapter name: the row indices that use it}, in the order the names first appear.
 
-        >>> _row_groups(["a", "__base__", "b", "a"], torch.device("cpu"))
+        >>> _row_groups(("a", "__base__", "b", "a"), torch.device("cpu"))
         {'a': tensor([0, 3]), '__base__': tensor([1]), 'b': tensor([2])}
+
+    subtle: cached, because every LoRA layer asks for the same groups in one forward; on a GPU, building
+    them anew would copy the indices from the host once per layer and stall the queue each time.
+    (Made outside inference mode, so that a later forward with autograd can still use them.)
     """
     rows: Dict[str, List[int]] = {}
     for row, name in enumerate(adapter_names):
         rows.setdefault(name, []).append(row)
-    return {name: torch.tensor(indices, dtype=torch.long, device=device) for name, indices in rows.items()}
+    with torch.inference_mode(False):
+        return {name: torch.tensor(indices, dtype=torch.long, device=device) for name, indices in rows.items()}
 
 
 def _check_layer_call(layer: nn.Module, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
@@ -77,7 +84,7 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, adapter_names: Sequen
     if layer.adapters_disabled:  # disable_adapters wins, as in PEFT
         return result
     is_embedding = isinstance(layer.base_layer, nn.Embedding)
-    for adapter_name, rows in _row_groups(adapter_names, x.device).items():
+    for adapter_name, rows in _row_groups(tuple(adapter_names), x.device).items():
         if adapter_name == BASE_MODEL or adapter_name not in layer.lora_A:
             continue
         lora_A, lora_B, scaling = layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.scaling[adapter_name]
@@ -109,7 +116,7 @@ def mixed_batch_saved_module(wrapper: nn.Module, x: torch.Tensor, *args, adapter
     if wrapper.adapters_disabled:
         return wrapper.original_module(x, *args, **kwargs)
     result = None
-    for adapter_name, rows in _row_groups(adapter_names, x.device).items():
+    for adapter_name, rows in _row_groups(tuple(adapter_names), x.device).items():
         module = wrapper.modules_to_save[adapter_name] if adapter_name in wrapper.modules_to_save \
             else wrapper.original_module
         output = module(x[rows], *args, **kwargs)  # (b, ...)
