@@ -95,15 +95,17 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, adapter_names: Sequen
         else:  # the same two steps as LoRALinear.forward, so each row is bit for bit the same
             dropout = layer.lora_dropout[adapter_name]
             lora_out = F.linear(F.linear(dropout(sub_batch.to(lora_A.dtype)), lora_A), lora_B)  # (b, ..., out)
-            result[rows] = _add_scaled(result[rows], lora_out, scaling)  # + s · B A x on these rows only
+            _add_scaled_rows(result, rows, lora_out, scaling)  # result[rows] += s · B A x, these rows only
     return result
 
 
-def _add_scaled(result: torch.Tensor, lora_out: torch.Tensor, scaling: float) -> torch.Tensor:
-    """result + s · lora_out in result's dtype: the same operation as `lora.layer._add_scaled`."""
+def _add_scaled_rows(result: torch.Tensor, rows: torch.Tensor, lora_out: torch.Tensor, scaling: float) -> None:
+    """result[rows] += s · lora_out in place, in result's dtype: one `index_add_`, the same arithmetic as
+    `lora.layer._add_scaled` (`torch.add(..., alpha=s)`) on those rows, without gathering them first."""
     if lora_out.dtype == result.dtype:
-        return torch.add(result, lora_out, alpha=scaling)
-    return result + (lora_out * scaling).to(result.dtype)
+        result.index_add_(0, rows, lora_out, alpha=scaling)
+    else:  # adapters cast to another dtype than the base's output
+        result.index_add_(0, rows, (lora_out * scaling).to(result.dtype))
 
 
 def mixed_batch_saved_module(wrapper: nn.Module, x: torch.Tensor, *args, adapter_names: Sequence[str],
