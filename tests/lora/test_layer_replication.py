@@ -151,3 +151,17 @@ def test_llama_logits_equal_peft_layer_replication():
     assert ours.config.num_hidden_layers == theirs.base_model.model.config.num_hidden_layers == 4
     idx = token_batch(vocab=32)
     assert torch.allclose(ours(input_ids=idx).logits, theirs(input_ids=idx).logits, atol=1e-5)
+
+
+@torch.no_grad()
+def test_saved_adapter_loads_onto_a_base_replicated_with_the_saved_map(tmp_path):
+    model = lora.apply_lora(tiny_minigpt(), LoRAConfig(r=2, alpha=4, target_modules=TARGETS,
+                                                       layer_replication=LAYER_MAP))
+    randomize_adapters(model)
+    folder = lora.save_adapter(model, tmp_path / "adapter")
+    saved_map = lora.load_lora_config(folder).layer_replication
+    assert saved_map == ((0, 2), (1, 3))
+    fresh = lora.replicate_layers(tiny_minigpt(), saved_map)
+    lora.load_adapter(fresh, folder)
+    idx = token_batch()
+    assert torch.equal(fresh(idx)[0], model(idx)[0])
