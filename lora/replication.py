@@ -5,10 +5,10 @@ ranges of the base's blocks, stacked in order:
 
     base blocks        0 1 2 3 4
     layer_map          [[0, 4], [2, 5]]
-    replicated blocks  0 1 2 3 2 3 4          (7 blocks; new indices 0..6)
-                           │ │ │ │
-                           └─┼─┘ │  blocks 2 and 4 of the new stack are new module objects holding the
-                             └───┘  very same weight tensors as blocks 2 and 3: no memory is copied
+    replicated blocks  0 1 2 3 2 3 4          7 blocks, new positions 0 .. 6
+                       └─────┘ └───┘
+                       [0, 4)  [2, 5)         positions 2 and 4 hold the very same weight tensors (base
+                                              block 2), as do 3 and 5 (base block 3): nothing is copied
 
 Each new block is a fresh module object (so `apply_lora` wraps it separately and gives it its own
 adapter) whose parameters and buffers are the base block's tensor objects, shared by reference. The
