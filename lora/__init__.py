@@ -30,7 +30,8 @@ one copy per adapter), model.py (apply_lora, target matching, adapters on a mode
 combine.py (weighted combinations), io.py (adapter folders, PEFT keys), peft_format.py (PEFT's
 folder: adapter_config.json + adapter_model.safetensors), lora_plus.py (LoRA+),
 fused.py (the same LoRA training forward/backward in fewer GPU kernels; `lora.set_fused(False)` turns it off),
-loftq.py (LoftQ: QLoRA's adapter started at the quantization error).
+loftq.py (LoftQ: QLoRA's adapter started at the quantization error), mixed_batch.py (a different
+adapter on each row of one batch), replication.py (a deeper model from shared blocks, each with its own adapter).
 """
 
 from lora.combine import combine_adapters
@@ -44,6 +45,8 @@ from lora.io import (adapter_state_dict, check_adapter_fits, check_base_fingerpr
 from lora.layer import LoRALinear, base_weight
 from lora.loftq import apply_loftq, loftq_init
 from lora.lora_plus import lora_plus_param_groups
+from lora.mixed_batch import forward_mixed, mixed_batch
+from lora.replication import replicate_layers
 from lora.modules_to_save import ModulesToSaveWrapper
 from lora.model import (add_adapter, apply_lora, count_parameters, delete_adapter, disable_adapters, find_targets,
                         lora_layers, mark_only_lora_as_trainable, merge, merge_and_unload, print_trainable_parameters,
@@ -58,4 +61,5 @@ __all__ = [
     "check_adapter_fits", "model_fingerprint", "state_fingerprint", "load_base_fingerprint", "check_base_fingerprint",
     "to_peft_state_dict", "from_peft_state_dict", "lora_plus_param_groups", "set_fused", "fused_enabled",
     "apply_loftq", "loftq_init",
+    "mixed_batch", "forward_mixed", "replicate_layers",
 ]

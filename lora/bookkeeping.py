@@ -34,6 +34,7 @@ class LoRALayerBase(nn.Module):
                                "start the layer afresh, silently. Save the adapter alone with lora.save_adapter(model, "
                                "folder, format='peft') (PeftModel.from_pretrained reads it), or merge first: "
                                "model = lora.merge_and_unload(model), then model.save_pretrained(folder)")
+    mixed_adapter_names: Optional[List[str]] = None  # one adapter per batch row, set by lora.mixed_batch
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

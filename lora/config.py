@@ -15,8 +15,9 @@ knows how to rebuild itself.
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
+from lora.replication import check_layer_map
 from runtime.files import compile_checked_regex
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
@@ -40,6 +41,9 @@ class LoRAConfig:
     # rounding, as PEFT's get_peft_model(autocast_adapter_dtype=True), its default; False (ours): the
     # adapters take the base's dtype (docs/reference.md#qlora, docs/reference.md#where-we-differ)
     autocast_adapter_dtype: bool = False
+    # a deeper model from the base's own blocks, weights shared: [[start, end), ...] ranges stacked in order,
+    # e.g. [[0, 2], [1, 2]] -> blocks 0 1 1, each with its own adapter (lora/replication.py)
+    layer_replication: Optional[Tuple[Tuple[int, int], ...]] = None
 
     def __post_init__(self):
         # subtle: lists are accepted for convenience but stored as tuples so the config stays immutable
@@ -62,6 +66,8 @@ class LoRAConfig:
                                  f"({type(getattr(self, flag)).__name__})")
         if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.layer_replication is not None:
+            object.__setattr__(self, "layer_replication", tuple(check_layer_map(self.layer_replication)))
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The factor s in y = Wx + s·BAx: alpha / r, or alpha / sqrt(r) with rsLoRA."""
@@ -73,7 +79,9 @@ class LoRAConfig:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": target,
                 "use_dora": self.use_dora, "use_rslora": self.use_rslora, "init": self.init,
                 "modules_to_save": list(self.modules_to_save), "rank_pattern": dict(self.rank_pattern),
-                "alpha_pattern": dict(self.alpha_pattern), "autocast_adapter_dtype": self.autocast_adapter_dtype}
+                "alpha_pattern": dict(self.alpha_pattern), "autocast_adapter_dtype": self.autocast_adapter_dtype,
+                **({"layer_replication": [list(pair) for pair in self.layer_replication]}
+                   if self.layer_replication is not None else {})}  # written only when set: older files unchanged
 
 
 def _target_modules(target) -> Union[str, Tuple[str, ...]]:

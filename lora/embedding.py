@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora.bookkeeping import LoRALayerBase
+from lora.mixed_batch import mixed_batch_forward
 
 
 class LoRAEmbedding(LoRALayerBase):
@@ -75,6 +76,8 @@ class LoRAEmbedding(LoRALayerBase):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (...) -> (..., dim): the base rows plus each active, unmerged adapter's rows."""
+        if self.mixed_adapter_names is not None:  # one adapter per batch row (lora/mixed_batch.py)
+            return mixed_batch_forward(self, idx, self.mixed_adapter_names)
         result = self.base_layer(idx)  # (..., dim)
         for adapter_name in self._adapters_to_run():
             rows = self._lookup(idx, self.lora_A[adapter_name].t())  # Aᵀ [vocab, r] -> (..., r)

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from lora.base_layer import (_adapter_dtype, _device_of, base_weight, is_4bit_linear, is_linear_like,
                               linear_features, write_base_weight)
 from lora.bookkeeping import LoRALayerBase
+from lora.dora import _usable_here  # noqa: F401  (importable from lora.layer, as before the split)
 from lora.dora import DoRACache, dora_forward, initial_magnitude
 from lora.fused import fusable_adapter, fused_lora_forward
-from lora.dora import _usable_here  # noqa: F401  (importable from lora.layer, as before the split)
 from lora.inits import gaussian_init, kaiming_init, olora_init, pissa_init
+from lora.mixed_batch import mixed_batch_forward
 
 __all__ = ["LoRALinear", "LoRALayerBase", "base_weight", "is_4bit_linear", "is_linear_like"]
 
@@ -81,6 +82,8 @@ class LoRALinear(LoRALayerBase):
         `active_adapters` (docs/reference.md#several-adapters); a DoRA adapter rescales the running
         result instead (lora/dora.py). Merged adapters are already inside W and are skipped.
         """
+        if self.mixed_adapter_names is not None:  # one adapter per row (lora/mixed_batch.py)
+            return mixed_batch_forward(self, x, self.mixed_adapter_names)
         fused_name = fusable_adapter(self, x)  # training on CUDA: the same numbers in fewer kernels (lora/fused.py)
         if fused_name is not None:
             return fused_lora_forward(self, x, fused_name)

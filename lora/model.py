@@ -34,6 +34,7 @@ from lora.layer import LoRALayerBase, LoRALinear, is_4bit_linear, is_linear_like
 from lora.base_layer import linear_features
 from lora.modules_to_save import ModulesToSaveWrapper
 from runtime.save_guard import guard_save_pretrained
+from lora.replication import check_no_shared_bases, replicate_for_config
 
 OUTPUT_LAYER_NAMES = ("lm_head",)  # "all-linear" leaves these out, as PEFT leaves out the output embedding
 
@@ -259,8 +260,18 @@ def add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.M
     """Add adapter `adapter_name` to the modules `config` targets, without activating it.
 
     Every check (names, ranks against layer sizes, merged layers) runs on every target before the model
-    is touched, so a call that fails leaves the model exactly as it was.
+    is touched, so a call that fails leaves the model exactly as it was. `config.layer_replication`
+    first replicates the blocks (lora/replication.py), undone again if a check fails.
     """
+    undo_replication = replicate_for_config(model, config)
+    try:
+        return _add_adapter(model, config, adapter_name)
+    except BaseException:
+        undo_replication()
+        raise
+
+
+def _add_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> nn.Module:
     configs = _existing_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(configs)}); "
@@ -498,6 +509,7 @@ def merge(model: nn.Module) -> nn.Module:
     Warns when a merged weight is tied to another module (`_warn_tied_targets`), as PEFT does.
     """
     layers = [layer for _, layer in lora_layers(model)]
+    check_no_shared_bases(lora_layers(model), "merge")  # replicated blocks (lora/replication.py)
     for name, layer in lora_layers(model):
         if isinstance(layer, LoRALinear) and layer.is_4bit and layer._unmerged_active(None):
             layer._refuse_4bit(f"merge {name!r}")  # checked for all layers before any is touched
@@ -552,6 +564,7 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     (before it, the model's save_pretrained refuses: runtime/save_guard.py).
     """
     _warn_tied_targets(model)
+    check_no_shared_bases(lora_layers(model), "merge_and_unload")  # replicated blocks (lora/replication.py)
     _replace_wrappers(model, merge_first=True, requantize=requantize)
     if not requantize and any(is_4bit_linear(module) for module in model.modules()):
         from quant import dequantize_model  # only a model that has 4-bit layers needs quant/

@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence
 
 import torch.nn as nn
 
+from lora.mixed_batch import mixed_batch_saved_module
+
 
 class ModulesToSaveWrapper(nn.Module):
     """The original module (frozen) plus one trainable copy per adapter; the active adapter's copy runs.
@@ -40,6 +42,7 @@ class ModulesToSaveWrapper(nn.Module):
                                "keep the untrained module, silently. Save the adapter alone with lora.save_adapter(model, "
                                "folder, format='peft') (PeftModel.from_pretrained reads it), or merge first: "
                                "model = lora.merge_and_unload(model), then model.save_pretrained(folder)")
+    mixed_adapter_names: Optional[List[str]] = None  # one adapter per batch row, set by lora.mixed_batch
 
     def __init__(self, original_module: nn.Module):
         super().__init__()
@@ -86,6 +89,8 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = None
 
     def forward(self, *args, **kwargs):
+        if self.mixed_adapter_names is not None:  # one adapter's copy per batch row (lora/mixed_batch.py)
+            return mixed_batch_saved_module(self, *args, adapter_names=self.mixed_adapter_names, **kwargs)
         return self.active_module(*args, **kwargs)
 
     def __getattr__(self, name: str):
