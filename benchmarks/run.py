@@ -24,6 +24,7 @@ The benchmarks, each also runnable on its own (`python -m benchmarks.<name> --he
     nf4              NF4 quantize/dequantize vs bitsandbytes and torchao; QLoRA linear forward+backward
     finetune_run     a whole fine-tuning run of every method
     threads          the default finetune.py quiet and next to a busy core (the CPU thread policy)
+    sharding         memory per process of LoRA / QLoRA under DDP and FSDP2 with 1, 2 (GPUs: 4, 8) processes
 
 Each benchmark module has `main(config) -> results` and a `BenchmarkConfig`; the runner builds the
 config from the module's `default_config(device, quick)` (or `BenchmarkConfig(device=...)` plus its
@@ -53,7 +54,7 @@ from runtime.atomic import atomic_directory
 
 BENCHMARKS = ("training_step", "training_step_wide", "training_step_compile", "training_step_compile_small",
               "merged_latency", "rank_sweep",
-              "lora_layers", "nf4", "finetune_run", "threads")
+              "lora_layers", "nf4", "finetune_run", "threads", "sharding")
 
 # Extra runs of a benchmark with other settings: name -> (module, config changes, devices it runs on).
 # The wide model shows how LoRA's saving grows with the width C (the weight-gradient matmul it skips

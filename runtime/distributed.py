@@ -48,6 +48,8 @@ from runtime.atomic import atomic_directory
 RENDEZVOUS_TIMEOUT_S = 60.0  # how long a rank waits for the others to show up before giving up, clearly
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # collectives, once started: PyTorch's own default
 LAUNCH_HINT = "launch with: torchrun --standalone --nproc_per_node=N <script>.py ..."
+FAILURE_KEY = "minilora/failure"  # in the rendezvous store: the first error of a rank other than 0
+_store = None  # the rendezvous key-value store of this job (setup() keeps it), for report_failure
 
 
 class RendezvousError(RuntimeError):
@@ -307,6 +309,8 @@ def setup(device: str, sharding: str = "ddp") -> DistributedContext:
             f"rank {rank} of {world_size} could not reach the others at {os.environ['MASTER_ADDR']}:"
             f"{os.environ['MASTER_PORT']} within {RENDEZVOUS_TIMEOUT_S:g} s ({error}); {LAUNCH_HINT}") from None
     store.set_timeout(COLLECTIVE_TIMEOUT)
+    global _store
+    _store = store
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
                             world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
@@ -325,6 +329,31 @@ def _rank_device(device: str, local_rank: int) -> str:
         raise ValueError("torchrun with several processes on one Apple GPU (mps) is not supported by "
                          "torch.distributed; use --device cpu (gloo) or a single process")
     return device
+
+
+def report_failure(message: str) -> None:
+    """On a rank other than 0: leave `message` in the job's store, for rank 0 to print (see failure_elsewhere).
+
+    Only rank 0 prints, so that an error every rank meets (a bad option) appears once. An error that one
+    rank alone meets (its GPU out of memory, its shard of a file) would then appear nowhere: that rank
+    exits, rank 0 is stopped in a collective (gloo: "Connection closed by peer") or by torchrun's SIGTERM.
+    """
+    if _store is None:
+        return
+    try:
+        _store.set(FAILURE_KEY, message)
+    except Exception:  # subtle: the job is ending anyway; the store may be gone already
+        pass
+
+
+def failure_elsewhere() -> str | None:
+    """The message another rank left with report_failure, or None (one process; nobody failed)."""
+    if _store is None:
+        return None
+    try:
+        return _store.get(FAILURE_KEY).decode() if _store.check([FAILURE_KEY]) else None
+    except Exception:
+        return None
 
 
 def cleanup() -> None:

@@ -7,6 +7,11 @@ group of one rank (FSDP2 with one shard: the same code path, every collective a 
 
 import filecmp
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +24,7 @@ from quant import quantize_model
 from runtime import distributed
 from runtime.distributed import DistributedContext
 from runtime.sharding import buffers_to_frozen_parameters
-from test_distributed import LOSS_RTOL, TINY_TRAIN, torchrun
+from test_distributed import LOSS_RTOL, ROOT, TINY_TRAIN, cli_flags, torchrun
 
 MARKER = ".minilora-output.json"  # the output marker records the writer's pid: the one file that may differ
 
@@ -124,3 +129,81 @@ def test_finetune_py_fsdp_matches_one_process_for_lora_and_qlora(tmp_path):
                                                msg=f"{folder}/{name}: {key}")
                 else:
                     assert fsdp[key] == single_state[key], key
+
+
+# ---- failures: an error of one rank, SIGTERM to the whole job ------------------------------------------------
+
+# finetune.py with train_model replaced: "error" fails on rank 1 only, once the model is sharded; "sigterm" marks
+# the flag file and waits (every rank holds shards, the originals' tensors are freed) until the job is killed
+FAILING_FINETUNE = """
+import os, runpy, sys, time
+from pathlib import Path
+import finetuning.methods as methods
+mode, flag, real_train_model = os.environ["FSDP_TEST_MODE"], Path(os.environ["FSDP_TEST_FLAG"]), methods.train_model
+
+def train_model(model, *args, distributed, **kwargs):
+    if mode == "error" and distributed.rank == 1:
+        raise ValueError("rank 1 alone fails here")
+    if mode == "sigterm":
+        flag.write_text("training")
+        time.sleep(60)
+    return real_train_model(model, *args, distributed=distributed, **kwargs)
+
+methods.train_model = train_model
+sys.argv = ["finetune.py", *sys.argv[1:]]
+runpy.run_path(os.path.join(os.environ["PYTHONPATH"], "finetune.py"), run_name="__main__")
+"""
+
+
+@pytest.fixture
+def previous_results(tmp_path):
+    """A finished single-process run's folder (marker included) and its files' bytes."""
+    from finetuning import experiment
+
+    base = pretrain.main(pretrain.PretrainConfig(out=str(tmp_path / "base"), **TINY_TRAIN))["out_dir"]
+    options = dict(base=base, methods="lora", steps=2, batch_size=4, warmup_steps=1, rank=2, alpha=4.0,
+                   device="cpu", plot=False, progress=False, out=str(tmp_path / "out" / "results"))
+    experiment.main(experiment.FinetuneConfig(**options))
+    out = Path(options["out"])
+    return options, {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+
+def start_failing_finetune(tmp_path, options: dict, mode: str) -> subprocess.Popen:
+    script = tmp_path / "failing_finetune.py"
+    script.write_text(FAILING_FINETUNE)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FSDP_TEST_MODE": mode,
+                   "FSDP_TEST_FLAG": str(tmp_path / "flag")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               *cli_flags({**options, "sharding": "fsdp"})]
+    return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # its own process group, as a shell job
+
+
+def assert_unchanged(previous: dict, out: Path) -> None:
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == previous
+    assert sorted(path.name for path in out.parent.iterdir()) == ["results"]  # no temporary folder left
+
+
+def test_an_error_on_one_rank_is_printed_once_and_every_rank_exits(tmp_path, previous_results):
+    options, previous = previous_results
+    job = start_failing_finetune(tmp_path, options, "error")
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert stderr.count("rank 1 alone fails here") == 1, stderr[-3000:]  # rank 0 prints rank 1's error
+    assert "error: rank 1 alone fails here (process 1 of 2)" in stderr
+    assert "Connection closed by peer" not in stderr  # no traceback of the collective it broke
+    assert_unchanged(previous, Path(options["out"]))
+
+
+def test_sigterm_to_the_torchrun_job_leaves_the_previous_results(tmp_path, previous_results):
+    options, previous = previous_results
+    job = start_failing_finetune(tmp_path, options, "sigterm")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "flag").exists():  # the ranks are training (sharded)
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGTERM)  # what Ctrl-C in the shell, or a batch system's time limit, does
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode != 0
+    assert stderr.count(f"interrupted; {options['out']} unchanged") == 1, stderr[-3000:]
+    assert_unchanged(previous, Path(options["out"]))
