@@ -111,7 +111,9 @@ def worker(args) -> None:
             state += [_local(p.grad) for p in training_model.parameters() if p.grad is not None]
             state += [_local(value) for per_parameter in optimizer.state.values() for value in per_parameter.values()
                       if torch.is_tensor(value) and value.dim() > 0]
-            figures = {"state_bytes": tensor_bytes(state), "rss_bytes": _resident_bytes(),
+            # subtle: a sum over the tensors, not tensor_bytes (one count per storage): FSDP2 hands out the
+            # reduce-scattered gradients of a block as views of one buffer, which would then count once
+            figures = {"state_bytes": sum(t.numel() * t.element_size() for t in state), "rss_bytes": _resident_bytes(),
                        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
         figures.update(rank=distributed.rank, world_size=distributed.world_size, frozen_bytes=frozen_bytes,
                        adapter_elements=adapter_elements,
