@@ -85,6 +85,9 @@ def test_sharding_option_is_checked_even_in_one_process():
     with pytest.raises(ValueError, match="sharding 'zero3' is not one of: ddp .*, fsdp"):
         distributed.setup("cpu", "zero3")
     assert distributed.setup("cpu", "fsdp") == distributed.SINGLE_PROCESS  # one process: ignored, nothing set up
+    model = tiny_qlora_model()
+    with distributed.SINGLE_PROCESS.training(model) as training_model:
+        assert training_model is model and not dist.is_initialized()
 
 
 def other_files(folder: Path) -> list[Path]:
@@ -130,6 +133,21 @@ def test_finetune_py_fsdp_matches_one_process_for_lora_and_qlora(tmp_path):
                 else:
                     assert fsdp[key] == single_state[key], key
 
+
+
+def test_train_py_fsdp_saves_the_single_process_checkpoint_up_to_rounding(tmp_path):
+    from minigpt import load_model
+
+    result = torchrun("train.py", {**TINY_TRAIN, "sharding": "fsdp", "out": str(tmp_path / "fsdp" / "base")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved ") == 1 and "x 2 processes" in result.stdout  # rank 0 alone prints
+    single = pretrain.main(pretrain.PretrainConfig(out=str(tmp_path / "single" / "base"), **TINY_TRAIN))
+    printed = [line for line in result.stdout.splitlines() if line.startswith("final loss:")][0]
+    assert f"train {single['final_train_loss']:.3f}, validation {single['final_val_loss']:.3f}" in printed
+    (fsdp_model, _), (single_model, _) = load_model(tmp_path / "fsdp" / "base"), load_model(single["out_dir"])
+    assert list(fsdp_model.state_dict()) == list(single_model.state_dict())  # gathered whole: the same keys
+    for (name, a), b in zip(fsdp_model.state_dict().items(), single_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 # ---- failures: an error of one rank, SIGTERM to the whole job ------------------------------------------------
 
