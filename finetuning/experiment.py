@@ -87,6 +87,7 @@ class FinetuneConfig:
     threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    sharding: str = "ddp"  # under torchrun: "ddp" (a whole model per process) or "fsdp" (FSDP2 shards)
     compile: bool = False  # torch.compile the training forward: fewer GPU launches, a slow first step
     plot: bool = True  # write comparison.png
     encoder_rank: int | None = None  # --task vision: LoRA rank on the image encoder; default rank // 2
@@ -146,6 +147,10 @@ def check_config(config: FinetuneConfig) -> None:
         raise ValueError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}")
     if config.optim not in OPTIMIZERS:
         raise ValueError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {config.optim!r}")
+    if config.sharding == "fsdp" and config.optim != "adamw":
+        # untested together: the 8-bit states would have to be quantized per shard (DTensor), which no test covers
+        raise ValueError(f"--optim {config.optim} with --sharding fsdp is not supported; use --optim adamw with "
+                         f"--sharding fsdp, or --sharding ddp with --optim {config.optim}")
     try:  # the targets' spelling (a regex must compile, a list must not be empty): LoRAConfig's own checks
         lora_config_from(config)
     except ValueError as error:
@@ -348,7 +353,7 @@ def main(config: FinetuneConfig) -> dict:
     check_output_dir(output_folder(config), RESULT_KIND[config.task])  # a foreign folder: refused before any work
     threads = use_threads(config.threads, base_width(config))
     config = dataclasses.replace(config, threads=threads.count)  # a base pretrained first uses the same count
-    with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
+    with process_group(pick_device(config.device), config.sharding) as distributed:  # one process: nothing to set up
         distributed.print(threads.describe())
         distributed.local_batch_size(config.batch_size)  # fail before any work if the ranks cannot share it
         if config.task == "fact-correction":
@@ -484,11 +489,12 @@ def fact_correction(config: FinetuneConfig, distributed=SINGLE_PROCESS) -> dict:
                                  embedding_lr=config.embedding_lr)
             distributed.manual_seed(config.seed)  # seed + rank: under torchrun, dropout differs between ranks
             setup.model.to(device)
-            train_model(distributed.wrap(setup.model), train_stream, None,
-                        train_config_for(config, tokens_in(edit_set.train, tokenizer), base_model.config.context_length,
-                                         device, variant),
-                        optimizer=make_optimizer(setup.param_groups, config.lr, config.optim),
-                        distributed=distributed)
+            optimizer = make_optimizer(setup.param_groups, config.lr, config.optim)
+            with distributed.training(setup.model, optimizer) as training_model:  # FSDP: whole again after
+                train_model(training_model, train_stream, None,
+                            train_config_for(config, tokens_in(edit_set.train, tokenizer),
+                                             base_model.config.context_length, device, variant),
+                            optimizer=optimizer, distributed=distributed)
             setup.model.cpu().eval()
             reports.append(edit_report(variant, setup.trainable_params, model, setup.model, tokenizer, edit_set))
             if tmp is not None:  # rank 0 writes

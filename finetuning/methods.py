@@ -210,14 +210,16 @@ def train_method(setup: MethodSetup, train_stream, val_stream, train_config: Tra
     """Train `setup.model` with the shared loop and measure it (val loss, probe accuracy, memory, time).
 
     Under torchrun (`distributed` from runtime.distributed.process_group) the model trains wrapped in
-    DistributedDataParallel, which all-reduces only the trainable parameters (adapters, new rows).
+    DistributedDataParallel, which all-reduces only the trainable parameters (adapters, new rows); with
+    --sharding fsdp it trains as FSDP2 shards (runtime/sharding.py) and is whole again afterwards.
     `optim` picks the optimizer (`make_optimizer`); its state counts in `training_bytes`.
     """
     optimizer = make_optimizer(setup.param_groups, train_config.lr, optim)
     allocator = setup.rank_allocator
-    result = train_model(distributed.wrap(setup.model), train_stream, val_stream, train_config, optimizer=optimizer,
-                         distributed=distributed, extra_loss=setup.extra_loss,
-                         after_step=allocator.update_and_allocate if allocator else None)
+    with distributed.training(setup.model, optimizer) as training_model:  # FSDP: shards, gathered back after
+        result = train_model(training_model, train_stream, val_stream, train_config, optimizer=optimizer,
+                             distributed=distributed, extra_loss=setup.extra_loss,
+                             after_step=allocator.update_and_allocate if allocator else None)
     setup.model.cpu().eval()
     def accuracy(probes) -> float:  # NaN when there are no probes (a user's own --data has none)
         return batched_probe_accuracy(setup.model, tokenizer, probes) if probes else float("nan")

@@ -32,7 +32,7 @@ from runtime.atomic import atomic_directory, check_output_dir
 from runtime.threads import use_threads
 from vision.checkpoint import load_vlm, save_vlm
 from vision.config import VLMConfig
-from vision.model import MiniViT, MiniVLM
+from vision.model import MiniVLM
 from vision.shapes import make_split
 from vision.training import (caption_loss, caption_tokenizer, content_accuracy, encode_captions, left_object_labels,
                              train_loop, train_vlm)

@@ -55,6 +55,7 @@ class PretrainConfig:
     dropout: float = 0.0  # dropout everywhere in the model
     seed: int = 0  # same seed, same weights (on CPU); dropout is seeded with seed + rank under torchrun
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    sharding: str = "ddp"  # under torchrun: "ddp" (a whole model per process) or "fsdp" (FSDP2 shards)
     threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
     plot: bool = True  # write the loss-curve PNG
     progress: bool = True  # show a progress bar
@@ -134,7 +135,7 @@ def main(config: PretrainConfig) -> dict:
     start = time.perf_counter()
     check_config(config)
     threads = use_threads(config.threads, config.embed_dim)
-    with process_group(pick_device(config.device)) as distributed:  # one process: nothing to set up
+    with process_group(pick_device(config.device), config.sharding) as distributed:  # one process: nothing to set up
         distributed.print(threads.describe())
         return {**pretrain(config, distributed, start), "threads": threads.count}
 
@@ -167,8 +168,8 @@ def pretrain(config: PretrainConfig, distributed, start: float) -> dict:
     if distributed.is_main:  # float32 weights plus the tokenizer: a full disk is refused before training
         check_room(config.out, 4 * sum(p.numel() for p in model.parameters()) + 100 * tokenizer.vocab_size)
     torch.manual_seed(config.seed + distributed.rank)  # dropout masks differ between ranks (rank 0: seed)
-    result = train_model(distributed.wrap(model), train_stream, val_stream, train_config,
-                         distributed=distributed)
+    with distributed.training(model) as training_model:  # DDP-wrapped, or FSDP shards gathered back after
+        result = train_model(training_model, train_stream, val_stream, train_config, distributed=distributed)
 
     out_dir, accuracy, plot_path = Path(config.out), None, None
     if distributed.is_main:  # one writer; `model` is the unwrapped MiniGPT, so no "module." prefixes

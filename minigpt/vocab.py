@@ -125,6 +125,7 @@ def train_new_rows_only(model: MiniGPT, base_vocab_size: int) -> list:
         if weight.size(0) <= base_vocab_size:
             continue  # no new words (e.g. a byte-level BPE base): nothing to train here
         weight.requires_grad_(True)
+        weight.frozen_rows = base_vocab_size  # subtle: runtime/sharding.py re-creates the hook on FSDP2's shards
 
         def zero_old_rows(grad: torch.Tensor) -> torch.Tensor:  # grad: (V, C)
             grad = grad.clone()

@@ -14,13 +14,14 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 import signal
 import sys
 import typing
 
 from runtime.atomic import folder_identity
-from runtime.distributed import RendezvousError, is_main_process_from_env
+from runtime.distributed import RendezvousError, failure_elsewhere, is_main_process_from_env, report_failure
 
 
 class StrictArgumentParser(argparse.ArgumentParser):
@@ -124,7 +125,8 @@ def run_script(main, config, out_dir):
     - a bad option, a missing file, a failed torchrun rendezvous: `error: ...` and exit status 1;
     - Ctrl-C or SIGTERM: `interrupted; OUT unchanged` (atomic_directory removed the half-written
       folder) and exit status 130, as shells report an interrupted command;
-    - under torchrun only rank 0 prints, so each message appears once.
+    - under torchrun only rank 0 prints, so each message appears once; an error of another rank alone
+      is printed by rank 0 (from the job's store: runtime/distributed.py report_failure).
 
     Returns what main returned.
     """
@@ -134,13 +136,21 @@ def run_script(main, config, out_dir):
     try:
         return main(config)
     except KeyboardInterrupt:
+        if speaks and failure_elsewhere():  # torchrun stopped this rank because another one failed
+            sys.exit(f"error: {failure_elsewhere()}")
         if speaks:
             written = folder_identity(out_dir) != before
             print(f"\ninterrupted; {out_dir} " + ("was already written" if written else "unchanged"),
                   file=sys.stderr)
         sys.exit(130)
     except (FileNotFoundError, ValueError, RendezvousError) as error:
+        if not speaks:  # rank 0 prints it if this rank alone failed (runtime/distributed.py report_failure)
+            report_failure(f"{error} (process {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')})")
         sys.exit(f"error: {error}" if speaks else 1)
+    except RuntimeError:
+        if speaks and failure_elsewhere():  # a collective broke because another rank exited with an error
+            sys.exit(f"error: {failure_elsewhere()}")
+        raise
 
 
 def finite_float(text: str) -> float:

@@ -48,6 +48,8 @@ from runtime.atomic import atomic_directory
 RENDEZVOUS_TIMEOUT_S = 60.0  # how long a rank waits for the others to show up before giving up, clearly
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # collectives, once started: PyTorch's own default
 LAUNCH_HINT = "launch with: torchrun --standalone --nproc_per_node=N <script>.py ..."
+FAILURE_KEY = "minilora/failure"  # in the rendezvous store: the first error of a rank other than 0
+_store = None  # the rendezvous key-value store of this job (setup() keeps it), for report_failure
 
 
 class RendezvousError(RuntimeError):
@@ -60,6 +62,7 @@ class DistributedContext:
     local_rank: int = 0  # the index among this machine's processes: picks the GPU (cuda:local_rank)
     world_size: int = 1  # processes in all; 1 means a plain single-process run, nothing distributed
     device: str = "cpu"  # where this rank's model and batches live
+    sharding: str = "ddp"  # several processes: "ddp" (a whole copy each) or "fsdp" (runtime/sharding.py)
 
     @property
     def enabled(self) -> bool:
@@ -113,6 +116,25 @@ class DistributedContext:
         if not self.enabled:
             return model
         return wrap_model(model, self.device)
+
+    @contextlib.contextmanager
+    def training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Yield the model to hand to train_model; after the block `model` holds the trained weights, whole.
+
+        One process: `model` itself. DDP: `model` wrapped (the same parameters). FSDP: a sharded copy
+        (runtime/sharding.py), whose full weights are gathered back into `model` on every rank at the end;
+        `optimizer` (built over `model`, not yet stepped) is pointed at the copy's shards.
+
+            with distributed.training(model, optimizer) as training_model:
+                result = train_model(training_model, ..., optimizer=optimizer, distributed=distributed)
+            save_model(model, ...)                 # a plain model again, as in one process
+        """
+        if self.enabled and self.sharding == "fsdp":
+            from runtime.sharding import training_copy  # subtle: imported only when used (FSDP2 is large)
+            with training_copy(model, self.device, optimizer) as sharded:
+                yield sharded
+        else:
+            yield self.wrap(model)
 
     def mean(self, value: float) -> float:
         """The average of a number over all ranks (e.g. each rank's loss on its shard); itself in one process."""
@@ -235,12 +257,13 @@ def _environment_int(name: str) -> int:
         raise RendezvousError(f"environment variable {name}={text!r} is not an integer; {LAUNCH_HINT}") from None
 
 
-def setup(device: str) -> DistributedContext:
+def setup(device: str, sharding: str = "ddp") -> DistributedContext:
     """Join the process group that torchrun describes in the environment; SINGLE_PROCESS without one.
 
     Args:
         device: the device picked for one process ("cpu", "cuda", "cuda:0", "mps"). Under torchrun on
             GPUs each rank takes cuda:LOCAL_RANK instead, and the backend is nccl; on CPU it is gloo.
+        sharding: "ddp" or "fsdp" (--sharding), used only with several processes.
 
     Returns:
         a DistributedContext (rank, local_rank, world_size, this rank's device).
@@ -255,12 +278,14 @@ def setup(device: str) -> DistributedContext:
         # already in a group, e.g. finetune.py pretraining its missing base with train.py's main()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return DistributedContext(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
-                                  device=_rank_device(device, local_rank))
+                                  device=_rank_device(device, local_rank), sharding=sharding)
     world_size_text = os.environ.get("WORLD_SIZE", "1")
     if not world_size_text.isdigit():
         raise RendezvousError(f"environment variable WORLD_SIZE={world_size_text!r} is not a number of "
                               f"processes; {LAUNCH_HINT}")
     world_size = int(world_size_text)
+    if sharding not in ("ddp", "fsdp"):
+        raise ValueError(f"sharding {sharding!r} is not one of: ddp (a whole model per process), fsdp (FSDP2 shards)")
     if world_size <= 1:
         return DistributedContext(device=device)  # plain python, or torchrun with one process
     rank, local_rank = _environment_int("RANK"), _environment_int("LOCAL_RANK")
@@ -284,9 +309,12 @@ def setup(device: str) -> DistributedContext:
             f"rank {rank} of {world_size} could not reach the others at {os.environ['MASTER_ADDR']}:"
             f"{os.environ['MASTER_PORT']} within {RENDEZVOUS_TIMEOUT_S:g} s ({error}); {LAUNCH_HINT}") from None
     store.set_timeout(COLLECTIVE_TIMEOUT)
+    global _store
+    _store = store
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
                             world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
-    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                              sharding=sharding)
 
 
 def _rank_device(device: str, local_rank: int) -> str:
@@ -303,6 +331,31 @@ def _rank_device(device: str, local_rank: int) -> str:
     return device
 
 
+def report_failure(message: str) -> None:
+    """On a rank other than 0: leave `message` in the job's store, for rank 0 to print (see failure_elsewhere).
+
+    Only rank 0 prints, so that an error every rank meets (a bad option) appears once. An error that one
+    rank alone meets (its GPU out of memory, its shard of a file) would then appear nowhere: that rank
+    exits, rank 0 is stopped in a collective (gloo: "Connection closed by peer") or by torchrun's SIGTERM.
+    """
+    if _store is None:
+        return
+    try:
+        _store.set(FAILURE_KEY, message)
+    except Exception:  # subtle: the job is ending anyway; the store may be gone already
+        pass
+
+
+def failure_elsewhere() -> str | None:
+    """The message another rank left with report_failure, or None (one process; nobody failed)."""
+    if _store is None:
+        return None
+    try:
+        return _store.get(FAILURE_KEY).decode() if _store.check([FAILURE_KEY]) else None
+    except Exception:
+        return None
+
+
 def cleanup() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
@@ -310,14 +363,14 @@ def cleanup() -> None:
 
 
 @contextlib.contextmanager
-def process_group(device: str):
+def process_group(device: str, sharding: str = "ddp"):
     """setup() on entry, cleanup() on exit, also when training fails; yields the DistributedContext.
 
     Nested use (finetune.py calling train.py's main() under torchrun) joins the group already there and
     leaves it to the outer block to close.
     """
     joined_here = not (dist.is_available() and dist.is_initialized())
-    context = setup(device)
+    context = setup(device, sharding)
     try:
         yield context
     finally:

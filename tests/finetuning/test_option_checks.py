@@ -92,3 +92,9 @@ def test_finetune_py_with_a_too_large_rank_prints_one_line(tiny_base, tmp_path):
     errors = [line for line in output.splitlines() if "error" in line.lower()]
     assert result.returncode != 0 and "Traceback" not in output and len(errors) == 1, output
     assert errors[0].startswith("error: --rank 17 with --targets") and not (tmp_path / "o").exists()
+
+
+def test_an_8bit_optimizer_with_fsdp_sharding_is_refused_up_front():
+    with pytest.raises(ValueError, match="--optim adamw8bit with --sharding fsdp is not supported"):
+        experiment.check_config(experiment.FinetuneConfig(optim="adamw8bit", sharding="fsdp"))
+    experiment.check_config(experiment.FinetuneConfig(optim="adamw8bit", sharding="ddp"))  # fine
