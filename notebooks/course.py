@@ -27,7 +27,7 @@ Usage (a notebook's first cell; its working directory is notebooks/):
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: notebooks/.. (whatever the cwd)
@@ -41,7 +41,7 @@ import lora  # noqa: E402
 from finetuning.methods import MethodResult, setup_method, train_method  # noqa: E402
 from minigpt import MiniGPT, load_model, pretrain  # noqa: E402
 from minigpt.corpus import (Probe, TextSplit, TokenStream, base_fact_probes, new_domain_corpus,  # noqa: E402
-                            new_domain_probes)
+                            new_domain_heldout_probes, new_domain_probes)
 from minigpt.training import TrainConfig  # noqa: E402
 from minigpt.vocab import expand_vocabulary, new_words_in  # noqa: E402
 from runtime.threads import ThreadChoice, use_threads  # noqa: E402
@@ -97,8 +97,10 @@ class DomainJob:
     train_stream: TokenStream  # domain.train as token windows
     val_stream: TokenStream  # domain.val as token windows: the validation loss
     base_probes: list[Probe]  # facts the base knows (forgetting)
-    domain_probes: list[Probe]  # facts of the new domain (learning)
+    domain_probes: list[Probe]  # facts of the new domain, each a prefix of a training sentence (recall)
     train_config: TrainConfig  # steps, batch size, warmup, evaluation interval, seed of the batches
+    # new combinations of the domain's words, never in a training sentence: generalisation, not recall
+    heldout_probes: list[Probe] = field(default_factory=new_domain_heldout_probes)
 
     def finetune(self, method: str, lora_config: lora.LoRAConfig, lr: float = 5e-3, full_lr: float = 1e-3,
                  **options) -> tuple[MiniGPT, MethodResult]:

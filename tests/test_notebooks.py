@@ -39,6 +39,15 @@ def test_split_cells_on_a_small_source():
     assert build.split_cells(source) == [("markdown", "# Title\n\ntext"), ("code", "x = 1"), ("code", "y = 2")]
 
 
+def test_solution_cells_are_code_cells_hidden_by_default(tmp_path):
+    assert build.split_cells("# %%\nx = 1\n# %% [solution]\ny = x + 1\n") == [("code", "x = 1"), ("solution", "y = x + 1")]
+    source = tmp_path / "99_demo.py"
+    source.write_text("# %%\nx = 1\n# %% [solution]\ny = x + 1\n# %% [markdown]\n# ## Exercises\n", encoding="utf-8")
+    cells = build.build_notebook(source).cells
+    assert [cell.metadata.get("jupyter") for cell in cells] == [None, {"source_hidden": True}, None]
+    assert [cell.cell_type for cell in cells] == ["code", "code", "markdown"]
+
+
 def test_split_cells_rejects_text_outside_cells_and_bad_markdown():
     with pytest.raises(ValueError, match="before the first"):
         build.split_cells("x = 1\n# %%\ny = 2\n")
