@@ -7,6 +7,7 @@ pretraining in 01, `expand_vocabulary`, `TokenStream`, `setup_method` and `train
     course.setup(threads=0)            -> CPU threads from the free cores (runtime/threads.py), printed
     course.load_base()                 -> the base model of notebook 01, pretrained first if it is missing
                                           (course.ensure_base() only makes sure it is there)
+    course.readable(ratio)             -> a timing ratio, with a warning when its spread is too wide to read
     course.new_domain_job(...)         -> the new-domain job of notebooks 02-07, ready to fine-tune:
 
         base model ─ expand_vocabulary(new words) ─► expanded_model, tokenizer
@@ -62,6 +63,26 @@ def setup(threads: int = 0) -> ThreadChoice:
     choice = use_threads(threads, embed_dim=pretrain.PretrainConfig().embed_dim)
     print(choice.describe())
     return choice
+
+
+def readable(ratio, widest: float = 1.5) -> str:
+    """A timing Ratio as text, plus a warning when its spread is too wide to read a ratio from.
+
+    Args:
+        ratio: a benchmarks.common.Ratio (median and the 25th / 75th percentiles of per-round ratios).
+        widest: the largest p75 / p25 still read as a measurement; on a busy shared CPU a run can
+            spread from 0.3x to 3.7x, and then its median says nothing.
+
+    Example:
+        >>> from benchmarks.common import Ratio
+        >>> readable(Ratio(median=1.02, p25=0.97, p75=1.05))
+        '1.020x [0.970-1.050]'
+    """
+    text = str(ratio)
+    if ratio.p25 > 0 and ratio.p75 / ratio.p25 > widest:
+        text += (f"  <- WARNING: the spread is {ratio.p75 / ratio.p25:.1f}x wide, too wide to read (other jobs "
+                 f"share this CPU); see the recorded figures in docs/benchmarks.md, or run the cell again")
+    return text
 
 
 def ensure_base(base_dir: Path = BASE_DIR) -> Path:
