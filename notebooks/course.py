@@ -8,6 +8,7 @@ pretraining in 01, `expand_vocabulary`, `TokenStream`, `setup_method` and `train
     course.load_base()                 -> the base model of notebook 01, pretrained first if it is missing
                                           (course.ensure_base() only makes sure it is there)
     course.readable(ratio)             -> a timing ratio, with a warning when its spread is too wide to read
+    course.diagram(boxes, arrows)      -> a small box-and-arrow figure (the notebooks' diagrams)
     course.new_domain_job(...)         -> the new-domain job of notebooks 02-07, ready to fine-tune:
 
         base model ─ expand_vocabulary(new words) ─► expanded_model, tokenizer
@@ -83,6 +84,49 @@ def readable(ratio, widest: float = 1.5) -> str:
         text += (f"  <- WARNING: the spread is {ratio.p75 / ratio.p25:.1f}x wide, too wide to read (other jobs "
                  f"share this CPU); see the recorded figures in docs/benchmarks.md, or run the cell again")
     return text
+
+
+def diagram(boxes: dict, arrows: list, title: str = "", size: tuple = (8, 3), ax=None):
+    """Draw a box-and-arrow diagram with matplotlib, on a 0-10 x 0-4 canvas; returns the axes.
+
+    Args:
+        boxes: name -> (x, y, width, height, text, colour); (x, y) is the box's lower-left corner.
+        arrows: (from name, to name, label) tuples; the arrow joins the two boxes' centres' sides.
+        title: the figure's title.
+        size: the figure size in inches (when no `ax` is given).
+        ax: draw into these axes instead of a new figure.
+
+    Example:
+        >>> ax = diagram({"x": (0, 1, 1, 1, "x", "white"), "y": (3, 1, 1, 1, "y", "white")}, [("x", "y", "")])
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=size)
+    for x, y, width, height, text, colour in boxes.values():
+        ax.add_patch(FancyBboxPatch((x, y), width, height, boxstyle="round,pad=0.05", facecolor=colour,
+                                    edgecolor="black", linewidth=1.2))
+        ax.text(x + width / 2, y + height / 2, text, ha="center", va="center", fontsize=10)
+    for start, end, label in arrows:
+        x0, y0, w0, h0, *_ = boxes[start]
+        x1, y1, w1, h1, *_ = boxes[end]
+        a = (x0 + w0 / 2, y0 + h0 / 2)
+        b = (x1 + w1 / 2, y1 + h1 / 2)
+        # leave each box through the side facing the other box
+        if abs(b[0] - a[0]) >= abs(b[1] - a[1]):
+            a = (x0 + w0 + 0.05, a[1]) if b[0] > a[0] else (x0 - 0.05, a[1])
+            b = (x1 - 0.05, b[1]) if b[0] > a[0] else (x1 + w1 + 0.05, b[1])
+        else:
+            a = (a[0], y0 + h0 + 0.05) if b[1] > a[1] else (a[0], y0 - 0.05)
+            b = (b[0], y1 - 0.05) if b[1] > a[1] else (b[0], y1 + h1 + 0.05)
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=14, linewidth=1.2, color="black"))
+        if label:
+            ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + 0.12, label, ha="center", va="bottom", fontsize=9,
+                    color="dimgray")
+    ax.set(xlim=(-0.2, 10.2), ylim=(-0.2, 4.2), title=title)
+    ax.axis("off")
+    return ax
 
 
 def ensure_base(base_dir: Path = BASE_DIR) -> Path:
