@@ -28,10 +28,10 @@ build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
 
-def test_the_course_has_its_seven_notebooks():
+def test_the_course_has_its_notebooks():
     names = [path.stem for path in NOTEBOOKS]
     assert names == ["01_minigpt", "02_lora_from_scratch", "03_rank_and_alpha", "04_nf4_quantization",
-                     "05_qlora", "06_dora", "07_adapters_in_practice"]
+                     "05_qlora", "06_dora", "07_adapters_in_practice", "08_numbers_checked"]
 
 
 def test_split_cells_on_a_small_source():
