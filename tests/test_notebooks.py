@@ -64,8 +64,13 @@ def test_notebook_is_committed_without_outputs_and_matches_its_source(path):
         assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: outputs were committed"
     expected = build.render(build.build_notebook(NOTEBOOK_DIR / "src" / f"{path.stem}.py"))
     assert path.read_text(encoding="utf-8") == expected, f"{path.name} is stale: run python notebooks/build.py"
-    last_markdown = [cell for cell in notebook.cells if cell.cell_type == "markdown"][-1]
-    assert last_markdown.source.startswith("## Exercises"), f"{path.name} must end with exercises"
+    headings = [cell.source for cell in notebook.cells if cell.cell_type == "markdown" and cell.source.startswith("#")]
+    assert headings[-1].startswith("## Exercises"), f"{path.name} must end with exercises"
+    exercises = [cell for cell in notebook.cells if cell.cell_type == "markdown"]
+    exercises = exercises[next(i for i, cell in enumerate(exercises) if cell.source.startswith("## Exercises")):]
+    assert len(exercises) >= 2 or exercises[0].source.count("\n1. ") == 1, f"{path.name}: at least one exercise"
+    solutions = [cell for cell in notebook.cells if cell.metadata.get("jupyter", {}).get("source_hidden")]
+    assert solutions, f"{path.name}: its exercises need solution cells (# %% [solution])"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
