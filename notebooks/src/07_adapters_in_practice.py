@@ -82,6 +82,17 @@ print(f"max |loaded - trained| logits: {difference:.1e}; "
 # sentences (`set_adapter` freezes everything but the active adapters).
 
 # %%
+course.diagram({"x": (0, 1.6, 0.9, 0.8, "x", "white"), "W": (2.0, 2.9, 2.6, 0.9, "base W (shared,\nfrozen)", "lightgrey"),
+                "domain": (2.0, 1.55, 2.6, 0.9, "adapter \"domain\"\ns B₁ A₁", "lightblue"),
+                "edit": (2.0, 0.2, 2.6, 0.9, "adapter \"edit\"\ns B₂ A₂", "khaki"),
+                "switch": (5.6, 1.55, 2.0, 0.9, "set_adapter: the\nactive ones add", "white"),
+                "y": (8.8, 1.6, 1.1, 0.8, "y", "white")},
+               [("x", "W", ""), ("x", "domain", ""), ("x", "edit", ""), ("W", "y", "always"), ("domain", "switch", ""),
+                ("edit", "switch", ""), ("switch", "y", "")],
+               title="one base, several adapters: switching changes which updates are added, not the base")
+plt.show()
+
+# %%
 model = lora.unload(copy.deepcopy(domain_model))  # a plain MiniGPT again, keeping the trained new rows
 lora.load_adapter(model, adapter_dir, adapter_name="domain")
 lora.add_adapter(model, lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION), "edit")
