@@ -241,7 +241,8 @@ print(f"trained in {result.wall_time_s:.1f} s: new-domain validation loss {resul
 # **Three meanings of "trainable %".** The PEFT-style line counts every tensor with `requires_grad`,
 # so the whole `tok_emb` and `lm_head` count, although only their 40 new rows can change (the old rows'
 # gradients are zeroed): that is the first, large figure. Counting only what really changes (A, B and
-# the new rows) gives the second, the one `finetune.py`'s table reports. The "0.1-5%" quoted for LoRA
+# the new rows) gives the second, the way `finetune.py`'s table counts (the README's 14.71% is the
+# same count at finetune.py's r = 16). The "0.1-5%" quoted for LoRA
 # in the literature is a third thing: adapters alone on a model of billions of parameters, where the
 # embeddings are a small share and no new rows train (notebook 08 recomputes it for Llama). MiniGPT is
 # 64 wide with 2 blocks, so its adapters are a large share of a small model.
