@@ -194,10 +194,11 @@ def new_domain_job(base_model: MiniGPT, base_tokenizer, steps: int = 150, eval_i
 
     Args:
         base_model, base_tokenizer: the pretrained base (load_base).
-        steps: optimizer steps per run (150 in the course; 100 in notebook 03, which trains 12 models).
+        steps: optimizer steps per run (150 in notebooks 02, 05, 07; 100 in the seed sweeps of 03 and 06).
         eval_interval: steps between validation passes (the points of each run's val_curve).
         batch_size: windows of context_length tokens per step.
-        seed: seeds the batch sampler (setup_method's own `seed` seeds the adapter's init).
+        seed: seeds the batch sampler (setup_method's own `seed` seeds the adapter's init); notebooks 03
+            and 06 build one job per seed.
 
     Example:
         >>> job = new_domain_job(base_model, base_tokenizer, steps=100)   # doctest: +SKIP
