@@ -13,8 +13,6 @@
 # nothing). `transformers` is a dev extra; without it, the counts come from the same shapes by formula.
 
 # %%
-import copy
-
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
