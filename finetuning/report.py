@@ -132,7 +132,8 @@ def plot_comparison(results: list[MethodResult], base_accuracy: float, path) -> 
         facts.set_xlim(-28, 104)  # from 0 to 100%, with room on the left for the labels
         facts.set_xticks(range(0, 101, 20))
         facts.set(title="base facts kept: probe accuracy before -> after (forgetting)",
-                  xlabel="% of the base-fact probes answered right   (open: the base model, filled: after)")
+                  xlabel="% of the base-fact probes (training-sentence prefixes: recall) answered right\n"
+                         "open: the base model, filled: after")
         _method_rows(facts, names, rows)
         facts.set_ylim(-0.6, len(rows) - 0.2)
 

@@ -177,6 +177,7 @@ for prompt in ["the cat sits on the", "the capital of france is", "the colour of
 probes = base_fact_probes()
 print(f"\n{len(probes)} base-fact probes, accuracy {probe_accuracy(model, tokenizer, probes):.1%} "
       f"(top-1 next word equals the expected one)")
+print("each probe is the start of a training sentence, so this measures recall of what was trained")
 
 # %% [markdown]
 # `generate` samples one token at a time and appends it; temperature 0 always takes the most likely

@@ -284,7 +284,8 @@ print(model.blocks[0].attn.q_proj)
 with torch.no_grad():
     logits_after = model(prompt_ids)[0]  # (1, T, V)
 accuracy_after = probe_accuracy(model, tokenizer, probes)
-print(f"base-fact probe accuracy: {accuracy_before:.1%} in fp32 -> {accuracy_after:.1%} with an NF4 base")
+print(f"base-fact probe accuracy (recall: each probe starts a training sentence): {accuracy_before:.1%} in fp32 "
+      f"-> {accuracy_after:.1%} with an NF4 base")
 print(f"largest logit change: {(logits_after - logits_before).abs().max():.3f} "
       f"(logits span {logits_before.min():.1f} .. {logits_before.max():.1f})")
 
