@@ -10,7 +10,7 @@
 # 5. **Attention maps**: which earlier words each position looks at.
 #
 # Everything is imported from the package (`minigpt`, `tokenizer`); nothing is redefined here.
-# `notebooks/course.py` holds the setup all seven notebooks share (paths, CPU threads, the base model).
+# `notebooks/course.py` holds the setup all the notebooks share (paths, CPU threads, the base model).
 # The model is deliberately tiny (embed_dim 64, 2 blocks, about 125 thousand parameters) so that it
 # trains in well under a minute on a laptop CPU.
 
