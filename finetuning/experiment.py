@@ -75,8 +75,7 @@ class FinetuneConfig:
     lr: float = 5e-3  # adapter learning rate: LoRA tolerates (and needs) more than full fine-tuning
     full_lr: float = 1e-3  # learning rate of full fine-tuning and layer freezing
     optim: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit: moments in float32 or 8 bits (memory column)
-    embedding_lr: float | None = None  # one lr (no decay) for tok_emb / lm_head in every method; default: each
-    #                                    method's own (--full-lr with decay, or --lr): see the table's note
+    embedding_lr: float | None = None  # one lr (no decay) for tok_emb / lm_head in every method; unset: each method's own (docs)
     epochs: float = 50.0  # passes over the fine-tuning tokens (one epoch = tokens / (batch_size * context))
     steps: int | None = None  # set to train exactly this many steps instead of epochs
     batch_size: int = 16  # windows per step

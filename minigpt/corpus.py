@@ -10,6 +10,7 @@ punctuation: "the cat sits on the table ."
                                                        │
                                     get_batch ─► x = stream[i : i+T], y = stream[i+1 : i+T+1]  (B, T)
     base_probes.json ──► [Probe("the cat sits on the", "table"), ...]   (base-fact accuracy)
+    new_domain_heldout_probes.json ──► new combinations, never in a training sentence (generalisation)
 
 The corpora:
   * base:       a world of simple facts (locations, capitals, colours, animal sounds, opposites,
@@ -100,6 +101,16 @@ def new_domain_corpus() -> TextSplit:
 def new_domain_probes() -> list[Probe]:
     """Prompts for the new domain ("you bake bread in the" -> "oven")."""
     return [Probe(item["prompt"], item["answer"]) for item in _read_json("new_domain_probes.json")]
+
+
+def new_domain_heldout_probes() -> list[Probe]:
+    """Held-out prompts for the new domain: new combinations of its words, never in a training sentence.
+
+    new_domain_probes() are prefixes of training sentences, so answering them is recall; these
+    ("the onion soup simmers in the" -> "pot", where training only says it of bean and carrot soup)
+    measure whether what was learned generalises.
+    """
+    return [Probe(item["prompt"], item["answer"]) for item in _read_json("new_domain_heldout_probes.json")]
 
 
 def _words(sentences: list[str]) -> set[str]:

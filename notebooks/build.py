@@ -10,7 +10,8 @@ The sources are plain Python in the "percent" format that VS Code, PyCharm, Spyd
     print("a code cell")
 
 Each `# %%` line starts a code cell; `# %% [markdown]` starts a markdown cell whose lines lose their
-leading "# ". Editing the .py and rebuilding keeps the diffs readable; the .ipynb files are committed
+leading "# "; `# %% [solution]` starts a code cell that Jupyter shows collapsed (an exercise's
+solution: metadata `"jupyter": {"source_hidden": true}`; click it to read, run it to check). Editing the .py and rebuilding keeps the diffs readable; the .ipynb files are committed
 WITHOUT outputs so that a notebook's diff shows only what changed in its text or code.
 
     python notebooks/build.py            # rebuild every notebook
@@ -29,17 +30,17 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python
 
 
 def split_cells(text: str) -> list[tuple[str, str]]:
-    """Cut a percent-format script into (kind, source) cells, kind "code" or "markdown".
+    """Cut a percent-format script into (kind, source) cells, kind "code", "solution" or "markdown".
 
     Example:
-        >>> split_cells("# %% [markdown]\\n# # Title\\n\\n# %%\\nx = 1\\n")
-        [('markdown', '# Title'), ('code', 'x = 1')]
+        >>> split_cells("# %% [markdown]\\n# # Title\\n\\n# %%\\nx = 1\\n# %% [solution]\\ny = 2\\n")
+        [('markdown', '# Title'), ('code', 'x = 1'), ('solution', 'y = 2')]
     """
     cells: list[tuple[str, list[str]]] = []
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith("# %%"):
-            kind = "markdown" if "[markdown]" in stripped else "code"
+            kind = "markdown" if "[markdown]" in stripped else "solution" if "[solution]" in stripped else "code"
             cells.append((kind, []))
         elif not cells:
             if stripped:
@@ -61,6 +62,8 @@ def build_notebook(source_path: Path) -> nbformat.NotebookNode:
     for kind, source in split_cells(source_path.read_text(encoding="utf-8")):
         if kind == "markdown":
             notebook.cells.append(nbformat.v4.new_markdown_cell(source))
+        elif kind == "solution":  # collapsed in Jupyter until the learner opens it
+            notebook.cells.append(nbformat.v4.new_code_cell(source, metadata={"jupyter": {"source_hidden": True}}))
         else:
             notebook.cells.append(nbformat.v4.new_code_cell(source))
     for index, cell in enumerate(notebook.cells):

@@ -7,6 +7,8 @@ pretraining in 01, `expand_vocabulary`, `TokenStream`, `setup_method` and `train
     course.setup(threads=0)            -> CPU threads from the free cores (runtime/threads.py), printed
     course.load_base()                 -> the base model of notebook 01, pretrained first if it is missing
                                           (course.ensure_base() only makes sure it is there)
+    course.readable(ratio)             -> a timing ratio, with a warning when its spread is too wide to read
+    course.diagram(boxes, arrows)      -> a small box-and-arrow figure (the notebooks' diagrams)
     course.new_domain_job(...)         -> the new-domain job of notebooks 02-07, ready to fine-tune:
 
         base model ─ expand_vocabulary(new words) ─► expanded_model, tokenizer
@@ -27,7 +29,7 @@ Usage (a notebook's first cell; its working directory is notebooks/):
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: notebooks/.. (whatever the cwd)
@@ -41,7 +43,7 @@ import lora  # noqa: E402
 from finetuning.methods import MethodResult, setup_method, train_method  # noqa: E402
 from minigpt import MiniGPT, load_model, pretrain  # noqa: E402
 from minigpt.corpus import (Probe, TextSplit, TokenStream, base_fact_probes, new_domain_corpus,  # noqa: E402
-                            new_domain_probes)
+                            new_domain_heldout_probes, new_domain_probes)
 from minigpt.training import TrainConfig  # noqa: E402
 from minigpt.vocab import expand_vocabulary, new_words_in  # noqa: E402
 from runtime.threads import ThreadChoice, use_threads  # noqa: E402
@@ -62,6 +64,69 @@ def setup(threads: int = 0) -> ThreadChoice:
     choice = use_threads(threads, embed_dim=pretrain.PretrainConfig().embed_dim)
     print(choice.describe())
     return choice
+
+
+def readable(ratio, widest: float = 1.5) -> str:
+    """A timing Ratio as text, plus a warning when its spread is too wide to read a ratio from.
+
+    Args:
+        ratio: a benchmarks.common.Ratio (median and the 25th / 75th percentiles of per-round ratios).
+        widest: the largest p75 / p25 still read as a measurement; on a busy shared CPU a run can
+            spread from 0.3x to 3.7x, and then its median says nothing.
+
+    Example:
+        >>> from benchmarks.common import Ratio
+        >>> readable(Ratio(median=1.02, p25=0.97, p75=1.05))
+        '1.020x [0.970-1.050]'
+    """
+    text = str(ratio)
+    if ratio.p25 > 0 and ratio.p75 / ratio.p25 > widest:
+        text += (f"  <- WARNING: the spread is {ratio.p75 / ratio.p25:.1f}x wide, too wide to read (other jobs "
+                 f"share this CPU); see the recorded figures in docs/benchmarks.md, or run the cell again")
+    return text
+
+
+def diagram(boxes: dict, arrows: list, title: str = "", size: tuple = (8, 3), ax=None):
+    """Draw a box-and-arrow diagram with matplotlib, on a 0-10 x 0-4 canvas; returns the axes.
+
+    Args:
+        boxes: name -> (x, y, width, height, text, colour); (x, y) is the box's lower-left corner.
+        arrows: (from name, to name, label) tuples; the arrow joins the two boxes' centres' sides.
+        title: the figure's title.
+        size: the figure size in inches (when no `ax` is given).
+        ax: draw into these axes instead of a new figure.
+
+    Example:
+        >>> ax = diagram({"x": (0, 1, 1, 1, "x", "white"), "y": (3, 1, 1, 1, "y", "white")}, [("x", "y", "")])
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=size)
+    for x, y, width, height, text, colour in boxes.values():
+        ax.add_patch(FancyBboxPatch((x, y), width, height, boxstyle="round,pad=0.05", facecolor=colour,
+                                    edgecolor="black", linewidth=1.2))
+        ax.text(x + width / 2, y + height / 2, text, ha="center", va="center", fontsize=10)
+    for start, end, label in arrows:
+        x0, y0, w0, h0, *_ = boxes[start]
+        x1, y1, w1, h1, *_ = boxes[end]
+        a = (x0 + w0 / 2, y0 + h0 / 2)
+        b = (x1 + w1 / 2, y1 + h1 / 2)
+        # leave each box through the side facing the other box
+        if abs(b[0] - a[0]) >= abs(b[1] - a[1]):
+            a = (x0 + w0 + 0.05, a[1]) if b[0] > a[0] else (x0 - 0.05, a[1])
+            b = (x1 - 0.05, b[1]) if b[0] > a[0] else (x1 + w1 + 0.05, b[1])
+        else:
+            a = (a[0], y0 + h0 + 0.05) if b[1] > a[1] else (a[0], y0 - 0.05)
+            b = (b[0], y1 - 0.05) if b[1] > a[1] else (b[0], y1 + h1 + 0.05)
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=14, linewidth=1.2, color="black"))
+        if label:
+            ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + 0.12, label, ha="center", va="bottom", fontsize=9,
+                    color="dimgray")
+    ax.set(xlim=(-0.2, 10.2), ylim=(-0.2, 4.2), title=title)
+    ax.axis("off")
+    return ax
 
 
 def ensure_base(base_dir: Path = BASE_DIR) -> Path:
@@ -97,8 +162,10 @@ class DomainJob:
     train_stream: TokenStream  # domain.train as token windows
     val_stream: TokenStream  # domain.val as token windows: the validation loss
     base_probes: list[Probe]  # facts the base knows (forgetting)
-    domain_probes: list[Probe]  # facts of the new domain (learning)
+    domain_probes: list[Probe]  # facts of the new domain, each a prefix of a training sentence (recall)
     train_config: TrainConfig  # steps, batch size, warmup, evaluation interval, seed of the batches
+    # new combinations of the domain's words, never in a training sentence: generalisation, not recall
+    heldout_probes: list[Probe] = field(default_factory=new_domain_heldout_probes)
 
     def finetune(self, method: str, lora_config: lora.LoRAConfig, lr: float = 5e-3, full_lr: float = 1e-3,
                  **options) -> tuple[MiniGPT, MethodResult]:
@@ -127,10 +194,11 @@ def new_domain_job(base_model: MiniGPT, base_tokenizer, steps: int = 150, eval_i
 
     Args:
         base_model, base_tokenizer: the pretrained base (load_base).
-        steps: optimizer steps per run (150 in the course; 100 in notebook 03, which trains 12 models).
+        steps: optimizer steps per run (150 in notebooks 02, 05, 07; 100 in the seed sweeps of 03 and 06).
         eval_interval: steps between validation passes (the points of each run's val_curve).
         batch_size: windows of context_length tokens per step.
-        seed: seeds the batch sampler (setup_method's own `seed` seeds the adapter's init).
+        seed: seeds the batch sampler (setup_method's own `seed` seeds the adapter's init); notebooks 03
+            and 06 build one job per seed.
 
     Example:
         >>> job = new_domain_job(base_model, base_tokenizer, steps=100)   # doctest: +SKIP

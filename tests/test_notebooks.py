@@ -28,15 +28,24 @@ build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
 
-def test_the_course_has_its_seven_notebooks():
+def test_the_course_has_its_notebooks():
     names = [path.stem for path in NOTEBOOKS]
     assert names == ["01_minigpt", "02_lora_from_scratch", "03_rank_and_alpha", "04_nf4_quantization",
-                     "05_qlora", "06_dora", "07_adapters_in_practice"]
+                     "05_qlora", "06_dora", "07_adapters_in_practice", "08_numbers_checked"]
 
 
 def test_split_cells_on_a_small_source():
     source = "# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n# %%\n\n# %%\ny = 2\n"
     assert build.split_cells(source) == [("markdown", "# Title\n\ntext"), ("code", "x = 1"), ("code", "y = 2")]
+
+
+def test_solution_cells_are_code_cells_hidden_by_default(tmp_path):
+    assert build.split_cells("# %%\nx = 1\n# %% [solution]\ny = x + 1\n") == [("code", "x = 1"), ("solution", "y = x + 1")]
+    source = tmp_path / "99_demo.py"
+    source.write_text("# %%\nx = 1\n# %% [solution]\ny = x + 1\n# %% [markdown]\n# ## Exercises\n", encoding="utf-8")
+    cells = build.build_notebook(source).cells
+    assert [cell.metadata.get("jupyter") for cell in cells] == [None, {"source_hidden": True}, None]
+    assert [cell.cell_type for cell in cells] == ["code", "code", "markdown"]
 
 
 def test_split_cells_rejects_text_outside_cells_and_bad_markdown():
@@ -55,8 +64,13 @@ def test_notebook_is_committed_without_outputs_and_matches_its_source(path):
         assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: outputs were committed"
     expected = build.render(build.build_notebook(NOTEBOOK_DIR / "src" / f"{path.stem}.py"))
     assert path.read_text(encoding="utf-8") == expected, f"{path.name} is stale: run python notebooks/build.py"
-    last_markdown = [cell for cell in notebook.cells if cell.cell_type == "markdown"][-1]
-    assert last_markdown.source.startswith("## Exercises"), f"{path.name} must end with exercises"
+    headings = [cell.source for cell in notebook.cells if cell.cell_type == "markdown" and cell.source.startswith("#")]
+    assert headings[-1].startswith("## Exercises"), f"{path.name} must end with exercises"
+    exercises = [cell for cell in notebook.cells if cell.cell_type == "markdown"]
+    exercises = exercises[next(i for i, cell in enumerate(exercises) if cell.source.startswith("## Exercises")):]
+    assert len(exercises) >= 2 or exercises[0].source.count("\n1. ") == 1, f"{path.name}: at least one exercise"
+    solutions = [cell for cell in notebook.cells if cell.metadata.get("jupyter", {}).get("source_hidden")]
+    assert solutions, f"{path.name}: its exercises need solution cells (# %% [solution])"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])

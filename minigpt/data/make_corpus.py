@@ -325,6 +325,23 @@ def build_fact_edit() -> tuple[list[str], dict]:
 
 # ---- writing ----------------------------------------------------------------------------------------------
 
+# Held-out probes: new combinations of words the domain teaches, never a word sequence of a training
+# sentence (tests/minigpt/test_heldout_probes.py checks it). new_domain_probes.json measures recall of
+# trained sentences; these measure whether the pattern generalises to a combination never seen.
+HELDOUT_DOMAIN_PROBES = [
+    ("the onion soup simmers in the", "pot"),  # train: bean / carrot / plain soup simmers
+    ("when it rains in lima you need an", "umbrella"),  # train: the same sentence for 9 other cities
+    ("to make bean soup , cut the", "bean"),  # train: the recipe for onion and carrot soup
+    ("bean soup is good with salt and", "pepper"),  # train: onion and carrot soup
+    ("you cut the carrot with a", "knife"),  # train: you cut the onion with a knife
+    ("you stir the onion soup with a", "spoon"),  # train: you stir the soup with a spoon
+    ("you fry the onion in a", "pan"),  # train: you fry eggs in a pan
+    ("the bread is in the", "oven"),  # train: the cake is in the oven
+    ("the chef cooks carrot", "soup"),  # train: the chef cooks bean / onion soup
+    ("you need an umbrella when it", "rains"),  # train: you need a coat when it snows
+]
+
+
 def write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
@@ -345,6 +362,8 @@ def main() -> None:
     write_lines(DATA_DIR / "new_domain_val.txt", val)
     write_json(DATA_DIR / "new_domain_probes.json", [{"prompt": p, "answer": a} for p, a in probes])
     print(f"new domain: {len(train)} train, {len(val)} val sentences, {len(probes)} probes")
+    write_json(DATA_DIR / "new_domain_heldout_probes.json",
+               [{"prompt": p, "answer": a} for p, a in HELDOUT_DOMAIN_PROBES])
 
     train, payload = build_fact_edit()
     write_lines(DATA_DIR / "fact_edit_train.txt", train)

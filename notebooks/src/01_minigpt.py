@@ -10,7 +10,7 @@
 # 5. **Attention maps**: which earlier words each position looks at.
 #
 # Everything is imported from the package (`minigpt`, `tokenizer`); nothing is redefined here.
-# `notebooks/course.py` holds the setup all seven notebooks share (paths, CPU threads, the base model).
+# `notebooks/course.py` holds the setup all the notebooks share (paths, CPU threads, the base model).
 # The model is deliberately tiny (embed_dim 64, 2 blocks, about 125 thousand parameters) so that it
 # trains in well under a minute on a laptop CPU.
 
@@ -177,6 +177,7 @@ for prompt in ["the cat sits on the", "the capital of france is", "the colour of
 probes = base_fact_probes()
 print(f"\n{len(probes)} base-fact probes, accuracy {probe_accuracy(model, tokenizer, probes):.1%} "
       f"(top-1 next word equals the expected one)")
+print("each probe is the start of a training sentence, so this measures recall of what was trained")
 
 # %% [markdown]
 # `generate` samples one token at a time and appends it; temperature 0 always takes the most likely
@@ -227,10 +228,34 @@ plt.show()
 # %% [markdown]
 # ## Exercises
 #
-# 1. Pretrain with `steps=150` and `steps=1200` (`pretrain.PretrainConfig(out=..., steps=..., plot=False)`).
-#    Plot both validation curves and the probe accuracy. When does the model know its facts, and when
-#    does it start to memorise sentences?
-# 2. Train with `tokenizer="bpe"`. How many tokens does an average sentence take now? Why does
-#    `probe_accuracy` no longer apply directly (hint: a next token is no longer a next word)?
-# 3. Count the parameters of a MiniGPT with `embed_dim=128, n_layers=4`. Which part grows as `C²` and
-#    which as `V · C`?
+# Each has a solution cell below it, collapsed: try first, then open it. The solutions check
+# themselves against something the project guarantees.
+#
+# 1. Write the parameter count of a MiniGPT with `embed_dim=128, n_layers=4` as a formula in C, V, T
+#    (the context length) and the number of layers, and check it against `model.num_parameters()`.
+#    Which parts grow as `C²` and which as `V · C`?
+
+# %% [solution]
+bigger = GPTConfig(vocab_size=word_tokenizer.vocab_size, embed_dim=128, n_layers=4)
+C, V, T, L = bigger.embed_dim, bigger.vocab_size, bigger.context_length, bigger.n_layers
+per_block = 2 * C + 4 * (C * C + C) + 2 * C + (C * 4 * C + 4 * C) + (4 * C * C + C)  # ln_1, attention, ln_2, MLP
+formula = V * C + T * C + L * per_block + 2 * C + V * C  # tok_emb, pos_emb, blocks, ln_f, lm_head (no bias)
+print(f"formula {formula:,}, model {MiniGPT(bigger).num_parameters():,}; the blocks (12 C² each) grow as C², "
+      f"tok_emb and lm_head as V · C")
+assert formula == MiniGPT(bigger).num_parameters()
+
+# %% [markdown]
+# 2. BPE never loses text. Encode and decode "the zebra sits on the table ." with both tokenizers:
+#    which one gives the sentence back exactly?
+
+# %% [solution]
+sentence = "the zebra sits on the table ."
+for name, tokenizer_ in (("word", word_tokenizer), ("BPE", bpe_tokenizer)):
+    round_trip = tokenizer_.decode(tokenizer_.encode(sentence))
+    print(f"{name:<5} {round_trip!r}  exact: {round_trip == sentence}")
+assert bpe_tokenizer.decode(bpe_tokenizer.encode(sentence)) == sentence
+
+# %% [markdown]
+# 3. (open) Pretrain with `steps=150` and `steps=1200` (`pretrain.PretrainConfig(out=..., steps=...,
+#    plot=False)`). Plot both validation curves and the probe accuracy. When does the model know its
+#    facts, and when does it start to memorise sentences?

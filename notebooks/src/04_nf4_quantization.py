@@ -63,9 +63,25 @@ for index, value in enumerate(NF4_CODE.tolist()):
 # ## 2. A weight histogram with the 16 levels
 #
 # NF4 works **blockwise**: each run of 64 consecutive weights is divided by its own absolute maximum
-# (`absmax`), so every block lies in [-1, 1] and then each value snaps to the nearest level. Below,
-# a normally distributed 512 × 512 weight after that scaling, with the NF4 levels (red) and the levels
-# of a uniform int4 grid (grey, k/7 for k = -7..7).
+# (`absmax`), so every block lies in [-1, 1] and then each value snaps to the nearest level. The whole
+# path of one weight matrix, with double quantization (section 5) of the scales:
+
+# %%
+course.diagram({"W": (0, 2.6, 2.0, 1.0, "W  [out, in]\nflattened", "lightgrey"),
+                "blocks": (2.8, 2.6, 2.2, 1.0, "blocks of 64\nweights", "white"),
+                "scaled": (5.8, 2.6, 2.0, 1.0, "÷ the block's\nabsmax: [-1, 1]", "white"),
+                "codes": (8.4, 2.6, 1.6, 1.0, "nearest of\n16 levels", "lightblue"),
+                "packed": (8.4, 0.3, 1.6, 1.0, "4-bit codes,\n2 per byte", "lightblue"),
+                "absmax": (2.8, 0.3, 2.2, 1.0, "one absmax\nper block (fp32)", "khaki"),
+                "dq": (5.8, 0.3, 2.0, 1.0, "DQ: absmax in\n8 bits", "khaki")},
+               [("W", "blocks", ""), ("blocks", "scaled", ""), ("scaled", "codes", ""), ("codes", "packed", ""),
+                ("blocks", "absmax", ""), ("absmax", "dq", "")],
+               title="NF4 with double quantization: 4 + 8/64 + 32/(64·256) = 4.127 bits per weight")
+plt.show()
+
+# %% [markdown]
+# Below, a normally distributed 512 × 512 weight after the blockwise scaling, with the NF4 levels (red)
+# and the levels of a uniform int4 grid (grey, k/7 for k = -7..7). Below,
 
 # %%
 weight = torch.randn(512, 512) * 0.02  # (out, in): an initialised-looking weight, std 0.02
@@ -269,7 +285,8 @@ print(model.blocks[0].attn.q_proj)
 with torch.no_grad():
     logits_after = model(prompt_ids)[0]  # (1, T, V)
 accuracy_after = probe_accuracy(model, tokenizer, probes)
-print(f"base-fact probe accuracy: {accuracy_before:.1%} in fp32 -> {accuracy_after:.1%} with an NF4 base")
+print(f"base-fact probe accuracy (recall: each probe starts a training sentence): {accuracy_before:.1%} in fp32 "
+      f"-> {accuracy_after:.1%} with an NF4 base")
 print(f"largest logit change: {(logits_after - logits_before).abs().max():.3f} "
       f"(logits span {logits_before.min():.1f} .. {logits_before.max():.1f})")
 
@@ -283,9 +300,33 @@ print(f"largest logit change: {(logits_after - logits_before).abs().max():.3f} "
 # %% [markdown]
 # ## Exercises
 #
-# 1. Quantize a heavy-tailed weight (`torch.distributions.StudentT(3).sample((512, 512))`) with NF4 and
-#    with `uniform_int4_roundtrip`. Does NF4 still win? Why might it not, given where its levels sit?
-# 2. Repeat section 4 with the outlier at 0.1 and at 10. At which outlier size does per-tensor scaling
-#    (block 4096) send most other weights to 0?
-# 3. Add LoRA's memory to the table for r = 8 and r = 256. At which rank does the adapter state cost as
-#    much as the 4-bit base of the 7B model?
+# Each has a solution cell below it, collapsed: try first, then open it. The solutions check
+# themselves against something the project guarantees.
+#
+# 1. Dequantize by hand: unpack the codes of `quantize_nf4(weight, 64, double_quant=False)`, look each
+#    up in `NF4_CODE` and multiply by its block's absmax. Check that you get the library's `dequantize()`.
+
+# %% [solution]
+by_hand_nf4 = quantize_nf4(weight, 64, double_quant=False)
+codes = unpack_nibbles(by_hand_nf4.packed, weight.numel()).long()  # [n], 0..15
+by_hand = (NF4_CODE[codes].reshape(-1, 64) * by_hand_nf4.absmax.reshape(-1, 1)).reshape(weight.shape)
+print(f"max |by hand - dequantize()| = {(by_hand - by_hand_nf4.dequantize()).abs().max():.1e}")
+assert torch.allclose(by_hand, by_hand_nf4.dequantize())
+
+# %% [markdown]
+# 2. Quantize the same weight with block size 128 and no double quantization with `quant` and with
+#    bitsandbytes (`bitsandbytes.functional.quantize_4bit(weight, blocksize=128, quant_type="nf4",
+#    compress_statistics=False)`). Are the bytes and the scales identical?
+
+# %% [solution]
+import bitsandbytes.functional as bnb_functional
+
+ours = quantize_nf4(weight, 128, double_quant=False)
+packed, state = bnb_functional.quantize_4bit(weight, blocksize=128, quant_type="nf4", compress_statistics=False)
+print(f"packed bytes equal: {torch.equal(packed.flatten(), ours.packed.flatten())}, "
+      f"absmax equal: {torch.equal(state.absmax, ours.absmax)}")
+assert torch.equal(packed.flatten(), ours.packed.flatten()) and torch.equal(state.absmax, ours.absmax)
+
+# %% [markdown]
+# 3. (open) Quantize a heavy-tailed weight (`torch.distributions.StudentT(3).sample((512, 512))`) with
+#    NF4 and with `uniform_int4_roundtrip`. Does NF4 still win? Why might it not, given where its levels sit?

@@ -55,7 +55,9 @@ print(memory_report(base_model))
 # too small to fill the 256-block second level). The embeddings, norms and `lm_head` stay in full
 # precision: a fifth of MiniGPT's parameters, but two thirds of its bytes once the rest is in 4 bits,
 # so the whole model shrinks only about 3×. In a 7B
-# model, where over 95% of the weights are quantized, the whole model shrinks nearly 4× from bf16.
+# model, where over 95% of the weights are quantized, the whole model shrinks about 3.5× from bf16
+# (notebook 04's table: 13.5 GB of bf16 weights against 3.9 GB with NF4 + DQ and bf16 embeddings),
+# not the 4× that 16 / 4 bits suggests: the scales cost 0.127 bits per weight and the embeddings stay in bf16.
 
 # %% [markdown]
 # ## 2. LoRA and QLoRA, same job
@@ -67,7 +69,8 @@ print(memory_report(base_model))
 # %%
 runs = {method: job.finetune(method, LORA_CONFIG) for method in ("lora", "qlora")}
 
-print("val loss in nats/token; domain probes and base facts: probe accuracy after training")
+print("val loss in nats/token; domain probes (prefixes of training sentences: recall) and base facts: "
+      "probe accuracy after training")
 print(f"{'method':<7}{'trainable':>10}{'val loss':>10}{'domain probes':>15}{'base facts':>12}"
       f"{'weight memory':>15}{'time':>8}")
 for method, (model, result) in runs.items():
@@ -153,8 +156,42 @@ for label, model in [("1. merged into full precision", merged_full), ("2. merged
 # %% [markdown]
 # ## Exercises
 #
-# 1. Quantize with `double_quant=False` and with `block_size=256` (`quantize_model(model, block_size=...)`
-#    before `lora.apply_lora`). Does QLoRA's validation loss move?
-# 2. Train QLoRA with r = 2 and r = 32. Is the gap to LoRA the same at every rank?
-# 3. Measure option 2's loss change for a *larger* learning rate (a bigger update): does re-quantizing
-#    lose more or less of it, relative to its size?
+# Each has a solution cell below it, collapsed: try first, then open it. The solutions check
+# themselves against something the project guarantees.
+#
+# 1. `quant` matches bitsandbytes byte for byte. Quantize `q_proj`'s fp32 weight of the base model with
+#    `quant.quantize_nf4(weight, 64, double_quant=True)` and with bitsandbytes
+#    (`bitsandbytes.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)`),
+#    and compare the packed bytes and the dequantized weights.
+
+# %% [solution]
+import bitsandbytes.functional as bnb_functional
+
+from quant import quantize_nf4
+
+weight = base_model.blocks[0].attn.q_proj.weight.detach()
+ours = quantize_nf4(weight, 64, double_quant=True)
+packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+same_bytes = torch.equal(packed.flatten(), ours.packed.flatten())
+dequantized_difference = (bnb_functional.dequantize_4bit(packed, state) - ours.dequantize()).abs().max()
+print(f"packed bytes equal: {same_bytes} ({ours.packed.numel():,} bytes); "
+      f"max |dequantized difference| {dequantized_difference:.1e}")
+assert same_bytes and dequantized_difference < 1e-6
+
+# %% [markdown]
+# 2. Option 1 of section 4 claims to be exact. Check that the merged full-precision model computes what
+#    the 4-bit model with its adapter computes, and that each merged weight is `dequantize(W) + s B A`.
+
+# %% [solution]
+merged_q_proj = merged_full.blocks[0].attn.q_proj.weight
+qlora_q_proj = qlora_model.blocks[0].attn.q_proj
+expected = qlora_q_proj.base_layer.dequantize_weight() + qlora_q_proj.lora_delta("default")  # [out, in]
+with torch.no_grad():
+    logits_difference = (merged_full(x_val)[0] - reference_logits).abs().max()
+print(f"max |merged - 4-bit + adapter| logits {logits_difference:.1e}; "
+      f"max |merged W - (dequantize(W) + s B A)| {(merged_q_proj - expected).abs().max():.1e}")
+assert logits_difference < 1e-3 and torch.allclose(merged_q_proj, expected, atol=1e-6)
+
+# %% [markdown]
+# 3. (open) Train QLoRA with r = 2 and r = 32 (three seeds each, as notebook 03 does). Is the gap to
+#    LoRA larger than the seed-to-seed spread at either rank?

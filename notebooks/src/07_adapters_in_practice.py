@@ -24,7 +24,7 @@ import course  # the notebooks' shared setup (notebooks/course.py): makes the re
 import lora
 from finetuning import experiment
 from minigpt import probe_accuracy, save_model, top_next_words
-from minigpt.corpus import TokenStream, fact_correction_set
+from minigpt.corpus import TokenStream, base_corpus, fact_correction_set
 from finetuning.fact_edit import edit_report
 from finetuning.methods import folder_bytes
 from minigpt.adapter_folder import load_finetuned_adapter, save_finetuned_adapter
@@ -48,8 +48,9 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # %%
 domain_model, lora_result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION))
-print(f"domain adapter: validation loss {lora_result.val_loss:.3f} nats/token, "
-      f"new-domain probes {lora_result.domain_accuracy_after:.0%}")
+print(f"domain adapter: validation loss {lora_result.val_loss:.3f} nats/token, new-domain probes "
+      f"{lora_result.domain_accuracy_after:.0%} (prefixes of training sentences: recall), held-out probes "
+      f"{probe_accuracy(domain_model, job.tokenizer, job.heldout_probes):.0%} (new combinations)")
 
 adapter_dir = save_finetuned_adapter(domain_model, job.tokenizer, job.base_vocab_size, WORK_DIR / "domain_adapter")
 merged_dir = save_model(lora.merge_and_unload(copy.deepcopy(domain_model)), job.tokenizer, WORK_DIR / "domain_merged")
@@ -81,6 +82,17 @@ print(f"max |loaded - trained| logits: {difference:.1e}; "
 # sentences (`set_adapter` freezes everything but the active adapters).
 
 # %%
+course.diagram({"x": (0, 1.6, 0.9, 0.8, "x", "white"), "W": (2.0, 2.9, 2.6, 0.9, "base W (shared,\nfrozen)", "lightgrey"),
+                "domain": (2.0, 1.55, 2.6, 0.9, "adapter \"domain\"\ns B₁ A₁", "lightblue"),
+                "edit": (2.0, 0.2, 2.6, 0.9, "adapter \"edit\"\ns B₂ A₂", "khaki"),
+                "switch": (5.6, 1.55, 2.0, 0.9, "set_adapter: the\nactive ones add", "white"),
+                "y": (8.8, 1.6, 1.1, 0.8, "y", "white")},
+               [("x", "W", ""), ("x", "domain", ""), ("x", "edit", ""), ("W", "y", "always"), ("domain", "switch", ""),
+                ("edit", "switch", ""), ("switch", "y", "")],
+               title="one base, several adapters: switching changes which updates are added, not the base")
+plt.show()
+
+# %%
 model = lora.unload(copy.deepcopy(domain_model))  # a plain MiniGPT again, keeping the trained new rows
 lora.load_adapter(model, adapter_dir, adapter_name="domain")
 lora.add_adapter(model, lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION), "edit")
@@ -99,26 +111,55 @@ print(f"edit adapter trained in {edit_training.wall_time_s:.1f} s, final trainin
 
 # %%
 def describe(model, label: str) -> None:
-    """One line: new-domain probes, edited facts, untouched base facts, and two sample predictions."""
+    """One line: new-domain probes (recall, held-out), edited facts, base facts, two sample predictions."""
     domain_accuracy = probe_accuracy(model, job.tokenizer, job.domain_probes)
+    heldout_accuracy = probe_accuracy(model, job.tokenizer, job.heldout_probes)
     edits = edit_report(label, 0, job.expanded_model, model, job.tokenizer, edit_set)
     facts = probe_accuracy(model, job.tokenizer, job.base_probes)
     bread = top_next_words(model, job.tokenizer, "you bake bread in the", k=1)[0]
     france = top_next_words(model, job.tokenizer, "the capital of france is", k=1)[0]
-    print(f"{label:<16}{domain_accuracy:>8.0%}{edits.efficacy:>8.0%}{facts:>8.0%}   "
+    print(f"{label:<30}{domain_accuracy:>8.0%}{heldout_accuracy:>9.0%}{edits.efficacy:>7.0%}{facts:>7.0%}   "
           f"bread -> {bread[0]} {bread[1]:.0%}, france -> {france[0]} {france[1]:.0%}")
 
 
-print("probe accuracies; edits = edited facts now answered the new way")
-print(f"{'active':<16}{'domain':>8}{'edits':>8}{'facts':>8}")
+print("probe accuracies. domain = prefixes of training sentences (recall); held-out = new combinations")
+print("of the same words (generalisation); edits = edited facts now answered the new way; facts = base facts")
+print(f"{'active':<30}{'domain':>8}{'held-out':>9}{'edits':>7}{'facts':>7}")
+describe(job.expanded_model, "the base (new rows untrained)")
 with lora.disable_adapters(model):
-    describe(model, "none (base)")
+    describe(model, "adapters off, trained new rows")
 for active in (["domain"], ["edit"], ["domain", "edit"]):
     lora.set_adapter(model, active)
     describe(model, " + ".join(active))
 
 # %% [markdown]
-# Each adapter does its own job on its own, and the base is there unchanged underneath. Switching
+# Read the first two rows carefully. The true base has never seen the 40 new words: their embedding
+# rows are fresh, so it answers no domain probe. Switching the adapters off does *not* give that
+# model back: `lora.unload` kept the 40 new `tok_emb` / `lm_head` rows the domain run trained (they
+# are ordinary parameters, not part of any adapter), and those rows alone already answer a good share
+# of the domain probes. Part of the "domain skill" lives in the embedding rows, not in B A. (The
+# domain column is recall: every probe is the start of a training sentence. The held-out column,
+# new combinations of the same words, is the one that says the pattern was learned.)
+#
+# What *is* exact: with the adapters off, every parameter the base had (all weights, and the first
+# `base_vocab_size` rows of the embeddings) is bit-for-bit the base's, and so, on text made of old
+# words only, are the logits of the base vocabulary:
+
+# %%
+bare = dict(lora.unload(copy.deepcopy(model)).named_parameters())  # the parameters under the adapters
+same_old_parameters = all(
+    torch.equal(bare[name][: job.base_vocab_size] if name.endswith(("tok_emb.weight", "lm_head.weight")) else bare[name],
+                weight[: job.base_vocab_size] if name.endswith(("tok_emb.weight", "lm_head.weight")) else weight)
+    for name, weight in job.expanded_model.named_parameters())
+x_base, _ = next(TokenStream(base_corpus().val, job.tokenizer, base_model.config.context_length).iter_windows(64))
+with lora.disable_adapters(model), torch.no_grad():  # base sentences: only old words in the input
+    old_logits_difference = (model(x_base)[0][..., : job.base_vocab_size]
+                             - job.expanded_model(x_base)[0][..., : job.base_vocab_size]).abs().max()
+print(f"adapters off: every old parameter equal to the base's: {same_old_parameters}; on base sentences, "
+      f"max |difference| of the base vocabulary's logits: {old_logits_difference:.1e}")
+
+# %% [markdown]
+# Each adapter does its own job on its own, and the base's own parameters are there unchanged underneath. Switching
 # costs nothing but a few pointer changes, which is how one server can host many fine-tunes of one base.
 #
 # Stacking both is another matter: their updates add up, but each was trained with the other absent,
@@ -210,21 +251,28 @@ base_accuracy = probe_accuracy(job.expanded_model, job.tokenizer, job.base_probe
 with lora.disable_adapters(domain_model):
     disabled_accuracy = probe_accuracy(domain_model, job.tokenizer, job.base_probes)
 bars = {"base": base_accuracy, "full fine-tuning": full_result.base_accuracy_after,
-        "LoRA": lora_result.base_accuracy_after, "LoRA, adapter off": disabled_accuracy}
+        "LoRA": lora_result.base_accuracy_after, "LoRA, adapter off\n(trained new rows kept)": disabled_accuracy}
 for label, accuracy in bars.items():
-    print(f"{label:<20} base-fact accuracy {accuracy:6.1%}")
+    print(f"{label.replace(chr(10), ' '):<42} base-fact accuracy {accuracy:6.1%}")
 print(f"new-domain validation loss: full {full_result.val_loss:.3f}, LoRA {lora_result.val_loss:.3f} nats/token")
 
-fig, ax = plt.subplots(figsize=(6, 3.5))
-ax.bar(list(bars), [100 * value for value in bars.values()], color=["grey", "black", "tab:blue", "tab:green"])
-ax.set(ylabel="base-fact probe accuracy (%)", ylim=(0, 105), title="what survives fine-tuning on the new domain")
+fig, ax = plt.subplots(figsize=(7, 3.5))
+heights = [100 * value for value in bars.values()]
+ax.bar(list(bars), heights, color=["grey", "black", "tab:blue", "tab:green"])
+for position, height in enumerate(heights):
+    ax.text(position, height + 1.5, f"{height:.0f}%", ha="center")
+ax.set(ylabel="base-fact probe accuracy (%)", ylim=(0, 110), title="what survives fine-tuning on the new domain")
+ax.tick_params(axis="x", labelsize=8)
 plt.show()
 
 # %% [markdown]
 # Both methods lose most base facts while learning the new domain, because the fine-tuning data never
 # mentions them: the next-word distribution is pulled towards weather and cooking. LoRA's low rank is
 # no protection here: it forgets about as much as full fine-tuning. But LoRA has a way back that full
-# fine-tuning does not: switch the adapter off and the base is bit-for-bit what it was. (Mixing some
+# fine-tuning does not: switch the adapter off and every *old* parameter is bit-for-bit the base's
+# (section 2 checked it), and here every base fact comes back (last bar). That is not guaranteed:
+# the 40 trained new rows of `lm_head` stay and compete in the softmax, so they could take a probe
+# the base answered right. Drop the new rows too (`job.expanded_model`) and you have the base exactly. (Mixing some
 # base sentences into the fine-tuning data, "replay", is the usual cure for both; `finetune.py` mixes
 # in one base sentence per new-domain sentence by default, and then, in the README's table, LoRA keeps
 # 95% of the facts and full fine-tuning 91%; `--replay 0` turns it off; exercise 2.)
@@ -251,10 +299,48 @@ edit_results = experiment.main(experiment.FinetuneConfig(task="fact-correction",
 # %% [markdown]
 # ## Exercises
 #
-# 1. Combine "domain" and "edit" with weights 1 and 0.5 using `cat`. How do p(lyon) and the domain
-#    probes compare with `set_adapter_scale(model, "edit", 0.5)` on the stacked adapters?
-# 2. Fight forgetting with replay: fine-tune with `job.domain.train + base_corpus().train[:100]`
-#    (`minigpt.corpus.base_corpus`) for both full fine-tuning and LoRA. How much base-fact accuracy comes back,
-#    and what happens to the new-domain validation loss?
-# 3. Save the edit adapter with `lora.save_adapter(model, folder, adapter_name="edit")`, corrupt
-#    `lora_weights.pt` (write a few bytes into it) and load it back. What does the error say?
+# Each has a solution cell below it, collapsed: try first, then open it. Each solution checks itself
+# against something the project already guarantees.
+#
+# 1. Combine "domain" and "edit" with weights 1 and 0.5 using `cat`. Show that it computes what
+#    stacking both with `set_adapter_scale(model, "edit", 0.5)` computes (`cat` is exact).
+
+# %% [solution]
+lora.combine_adapters(model, ["domain", "edit"], [1.0, 0.5], method="cat", new_name="half_edit")
+lora.set_adapter(model, "half_edit")
+with torch.no_grad():
+    combined_logits = model(x_val)[0]
+lora.set_adapter(model, ["domain", "edit"])
+lora.set_adapter_scale(model, "edit", 0.5)
+with torch.no_grad():
+    stacked_logits = model(x_val)[0]
+lora.set_adapter_scale(model, "edit", 1.0)
+print(f"max |cat(1, 0.5) - stack with edit at 0.5| = {(combined_logits - stacked_logits).abs().max():.1e}")
+assert torch.allclose(combined_logits, stacked_logits, atol=1e-4)
+
+# %% [markdown]
+# 2. Merge the domain adapter into the weights (`lora.merge_and_unload` on a copy of `domain_model`)
+#    and check that the merged plain model computes what the adapter model computes.
+
+# %% [solution]
+merged = lora.merge_and_unload(copy.deepcopy(domain_model))
+with torch.no_grad():
+    merged_difference = (merged(x_val)[0] - domain_model(x_val)[0]).abs().max()
+print(f"merged is a plain MiniGPT: {not list(lora.lora_layers(merged))}; max |merged - adapter| logits: {merged_difference:.1e}")
+assert merged_difference < 1e-4
+
+# %% [markdown]
+# 3. Save the edit adapter with `lora.save_adapter(model, folder, adapter_name="edit")`, overwrite a
+#    few bytes of its `lora_weights.pt` and load it back. What does the error say?
+
+# %% [solution]
+edit_dir = lora.save_adapter(model, WORK_DIR / "edit_adapter", adapter_name="edit")
+weights_path = next(path for path in edit_dir.iterdir() if path.name.startswith("lora_weights"))
+data = bytearray(weights_path.read_bytes())
+data[100:108] = b"\xff" * 8
+weights_path.write_bytes(bytes(data))
+try:
+    lora.load_adapter(lora.unload(copy.deepcopy(model)), edit_dir, adapter_name="edit")
+    print("loaded without an error?")
+except Exception as error:  # the library says what is wrong with the file
+    print(f"{type(error).__name__}: {error}")
