@@ -15,14 +15,13 @@ State memory counts the moments and block scales after one step. The time ratios
 bookkeeping costs per step; the memory ratio is what it saves (about 0.254x of torch's AdamW).
 """
 
-import argparse
 import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Tuple
 
 import torch
 
-from benchmarks.common import Ratio, check_device, time_side_by_side
+from benchmarks.common import Ratio, check_device, parse_device_quick_repeats, time_side_by_side
 from quant.adamw8bit import AdamW8bit, PagedAdamW8bit
 
 
@@ -98,16 +97,7 @@ def main(config: BenchmarkConfig) -> dict:
 
 
 def parse_args(argv=None) -> BenchmarkConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one small matrix, few rounds")
-    parser.add_argument("--repeats", type=int, help="timed rounds")
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, --quick, "
-                     f"--repeats N")
-    config = default_config(args.device, args.quick)
-    return replace(config, repeats=args.repeats) if args.repeats is not None else config
+    return parse_device_quick_repeats(argv, __doc__.split("\n")[0], default_config, "one small matrix, few rounds")
 
 
 if __name__ == "__main__":

@@ -342,3 +342,24 @@ def check_device(device: str) -> str:
 
 def mib(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:,.1f} MiB"
+
+
+def parse_device_quick_repeats(argv, description: str, default_config, quick_help: str = "tiny model, few repeats"):
+    """The command line most benchmarks share: --device cpu|cuda, --quick, --repeats N -> their config.
+
+    `default_config(device, quick)` builds the module's BenchmarkConfig; an unknown option is an error
+    that lists the valid ones (as the scripts' own parser does).
+    """
+    import argparse
+    from dataclasses import replace
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=int, help="timed rounds")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, --quick, "
+                     f"--repeats N")
+    config = default_config(args.device, args.quick)
+    return replace(config, repeats=args.repeats) if args.repeats is not None else config

@@ -23,7 +23,6 @@ once in a CUDA graph and the graph's replays are timed: that is the GPU's own ti
 Python and kernel-launch jitter, which on a small model is most of the eager time.
 """
 
-import argparse
 import copy
 import functools
 import sys
@@ -33,7 +32,8 @@ from typing import Tuple
 import torch
 
 import lora
-from benchmarks.common import Ratio, check_device, machine_info, release_memory, time_side_by_side
+from benchmarks.common import (Ratio, check_device, machine_info, parse_device_quick_repeats,
+                               release_memory, time_side_by_side)
 from minigpt import GPTConfig, MiniGPT
 
 
@@ -171,18 +171,7 @@ def print_report(results: dict) -> None:
 
 
 def parse_args(argv=None) -> BenchmarkConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny model, few repeats")
-    parser.add_argument("--repeats", type=int, help="timed rounds")
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, --quick, "
-                     f"--repeats N")
-    config = default_config(args.device, args.quick)
-    if args.repeats is not None:
-        config = replace(config, repeats=args.repeats)
-    return config
+    return parse_device_quick_repeats(argv, __doc__.split("\n")[0], default_config, "tiny model, few repeats")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Run from the repository root:
     python -m benchmarks.mixed_batch --device cuda   # GPU, a larger model in bf16
 """
 
-import argparse
 import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Tuple
@@ -26,7 +25,8 @@ from typing import Tuple
 import torch
 
 import lora
-from benchmarks.common import Ratio, check_device, machine_info, release_memory, time_side_by_side
+from benchmarks.common import (Ratio, check_device, machine_info, parse_device_quick_repeats,
+                               release_memory, time_side_by_side)
 from minigpt import GPTConfig, MiniGPT
 
 
@@ -141,18 +141,7 @@ def print_report(results: dict) -> None:
 
 
 def parse_args(argv=None) -> BenchmarkConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny model, few repeats")
-    parser.add_argument("--repeats", type=int, help="timed rounds")
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, --quick, "
-                     f"--repeats N")
-    config = default_config(args.device, args.quick)
-    if args.repeats is not None:
-        config = replace(config, repeats=args.repeats)
-    return config
+    return parse_device_quick_repeats(argv, __doc__.split("\n")[0], default_config, "tiny model, few repeats")
 
 
 if __name__ == "__main__":
