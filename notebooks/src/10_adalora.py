@@ -143,8 +143,7 @@ plt.show()
 #   distinguishable from chance at the usual 5 % level).
 
 # %%
-names = [name for name, _ in adalora_layers(setup_method("adalora", jobs[0].expanded_model, jobs[0].base_vocab_size, lora.LoRAConfig(), lr=5e-3,
-                           full_lr=1e-3, adalora_config=CONFIG).model)]  # the 12 layers
+names = list(runs[0][0].layer_ranks)  # the 12 layers, in model order
 
 
 def full_update_measures(seed: int) -> dict:
@@ -152,7 +151,8 @@ def full_update_measures(seed: int) -> dict:
     model, _ = jobs[seed].finetune("full", lora.LoRAConfig(), weight_decay=0.0, seed=seed)
     measures = {}
     for name in names:
-        delta = model.get_submodule(name).weight.detach() - jobs[seed].expanded_model.get_submodule(name).weight.detach()
+        before = jobs[seed].expanded_model.get_submodule(name).weight.detach()
+        delta = model.get_submodule(name).weight.detach() - before  # ΔW [out, in]
         values = torch.linalg.svdvals(delta)
         energy = values.pow(2).cumsum(0) / values.pow(2).sum()
         measures[name] = (float(delta.norm()), int((energy < 0.9).sum()) + 1)

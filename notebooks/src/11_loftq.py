@@ -25,7 +25,7 @@ import torch
 
 import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 import lora
-from finetuning.methods import MethodSetup, train_method
+from finetuning.methods import MethodSetup, setup_method, train_method
 from lora.loftq import nf4_quantizer
 from minigpt.training import evaluate
 from minigpt.vocab import new_rows_param_group, train_new_rows_only
@@ -96,8 +96,8 @@ def loftq_setup(seed: int, iterations: int = 5, lr: float = 5e-3) -> MethodSetup
     return MethodSetup("qlora", model, param_groups, adapter_params, lora.count_parameters(model)[1])
 
 
-def qlora_setup(seed: int):
-    from finetuning.methods import setup_method
+def qlora_setup(seed: int) -> MethodSetup:
+    """Plain QLoRA: quantize_model, then apply_lora with B = 0."""
     return setup_method("qlora", jobs[seed].expanded_model, jobs[seed].base_vocab_size, CONFIG, lr=5e-3,
                         full_lr=1e-3, seed=seed)
 

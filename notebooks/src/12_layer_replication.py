@@ -137,8 +137,10 @@ fig, ax = plt.subplots(figsize=(7, 4))
 for index, (name, runs) in enumerate(results.items()):
     for seed_index, r in enumerate(runs):
         steps, losses = zip(*r.val_curve)
-        ax.plot(steps, losses, color=plt.cm.tab10(index), marker="o", alpha=0.7, label=name if seed_index == 0 else None)
-ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="LoRA on the base vs on its replicated blocks (3 seeds)")
+        ax.plot(steps, losses, color=plt.cm.tab10(index), marker="o", alpha=0.7,
+                label=name if seed_index == 0 else None)
+ax.set(xlabel="step", ylabel="validation loss (nats/token)",
+       title="LoRA on the base vs on its replicated blocks (3 seeds)")
 ax.legend()
 plt.tight_layout()
 plt.show()

@@ -32,7 +32,7 @@ import torch
 import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 import lora
 from finetuning.methods import setup_method, train_method
-from quant.adamw8bit import (BLOCK_SIZE, MIN_8BIT_SIZE, AdamW8bit, PagedAdamW8bit, dequantize_blockwise_8bit,
+from quant.adamw8bit import (BLOCK_SIZE, MIN_8BIT_SIZE, AdamW8bit, dequantize_blockwise_8bit,
                              quantize_blockwise_8bit)
 from quant.nf4_code import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED
 
@@ -79,9 +79,9 @@ for axis, (name, (moment, code)) in zip(axes, moments.items()):
     codes, absmax = quantize_blockwise_8bit(moment, code)
     rebuilt = dequantize_blockwise_8bit(codes, absmax, code)
     naive = linear_int8(moment)
-    for label, copy_ in (("8-bit dynamic", rebuilt), ("linear int8", naive)):
-        relative = ((copy_ - moment).abs() / moment.abs().clamp_min(1e-30)).median()
-        zeroed = float(((copy_ == 0) & (moment != 0)).float().mean())
+    for label, stored in (("8-bit dynamic", rebuilt), ("linear int8", naive)):
+        relative = ((stored - moment).abs() / moment.abs().clamp_min(1e-30)).median()
+        zeroed = float(((stored == 0) & (moment != 0)).float().mean())
         print(f"{name:<15}{label:<15} median relative error {relative:.4f}, nonzero values stored as 0: {zeroed:.1%}")
     order = moment.abs().flatten().argsort()
     axis.loglog(moment.abs().flatten()[order], moment.abs().flatten()[order], color="black", linewidth=1,
@@ -161,7 +161,8 @@ fig, ax = plt.subplots(figsize=(7, 4))
 for index, (optim, runs) in enumerate(results.items()):
     for seed_index, r in enumerate(runs):
         steps, losses = zip(*r.val_curve)
-        ax.plot(steps, losses, color=plt.cm.tab10(index), marker="o", alpha=0.7, label=optim if seed_index == 0 else None)
+        ax.plot(steps, losses, color=plt.cm.tab10(index), marker="o", alpha=0.7,
+                label=optim if seed_index == 0 else None)
 ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="full fine-tuning: float32 vs 8-bit AdamW (3 seeds)")
 ax.legend()
 plt.tight_layout()
