@@ -32,7 +32,7 @@ def test_the_course_has_its_notebooks():
     names = [path.stem for path in NOTEBOOKS]
     assert names == ["01_minigpt", "02_lora_from_scratch", "03_rank_and_alpha", "04_nf4_quantization",
                      "05_qlora", "06_dora", "07_adapters_in_practice", "08_numbers_checked",
-                     "15_transformers_and_peft_folders"]
+                     "14_vision_lora", "15_transformers_and_peft_folders"]
 
 
 def test_split_cells_on_a_small_source():
