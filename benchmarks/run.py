@@ -26,6 +26,7 @@ The benchmarks, each also runnable on its own (`python -m benchmarks.<name> --he
     threads          the default finetune.py quiet and next to a busy core (the CPU thread policy)
     adamw8bit        8-bit / paged AdamW vs torch's AdamW and bitsandbytes: step time, state memory
     mixed_batch      32 rows over 4 adapters in one batch vs 4 separate forwards (lora/mixed_batch.py)
+    adalora          one AdaLoRA training step (SVD form, regularizer, rank allocation) vs one LoRA step
     sharding         memory per process of LoRA / QLoRA under DDP and FSDP2 with 1, 2 (GPUs: 4, 8) processes
 
 Each benchmark module has `main(config) -> results` and a `BenchmarkConfig`; the runner builds the
@@ -55,7 +56,7 @@ from runtime.atomic import atomic_directory
 
 BENCHMARKS = ("training_step", "training_step_wide", "training_step_compile", "training_step_compile_small",
               "merged_latency", "rank_sweep", "lora_layers", "nf4", "finetune_run", "threads", "adamw8bit",
-              "mixed_batch", "sharding")
+              "mixed_batch", "sharding", "adalora")
 
 # Extra runs of a benchmark with other settings: name -> (module, config changes, devices it runs on).
 # The wide model shows how LoRA's saving grows with the width C (the weight-gradient matmul it skips
