@@ -209,24 +209,33 @@ def results_table(results: list[dict], before: dict) -> str:
 
 
 def plot_strategies(results: list[dict], before: dict, path: Path) -> None:
+    """comparison.png: one panel per measure, a bar per strategy with its value, axes from 0, the base dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [result["strategy"] for result in results]
-    panels = [("new-domain caption loss", "new_loss", before["new_val"][0]),
-              ("new-domain probe accuracy", "new_probe_accuracy", before["new_probe"][1]),
-              ("base-domain probe accuracy", "base_probe_accuracy", before["base_probe"][1]),
-              ("trainable parameters", "trainable_params", None)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
-    for axis, (title, key, reference) in zip(axes, panels):
-        axis.barh(names, [result[key] for result in results], color="#1f77b4")
+    panels = [("new-domain caption loss (nats/token)", "new_loss", before["new_val"][0], "{:.3f}"),
+              ("new-domain probes right (held-out pairs)", "new_probe_accuracy", before["new_probe"][1], "{:.0%}"),
+              ("base-domain probes right (held-out pairs)", "base_probe_accuracy", before["base_probe"][1], "{:.0%}"),
+              ("trainable parameters", "trainable_params", None, "{:,}")]
+    colors = ["#444444" if name == "full" else "#1f77b4" for name in names]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), constrained_layout=True)
+    for axis, (title, key, reference, label) in zip(axes, panels):
+        values = [result[key] for result in results]
+        bars = axis.barh(names, values, color=colors)
+        axis.bar_label(bars, labels=[label.format(value) for value in values], padding=2, fontsize=7)
         if reference is not None:
-            axis.axvline(reference, color="#444444", linestyle="--", label="base model")
-            axis.legend(fontsize=7)
+            axis.axvline(reference, color="#d62728", linestyle="--", label="base model", zorder=0)
+            axis.legend(fontsize=7, loc="lower right")
+        if "probe" in key:  # accuracies: the whole 0-100% scale, so a probe more or less looks its size
+            axis.set_xlim(0, 1.15)
+            axis.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: f"{value:.0%}"))
+        else:
+            axis.set_xlim(0, max(values + ([reference] if reference else [])) * 1.3)
         if key == "trainable_params":
-            axis.set_xscale("log")
+            axis.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: f"{value / 1000:.0f}k"))
         axis.set_title(title, fontsize=9)
         axis.invert_yaxis()
     figure.savefig(path, dpi=100)
