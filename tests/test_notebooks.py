@@ -31,7 +31,7 @@ _spec.loader.exec_module(build)
 def test_the_course_has_its_notebooks():
     names = [path.stem for path in NOTEBOOKS]
     assert names == ["01_minigpt", "02_lora_from_scratch", "03_rank", "03_scaling_and_init", "04_nf4_quantization",
-                     "05_qlora", "06_dora", "07_adapters_in_practice", "08_numbers_checked",
+                     "05_qlora", "06_dora", "07_adapters", "07_forgetting_and_fact_correction", "08_numbers_checked",
                      "09_mixed_batch", "10_adalora", "11_loftq",
                      "12_layer_replication", "13_adamw8bit", "14_vision_lora", "15_transformers_and_peft_folders"]
 
