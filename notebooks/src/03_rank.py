@@ -143,7 +143,8 @@ plt.show()
 # the same story more coarsely (ten probes: one probe is 10 points).
 #
 # **The course's r = 8, alpha = 16 and finetune.py's r = 16, alpha = 64.** The notebooks keep r = 8 and
-# s = 2 so that every run is small and comparable. `finetune.py` defaults to r = 16, alpha = 64 (s = 4):
+# s = alpha / r = 2 (the scaling of the update, notebook 04's subject) so that every run is small and
+# comparable. `finetune.py` defaults to r = 16, alpha = 64 (s = 4):
 # with only 150 steps, B A must move far, and docs/measurements.md measured over seeds 0-2 that
 # r = 8 / alpha = 16 ends 11-14% above full fine-tuning's validation loss, r = 16 / alpha = 64 only
 # 4-6% above it. So part of the gap to full fine-tuning in these notebooks (the dotted line) is the
