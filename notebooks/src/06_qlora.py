@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 06 · QLoRA: LoRA on a frozen 4-bit base
 #
-# QLoRA (Dettmers et al., 2023) = the NF4 base of notebook 04 + the LoRA adapters of notebook 02:
+# QLoRA (Dettmers et al., 2023) = the NF4 base of notebook 05 + the LoRA adapters of notebook 02:
 #
 # ```
 # x ──► Linear4bit: dequantize(NF4 codes, absmax) → W (compute dtype) → x Wᵀ + b ──┐
