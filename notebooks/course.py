@@ -9,7 +9,7 @@ pretraining in 01, `expand_vocabulary`, `TokenStream`, `setup_method` and `train
                                           (course.ensure_base() only makes sure it is there)
     course.readable(ratio)             -> a timing ratio, with a warning when its spread is too wide to read
     course.diagram(boxes, arrows)      -> a small box-and-arrow figure (the notebooks' diagrams)
-    course.new_domain_job(...)         -> the new-domain job of notebooks 02-07, ready to fine-tune:
+    course.new_domain_job(...)         -> the new-domain job of notebooks 02-09, ready to fine-tune:
 
         base model ─ expand_vocabulary(new words) ─► expanded_model, tokenizer
         new-domain sentences ─ TokenStream ─► train_stream, val_stream
@@ -151,7 +151,7 @@ def load_base(base_dir: Path = BASE_DIR) -> tuple[MiniGPT, object]:
 
 @dataclass(frozen=True)
 class DomainJob:
-    """The new-domain fine-tuning job of notebooks 02-07: the base model taught 40 new words, the data,
+    """The new-domain fine-tuning job of notebooks 02-09: the base model taught 40 new words, the data,
     the probes and the training settings. Every method trains on exactly this, so runs compare."""
 
     base_vocab_size: int  # rows below this index are the base vocabulary; the new words come after
@@ -194,11 +194,11 @@ def new_domain_job(base_model: MiniGPT, base_tokenizer, steps: int = 150, eval_i
 
     Args:
         base_model, base_tokenizer: the pretrained base (load_base).
-        steps: optimizer steps per run (150 in notebooks 02, 05, 07; 100 in the seed sweeps of 03 and 06).
+        steps: optimizer steps per run (150 in notebooks 02, 06, 08, 09; 100 in the seed sweeps of 03, 04, 07).
         eval_interval: steps between validation passes (the points of each run's val_curve).
         batch_size: windows of context_length tokens per step.
-        seed: seeds the batch sampler (setup_method's own `seed` seeds the adapter's init); notebooks 03
-            and 06 build one job per seed.
+        seed: seeds the batch sampler (setup_method's own `seed` seeds the adapter's init); notebooks 03,
+            04 and 07 build one job per seed.
 
     Example:
         >>> job = new_domain_job(base_model, base_tokenizer, steps=100)   # doctest: +SKIP

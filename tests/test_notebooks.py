@@ -7,7 +7,7 @@ notebooks/course.py, tested in test_notebook_course.py), so the whole set runs i
 2-core CPU.
 
     python -m pytest tests/test_notebooks.py -q              # every notebook
-    python -m pytest tests/test_notebooks.py -q -k 04_nf4     # one of them
+    python -m pytest tests/test_notebooks.py -q -k 05_nf4     # one of them
 """
 
 import importlib.util
@@ -30,10 +30,10 @@ _spec.loader.exec_module(build)
 
 def test_the_course_has_its_notebooks():
     names = [path.stem for path in NOTEBOOKS]
-    assert names == ["01_minigpt", "02_lora_from_scratch", "03_rank_and_alpha", "04_nf4_quantization",
-                     "05_qlora", "06_dora", "07_adapters_in_practice", "08_numbers_checked",
-                     "09_mixed_batch", "10_adalora", "11_loftq",
-                     "12_layer_replication", "13_adamw8bit", "14_vision_lora", "15_transformers_and_peft_folders"]
+    assert names == ["01_minigpt", "02_lora_from_scratch", "03_rank", "04_scaling_and_init", "05_nf4_quantization",
+                     "06_qlora", "07_dora", "08_adapters", "09_forgetting_and_fact_correction", "10_numbers_checked",
+                     "11_mixed_batch", "12_adalora", "13_loftq", "14_layer_replication", "15_adamw8bit",
+                     "16_vision_lora", "17_transformers_and_peft_folders"]
 
 
 def test_split_cells_on_a_small_source():

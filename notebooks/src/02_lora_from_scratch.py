@@ -54,10 +54,10 @@ print(f"{'full fine-tuning':<22}{7e9 * total / GB:>8.0f} GB{70e9 * total / GB:>8
 print(f"{'inference (bf16)':<22}{7e9 * 2 / GB:>8.0f} GB{70e9 * 2 / GB:>8.0f} GB")
 
 # %% [markdown]
-# (Other accountings give 4, 6, 14 bytes: notebook 08 lists them and says when each applies.)
+# (Other accountings give 4, 6, 14 bytes: notebook 10 lists them and says when each applies.)
 # 112 GB for a 7B model is more than one 80 GB GPU; 1.1 TB for 70B is a cluster. Inference alone needs
 # an eighth of that. With LoRA only the adapter (well under 1% of the parameters) has gradients and
-# Adam states; the frozen base costs its 2 bytes per parameter, or half a byte in 4 bits (notebook 04).
+# Adam states; the frozen base costs its 2 bytes per parameter, or half a byte in 4 bits (notebook 05).
 
 # %% [markdown]
 # ## 2. LoRA in a dozen lines
@@ -210,7 +210,7 @@ print(f"all B are zero: {all(bool((layer.lora_B['default'] == 0).all()) for _, l
 # must train too (a word has to have *some* vector), everything else of the base stays frozen.
 # `setup_method("lora", ...)` wraps q, k, v, o of both blocks with r = 8, alpha = 16 and builds the
 # optimizer groups; `train_method` runs the same training loop as pretraining. 150 steps, a few seconds.
-# (Notebooks 03-07 run this same job, built by `course.new_domain_job` from exactly these calls.)
+# (Notebooks 03-09 run this same job, built by `course.new_domain_job` from exactly these calls.)
 
 # %%
 domain = new_domain_corpus()
@@ -244,7 +244,7 @@ print(f"trained in {result.wall_time_s:.1f} s: new-domain validation loss {resul
 # the new rows) gives the second, the way `finetune.py`'s table counts (the README's 14.71% is the
 # same count at finetune.py's r = 16). The "0.1-5%" quoted for LoRA
 # in the literature is a third thing: adapters alone on a model of billions of parameters, where the
-# embeddings are a small share and no new rows train (notebook 08 recomputes it for Llama). MiniGPT is
+# embeddings are a small share and no new rows train (notebook 10 recomputes it for Llama). MiniGPT is
 # 64 wide with 2 blocks, so its adapters are a large share of a small model.
 
 # %% [markdown]
@@ -330,7 +330,7 @@ plt.show()
 # the seed-to-seed spread notebook 03 measures). Dropout 0.2 lowers the minimum a little but still
 # turns up after it: noise on the adapter's input slows memorising without stopping it. Both are one
 # run each; what holds in general is the diagnosis: watch the validation curve, and stop near its
-# minimum. (The comparisons of notebooks 03 and 06 run 100 steps for
+# minimum. (The comparisons of notebooks 03, 04 and 07 run 100 steps for
 # this reason: near the minimum, not deep in the overfitting.)
 
 # %% [markdown]
@@ -384,7 +384,7 @@ print(f"parameters: base {expanded_model.num_parameters():,}, merged {merged_mod
 # ratio is 1 within the spread (when the spread is narrow enough to read; if a warning was printed,
 # other jobs disturbed the timing: run the cell again, or see docs/benchmarks.md for recorded figures).
 # That is why LoRA is "free" at inference once merged. Keeping it unmerged is still useful: several adapters can
-# share one base and be switched per request (notebook 07).
+# share one base and be switched per request (notebook 08).
 
 # %% [markdown]
 # ## Exercises

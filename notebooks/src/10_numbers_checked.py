@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 08 · The numbers in the material, checked
+# # 10 · The numbers in the material, checked
 #
 # LoRA and QLoRA write-ups repeat a handful of figures: how many parameters an adapter has, what
 # share of the model that is, how many bytes per parameter full fine-tuning needs, which GPU a QLoRA

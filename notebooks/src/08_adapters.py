@@ -1,17 +1,18 @@
 # %% [markdown]
-# # 07 · Adapters in practice
+# # 08 · Adapters: save, load, switch, combine
 #
 # An adapter is a small file that turns one base model into a specialised one. This notebook does what
 # people do with adapters every day, with the project's `lora` API and `finetune.py`'s functions:
 #
 # 1. save and load an adapter, and compare its size with the model's;
 # 2. keep several adapters on one base, switch between them, disable them, scale them;
-# 3. combine two adapters into one (`cat`, `linear`, `svd`) and measure each method's error;
-# 4. catastrophic forgetting: full fine-tuning versus LoRA on the base facts;
-# 5. fact correction: LoRA on `v_proj` only versus all attention projections.
+# 3. combine two adapters into one (`cat`, `linear`, `svd`) and measure each method's error.
+#
+# What fine-tuning changes besides its target (forgetting, and editing a few facts) is notebook 09's
+# subject.
 #
 # Two adapters are trained on small jobs (a few seconds each on a 2-core laptop CPU): **domain**
-# (weather and cooking, 40 new words, as in notebooks 02-06) and **edit** (five base facts changed on
+# (weather and cooking, 40 new words, as in notebooks 02-07) and **edit** (five base facts changed on
 # purpose, e.g. "the capital of france is lyon"). Losses are cross-entropy in nats per token.
 
 # %%
@@ -22,7 +23,6 @@ import torch
 
 import course  # the notebooks' shared setup (notebooks/course.py): makes the repository importable
 import lora
-from finetuning import experiment
 from minigpt import probe_accuracy, save_model, top_next_words
 from minigpt.corpus import TokenStream, base_corpus, fact_correction_set
 from finetuning.fact_edit import edit_report
@@ -36,7 +36,7 @@ base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pre
 job = course.new_domain_job(base_model, base_tokenizer, steps=150, eval_interval=50)  # notebook 02's job
 edit_set = fact_correction_set()  # the edit job: five base facts changed on purpose, and facts that must stay
 edit_stream = TokenStream(edit_set.train, job.tokenizer, base_model.config.context_length)
-WORK_DIR = course.ROOT / "dist" / "notebooks" / "07_adapters"  # the folders written below (dist/ is git-ignored)
+WORK_DIR = course.ROOT / "dist" / "notebooks" / "08_adapters"  # the folders written below (dist/ is git-ignored)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # %% [markdown]
@@ -238,63 +238,6 @@ print(f"{'both active (reference)':<42}{probe_accuracy(model, job.tokenizer, job
 # a different update altogether, and the model behaves like neither adapter. Prefer `cat`, or `svd` with
 # enough rank when the rank must stay small. (None of them can fix the interference seen in section 2:
 # they only reproduce, or approximate, the sum of the two updates.)
-
-# %% [markdown]
-# ## 4. Catastrophic forgetting
-#
-# Fine-tuning on the new domain only, the model can forget what it knew. Compare full fine-tuning
-# (every weight trains) with the LoRA domain adapter on the 82 base-fact probes, same data and steps.
-
-# %%
-_, full_result = job.finetune("full", lora.LoRAConfig())
-base_accuracy = probe_accuracy(job.expanded_model, job.tokenizer, job.base_probes)
-with lora.disable_adapters(domain_model):
-    disabled_accuracy = probe_accuracy(domain_model, job.tokenizer, job.base_probes)
-bars = {"base": base_accuracy, "full fine-tuning": full_result.base_accuracy_after,
-        "LoRA": lora_result.base_accuracy_after, "LoRA, adapter off\n(trained new rows kept)": disabled_accuracy}
-for label, accuracy in bars.items():
-    print(f"{label.replace(chr(10), ' '):<42} base-fact accuracy {accuracy:6.1%}")
-print(f"new-domain validation loss: full {full_result.val_loss:.3f}, LoRA {lora_result.val_loss:.3f} nats/token")
-
-fig, ax = plt.subplots(figsize=(7, 3.5))
-heights = [100 * value for value in bars.values()]
-ax.bar(list(bars), heights, color=["grey", "black", "tab:blue", "tab:green"])
-for position, height in enumerate(heights):
-    ax.text(position, height + 1.5, f"{height:.0f}%", ha="center")
-ax.set(ylabel="base-fact probe accuracy (%)", ylim=(0, 110), title="what survives fine-tuning on the new domain")
-ax.tick_params(axis="x", labelsize=8)
-plt.show()
-
-# %% [markdown]
-# Both methods lose most base facts while learning the new domain, because the fine-tuning data never
-# mentions them: the next-word distribution is pulled towards weather and cooking. LoRA's low rank is
-# no protection here: it forgets about as much as full fine-tuning. But LoRA has a way back that full
-# fine-tuning does not: switch the adapter off and every *old* parameter is bit-for-bit the base's
-# (section 2 checked it), and here every base fact comes back (last bar). That is not guaranteed:
-# the 40 trained new rows of `lm_head` stay and compete in the softmax, so they could take a probe
-# the base answered right. Drop the new rows too (`job.expanded_model`) and you have the base exactly. (Mixing some
-# base sentences into the fine-tuning data, "replay", is the usual cure for both; `finetune.py` mixes
-# in one base sentence per new-domain sentence by default, and then, in the README's table, LoRA keeps
-# 95% of the facts and full fine-tuning 91%; `--replay 0` turns it off; exercise 2.)
-
-# %% [markdown]
-# ## 5. Fact correction: which projections to adapt?
-#
-# To change a few facts ("the capital of france is lyon"), must LoRA adapt every projection, or does
-# one suffice? `finetune.py --task fact-correction` trains LoRA on `v_proj` only and on q, k, v, o, and
-# reports **efficacy** (edited facts now answered the new way, with their probabilities) and
-# **locality** (related facts that must not change). We call its `main` with our base model.
-
-# %%
-edit_results = experiment.main(experiment.FinetuneConfig(task="fact-correction", base=str(course.BASE_DIR),
-                                                     out=str(WORK_DIR / "fact_correction"), plot=False, progress=False))
-
-# %% [markdown]
-# Adapting `v_proj` alone, with a quarter of the parameters, already installs most of the edits
-# (the values carry "what to say" once attention has found the subject); adapting all projections
-# gets the stubborn ones too (compare the efficacy lines). Neither is perfectly local: some related facts
-# move too, the usual trade-off of editing by fine-tuning. Count how many locality facts each variant
-# kept and weigh that against its efficacy.
 
 # %% [markdown]
 # ## Exercises

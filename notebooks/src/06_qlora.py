@@ -1,7 +1,7 @@
 # %% [markdown]
-# # 05 · QLoRA: LoRA on a frozen 4-bit base
+# # 06 · QLoRA: LoRA on a frozen 4-bit base
 #
-# QLoRA (Dettmers et al., 2023) = the NF4 base of notebook 04 + the LoRA adapters of notebook 02:
+# QLoRA (Dettmers et al., 2023) = the NF4 base of notebook 05 + the LoRA adapters of notebook 02:
 #
 # ```
 # x ──► Linear4bit: dequantize(NF4 codes, absmax) → W (compute dtype) → x Wᵀ + b ──┐
@@ -56,7 +56,7 @@ print(memory_report(base_model))
 # precision: a fifth of MiniGPT's parameters, but two thirds of its bytes once the rest is in 4 bits,
 # so the whole model shrinks only about 3×. In a 7B
 # model, where over 95% of the weights are quantized, the whole model shrinks about 3.5× from bf16
-# (notebook 04's table: 13.5 GB of bf16 weights against 3.9 GB with NF4 + DQ and bf16 embeddings),
+# (notebook 05's table: 13.5 GB of bf16 weights against 3.9 GB with NF4 + DQ and bf16 embeddings),
 # not the 4× that 16 / 4 bits suggests: the scales cost 0.127 bits per weight and the embeddings stay in bf16.
 
 # %% [markdown]
@@ -94,7 +94,7 @@ plt.show()
 # The two curves stay close (their largest gap is printed above): the adapter learns to work with the slightly perturbed 4-bit weights
 # (the QLoRA paper's headline: 4-bit QLoRA matches 16-bit fine-tuning). Weight memory here counts every
 # parameter and buffer held during training; in a large model the activations and the adapter's
-# optimizer state come on top (notebook 04's table).
+# optimizer state come on top (notebook 05's table).
 
 # %% [markdown]
 # ## 3. Inside a QLoRA layer

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 13 · 8-bit and paged AdamW: the optimizer's memory
+# # 15 · 8-bit and paged AdamW: the optimizer's memory
 #
 # AdamW keeps two moments per trained parameter, `m` (the mean of the gradients) and `v` (the mean of
 # their squares): in float32 that is **8 bytes per parameter**, twice the float32 weights themselves.
@@ -182,7 +182,7 @@ plt.show()
 #
 # Tensors smaller than `min_8bit_size` (4096 elements, bitsandbytes' default) keep float32 moments.
 # A LoRA A of rank 8 on a 64-wide layer has 8 × 64 = 512 elements: all of MiniGPT's adapters are below the
-# threshold. Their state is tiny anyway (notebook 08: LoRA's optimizer state is a few MB even on 7B), so
+# threshold. Their state is tiny anyway (notebook 10: LoRA's optimizer state is a few MB even on 7B), so
 # 8 bits would save almost nothing and add rounding error. 8-bit AdamW pays off where the state is large:
 # full fine-tuning, or very wide adapters.
 

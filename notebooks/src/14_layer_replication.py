@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 12 · Layer replication: a deeper model from the same blocks
+# # 14 · Layer replication: a deeper model from the same blocks
 #
 # PEFT's `layer_replication` (after mergekit's "pass-through" merges) stacks the base's own blocks more
 # than once: a 2-block MiniGPT with the map `[[0, 2], [0, 2]]` becomes a 4-block one, blocks 0 1 0 1.

@@ -1,7 +1,7 @@
 # %% [markdown]
-# # 11 · LoftQ: starting QLoRA's adapter at the quantization error
+# # 13 · LoftQ: starting QLoRA's adapter at the quantization error
 #
-# QLoRA (notebook 05) stores the base in 4 bits, `Q = NF4(W)`, and starts the adapter at `B = 0`: the
+# QLoRA (notebook 06) stores the base in 4 bits, `Q = NF4(W)`, and starts the adapter at `B = 0`: the
 # model it starts from is the *quantized* one, off from W by `W - Q`. LoftQ (Li et al., 2023, "LoftQ:
 # LoRA-Fine-Tuning-Aware Quantization") instead picks Q, A and B together so that `Q + s B A ≈ W`:
 #
@@ -164,7 +164,7 @@ plt.show()
 #
 # So the better start did **not** buy what it promises: the start is closer to W by a few hundredths of a
 # logit, yet the run ends better than *unquantized* LoRA, which has no quantization error at all. The gain
-# and the forgetting come from somewhere else. The likely cause, the same as PiSSA's in notebook 03: LoftQ's
+# and the forgetting come from somewhere else. The likely cause, the same as PiSSA's in notebook 04: LoftQ's
 # A and B are not small (each holds `sqrt(σ / s)` of the error's top singular values) and B is not zero, so
 # from the first step both A and B move the output, at the adapters' learning rate of 5e-3, and the
 # adapter changes the model much faster than one that starts at B = 0. That is a hypothesis these runs are

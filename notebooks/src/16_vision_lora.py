@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 14 · LoRA on a vision encoder and a vision-language model: the four strategies
+# # 16 · LoRA on a vision encoder and a vision-language model: the four strategies
 #
 # A vision-language model (VLM) has three parts that could carry an adapter: the **vision encoder**
 # (a ViT), the **language decoder**, and, in Flamingo-style models, **cross-attention** layers between
@@ -281,7 +281,7 @@ plt.show()
 # images stay the same and the language task changes (a new caption style, a new question format), the
 # usual advice may well hold; the way to know is this same small sweep on your own task.
 #
-# Notebook 15 does the same kind of checks on Hugging Face models, where a ViT's patch embedding is also a
+# Notebook 17 does the same kind of checks on Hugging Face models, where a ViT's patch embedding is also a
 # `Conv2d` and `"all-linear"` chooses the layers.
 
 # %% [markdown]

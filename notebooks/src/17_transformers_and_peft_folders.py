@@ -1,7 +1,7 @@
 # %% [markdown]
-# # 15 · LoRA on a real `transformers` model, and PEFT's folder format
+# # 17 · LoRA on a real `transformers` model, and PEFT's folder format
 #
-# Notebooks 02-14 put LoRA on the project's own models. The same `lora` package works on any
+# Notebooks 02-16 put LoRA on the project's own models. The same `lora` package works on any
 # `nn.Module`, including Hugging Face `transformers` models, and it computes what PEFT computes. This
 # notebook checks that claim on two tiny models built from `transformers` configs (random weights, no
 # download): a Llama and a GPT-2. It shows:
@@ -31,7 +31,7 @@ import lora
 from lora.peft_format import read_peft_config
 
 course.setup()  # CPU threads from the cores free now
-WORK = Path(tempfile.mkdtemp(prefix="nb15_"))  # every folder this notebook writes goes here
+WORK = Path(tempfile.mkdtemp(prefix="nb17_"))  # every folder this notebook writes goes here
 transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars in the outputs
 print("transformers", transformers.__version__)
 
@@ -242,7 +242,7 @@ assert difference < 1e-5
 # ## 6. Target-module names per family
 #
 # A list of names in `target_modules` matches the end of a module's path, so the names depend on
-# the family. What `"all-linear"` finds in one layer of four families (notebook 08 maps them onto
+# the family. What `"all-linear"` finds in one layer of four families (notebook 10 maps them onto
 # MiniGPT's roles, on more families):
 
 # %%

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 06 · DoRA: magnitude and direction
+# # 07 · DoRA: magnitude and direction
 #
 # DoRA (Liu et al., 2024, "Weight-Decomposed Low-Rank Adaptation") splits every weight row into a
 # **length** (magnitude) and a **direction**, lets LoRA change the direction and trains the lengths

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 04 · NF4: storing a weight in 4 bits
+# # 05 · NF4: storing a weight in 4 bits
 #
 # QLoRA (Dettmers et al., 2023) fine-tunes a 65B model on one 48 GB GPU by storing the frozen base
 # weights in **4-bit NormalFloat (NF4)**. This notebook takes NF4 apart with the project's `quant`
@@ -294,7 +294,7 @@ print(f"largest logit change: {(logits_after - logits_before).abs().max():.3f} "
 # The quantized model still knows its facts (the accuracy line), although each block weight now takes
 # about 4.1 bits instead of 32. In this tiny model the embeddings and `lm_head` stay in fp32 and are a
 # large share of the bytes, so the whole-model saving (3.2x) is smaller than in a 7B model, where the
-# quantized projections are over 95% of the weights. Notebook 05 trains LoRA on top of this frozen
+# quantized projections are over 95% of the weights. Notebook 06 trains LoRA on top of this frozen
 # 4-bit base: that is QLoRA.
 
 # %% [markdown]

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 09 · Mixed-batch adapters: many users, one base, one batch
+# # 11 · Mixed-batch adapters: many users, one base, one batch
 #
 # A server holds one frozen base model and many small adapters, one per customer. Requests arrive
 # together, each wanting its own adapter. `set_adapter` serves them one adapter at a time; a **mixed
@@ -74,7 +74,7 @@ lora.set_adapter(model, "default")
 # Every row equals what that row gives alone with its adapter (the assert above). The differences are
 # float rounding at most: a row alone and the same row inside a batch of four can take a different
 # matmul path. "__base__" is the base *with the trained new vocabulary rows* (the same as
-# `disable_adapters`, notebook 07): the new rows are not part of any LoRA adapter.
+# `disable_adapters`, notebook 08): the new rows are not part of any LoRA adapter.
 #
 # Inside, each LoRA layer computes the base once for all rows and then, per adapter, gathers that
 # adapter's rows (`x[rows]`), runs `B A` on them, and adds the result back with one `index_add_`.

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 10 · AdaLoRA: letting the layers compete for rank
+# # 12 · AdaLoRA: letting the layers compete for rank
 #
 # LoRA gives every adapted layer the same rank r. AdaLoRA (Zhang et al., 2023, "Adaptive Budget
 # Allocation for Parameter-Efficient Fine-Tuning") starts every layer at `init_r` ranks and, while
