@@ -51,6 +51,19 @@ from runtime.threads import ThreadChoice, use_threads  # noqa: E402
 BASE_DIR = ROOT / "dist" / "notebooks" / "base_model"  # the base model notebook 01 pretrains, all others load
 
 
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections most notebooks adapt
+
+
+def spread(values, digits: int = 3) -> str:
+    """'mean [min, max]' of a few runs' numbers: how a result over several seeds is printed.
+
+    Example:
+        >>> spread([1.0, 2.0, 4.0])
+        '2.333 [1.000, 4.000]'
+    """
+    return f"{sum(values) / len(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
 def setup(threads: int = 0) -> ThreadChoice:
     """Pick the CPU threads as the scripts' --threads does, make torch use them, and print the choice.
 

@@ -37,12 +37,8 @@ SEEDS = (0, 1, 2)
 jobs = {seed: course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=50, seed=seed)
         for seed in SEEDS}  # notebook 02's job, one per seed of the batch order
 job = jobs[0]
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def spread(values) -> str:
-    """'mean [min, max]' of a few runs' numbers."""
-    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 # %% [markdown]
@@ -107,12 +103,12 @@ ranks = [1, 8, 32]
 sweep = {}  # (rank, seed) -> (model, MethodResult, held-out accuracy)
 for rank in ranks:
     for seed in SEEDS:
-        model, result = jobs[seed].finetune("lora", lora.LoRAConfig(r=rank, alpha=2 * rank, target_modules=ATTENTION),
+        model, result = jobs[seed].finetune("lora", lora.LoRAConfig(r=rank, alpha=2 * rank, target_modules=course.ATTENTION),
                                             seed=seed)
         sweep[rank, seed] = (model, result, probe_accuracy(model, job.tokenizer, job.heldout_probes))
     runs = [sweep[rank, seed] for seed in SEEDS]
-    print(f"r = {rank:>2}: {runs[0][1].trainable_params:>6,} trainable; validation loss {spread([r.val_loss for _, r, _ in runs])}"
-          f"; domain (recall) {spread([r.domain_accuracy_after for _, r, _ in runs])}; held-out {spread([h for *_, h in runs])}")
+    print(f"r = {rank:>2}: {runs[0][1].trainable_params:>6,} trainable; validation loss {course.spread([r.val_loss for _, r, _ in runs])}"
+          f"; domain (recall) {course.spread([r.domain_accuracy_after for _, r, _ in runs])}; held-out {course.spread([h for *_, h in runs])}")
 print(f"full fine-tuning (seed 0, section 1): {full_result.trainable_params:,} trainable, "
       f"validation loss {full_result.val_loss:.3f}")
 

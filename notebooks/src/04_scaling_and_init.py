@@ -33,12 +33,8 @@ SEEDS = (0, 1, 2)
 jobs = {seed: course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=50, seed=seed)
         for seed in SEEDS}  # notebook 02's job, one per seed of the batch order
 job = jobs[0]
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def spread(values) -> str:
-    """'mean [min, max]' of a few runs' numbers."""
-    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 # %% [markdown]
@@ -60,7 +56,7 @@ for rank in (1, 4, 16, 64):
 print(f"\nalpha = 16 fixed, learning rate 1e-3, validation loss after {job.train_config.steps} steps:")
 scaling_runs = {}
 for rank, use_rslora in [(8, False), (32, False), (32, True)]:
-    config = lora.LoRAConfig(r=rank, alpha=alpha, use_rslora=use_rslora, target_modules=ATTENTION)
+    config = lora.LoRAConfig(r=rank, alpha=alpha, use_rslora=use_rslora, target_modules=course.ATTENTION)
     _, result = job.finetune("lora", config, lr=1e-3)
     scaling_runs[rank, use_rslora] = result
     label = "rsLoRA alpha/sqrt(r)" if use_rslora else "LoRA   alpha/r      "
@@ -90,7 +86,7 @@ for rank, use_rslora in [(8, False), (32, False), (32, True)]:
 # reuses it as the kaiming run):
 
 # %%
-r8 = lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION)
+r8 = lora.LoRAConfig(r=8, alpha=16, target_modules=course.ATTENTION)
 _, lora_plus_result = job.finetune("lora", r8, lr=1e-3, lora_plus_ratio=16.0)
 reference = job.finetune("lora", r8, seed=0)  # lr 5e-3, kaiming init: notebook 03's r = 8, seed 0
 print(f"lr(A) = 1e-3, lr(B) = 1e-03 (ratio  1, plain LoRA, section 1): "
@@ -127,7 +123,7 @@ init_runs = {("kaiming", 0): reference}  # section 2's run: notebook 03's r = 8,
 for seed in SEEDS[1:]:
     init_runs["kaiming", seed] = jobs[seed].finetune("lora", r8, seed=seed)  # notebook 03's r = 8 runs
 for init in ("gaussian", "pissa", "olora"):
-    config = lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION, init=init)
+    config = lora.LoRAConfig(r=8, alpha=16, target_modules=course.ATTENTION, init=init)
     for seed in SEEDS:
         init_runs[init, seed] = jobs[seed].finetune("lora", config, seed=seed)
 inits = ["kaiming", "gaussian", "pissa", "olora"]
@@ -135,7 +131,7 @@ print(f"{'init':<9}{'val loss: mean [min, max]':>28}{'base facts kept: mean [min
 for init in inits:
     runs = [init_runs[init, seed] for seed in SEEDS]
     q_proj = runs[0][0].blocks[0].attn.q_proj  # seed 0's adapter on blocks.0.attn.q_proj
-    print(f"{init:<9}{spread([r.val_loss for _, r in runs]):>28}{spread([r.base_accuracy_after for _, r in runs]):>36}"
+    print(f"{init:<9}{course.spread([r.val_loss for _, r in runs]):>28}{course.spread([r.base_accuracy_after for _, r in runs]):>36}"
           f"{q_proj.lora_delta('default').norm():>9.2f}{q_proj.base_layer.weight.norm():>11.2f}")
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -209,7 +205,7 @@ assert torch.allclose(ours(x), theirs(x), atol=1e-5)
 
 # %% [solution]
 pissa_model = lora.apply_lora(copy.deepcopy(job.expanded_model),
-                              lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION, init="pissa"))
+                              lora.LoRAConfig(r=8, alpha=16, target_modules=course.ATTENTION, init="pissa"))
 q_proj = pissa_model.blocks[0].attn.q_proj
 original = job.expanded_model.blocks[0].attn.q_proj.weight
 rebuilt = q_proj.base_layer.weight + q_proj.lora_delta("default")

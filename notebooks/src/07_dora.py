@@ -32,17 +32,13 @@ SEEDS = (0, 1, 2)
 jobs = {seed: course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=50, seed=seed)
         for seed in SEEDS}  # notebook 02's job, one per seed of the batch order
 job = jobs[0]
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def spread(values) -> str:
-    """'mean [min, max]' of a few runs' numbers."""
-    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 def finetune(method: str, rank: int = 8, seed: int = 0):
     """One run (method "full", "lora" or "dora") with alpha = 2r; seed picks batches and init; (model, MethodResult)."""
-    return jobs[seed].finetune(method, lora.LoRAConfig(r=rank, alpha=2 * rank, target_modules=ATTENTION), seed=seed)
+    return jobs[seed].finetune(method, lora.LoRAConfig(r=rank, alpha=2 * rank, target_modules=course.ATTENTION), seed=seed)
 
 
 # %% [markdown]
@@ -81,7 +77,7 @@ print(f"trainable: {[(name, tuple(p.shape)) for name, p in dora_layer.named_para
 # %%
 runs = {method: finetune(method) for method in ("full", "lora", "dora")}
 before = {name: module.weight.detach() for name, module in job.expanded_model.named_modules()
-          if name.endswith(tuple(ATTENTION))}
+          if name.endswith(tuple(course.ATTENTION))}
 
 
 def effective_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -138,7 +134,7 @@ for rank in ranks:
                                     for seed in SEEDS]
     lora_losses, dora_losses = comparison["lora", rank], comparison["dora", rank]
     gaps = [d - lo for d, lo in zip(dora_losses, lora_losses)]  # same seed: same batches, paired
-    print(f"r = {rank}: validation loss LoRA {spread(lora_losses)}, DoRA {spread(dora_losses)}; "
+    print(f"r = {rank}: validation loss LoRA {course.spread(lora_losses)}, DoRA {course.spread(dora_losses)}; "
           f"DoRA - LoRA per seed: {', '.join(f'{gap:+.3f}' for gap in gaps)}")
 
 fig, ax = plt.subplots(figsize=(6.5, 3.5))

@@ -37,7 +37,6 @@ job = course.new_domain_job(base_model, base_tokenizer, steps=150, eval_interval
 edit_set = fact_correction_set()  # the edit job: five base facts changed on purpose, and facts that must stay
 edit_stream = TokenStream(edit_set.train, job.tokenizer, base_model.config.context_length)
 WORK_DIR = course.ROOT / "dist" / "notebooks" / "08_adapters"  # the folders written below (dist/ is git-ignored)
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # %% [markdown]
 # ## 1. Save and load
@@ -47,7 +46,7 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # and the expanded tokenizer. Compare with saving the whole merged model.
 
 # %%
-domain_model, lora_result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION))
+domain_model, lora_result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=course.ATTENTION))
 print(f"domain adapter: validation loss {lora_result.val_loss:.3f} nats/token, new-domain probes "
       f"{lora_result.domain_accuracy_after:.0%} (prefixes of training sentences: recall), held-out probes "
       f"{probe_accuracy(domain_model, job.tokenizer, job.heldout_probes):.0%} (new combinations)")
@@ -95,7 +94,7 @@ plt.show()
 # %%
 model = lora.unload(copy.deepcopy(domain_model))  # a plain MiniGPT again, keeping the trained new rows
 lora.load_adapter(model, adapter_dir, adapter_name="domain")
-lora.add_adapter(model, lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION), "edit")
+lora.add_adapter(model, lora.LoRAConfig(r=8, alpha=16, target_modules=course.ATTENTION), "edit")
 lora.set_adapter(model, "edit")
 print(model.blocks[0].attn.v_proj.extra_repr())
 lora.print_trainable_parameters(model)

@@ -30,9 +30,8 @@ course.setup()  # CPU threads from the cores free now
 base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
 job = course.new_domain_job(base_model, base_tokenizer, steps=150, eval_interval=50)  # notebook 02's job
 WORK_DIR = course.ROOT / "dist" / "notebooks" / "09_forgetting"  # the folders written below (dist/ is git-ignored)
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
-domain_model, lora_result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION))
+domain_model, lora_result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=course.ATTENTION))
 print(f"domain adapter (notebook 08's): validation loss {lora_result.val_loss:.3f} nats/token, new-domain probes "
       f"{lora_result.domain_accuracy_after:.0%} (recall)")
 

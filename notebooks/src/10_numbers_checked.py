@@ -67,14 +67,13 @@ def lora_parameters_by_formula(name: str, targets: list[str], rank: int, kv_head
 # 8192 → 1024, and A and B of those two are much smaller.
 
 # %%
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 for label, kv_heads in (("with grouped-query attention (8 KV heads)", 8), ("without it (64 KV heads)", 64)):
     model = llama_on_meta("Llama-2-70B", num_key_value_heads=kv_heads)
     print(f"Llama-2-70B {label}, r = 16 on q, k, v, o:")
     if model is not None:
-        lora.print_trainable_parameters(lora.apply_lora(model, lora.LoRAConfig(r=16, alpha=32, target_modules=ATTENTION)))
+        lora.print_trainable_parameters(lora.apply_lora(model, lora.LoRAConfig(r=16, alpha=32, target_modules=course.ATTENTION)))
     print(f"   by formula, r (in + out) x 4 projections x 80 layers: "
-          f"{lora_parameters_by_formula('Llama-2-70B', ATTENTION, 16, kv_heads):,}")
+          f"{lora_parameters_by_formula('Llama-2-70B', course.ATTENTION, 16, kv_heads):,}")
 
 # %% [markdown]
 # 65.5M with grouped-query attention, 83.9M without: the "84M" figure silently assumes a
@@ -90,7 +89,7 @@ for label, kv_heads in (("with grouped-query attention (8 KV heads)", 8), ("with
 # %%
 import peft  # noqa: E402  (a dev dependency)
 
-for name, targets in (("Llama-2-7B", ["q_proj", "v_proj"]), ("Llama-3.1-8B", ATTENTION)):
+for name, targets in (("Llama-2-7B", ["q_proj", "v_proj"]), ("Llama-3.1-8B", course.ATTENTION)):
     print(f"{name}, r = 16 on {', '.join(targets)}:")
     if transformers is None:
         print(f"   by formula: {lora_parameters_by_formula(name, targets, 16):,} trainable")
@@ -113,12 +112,12 @@ for name, targets in (("Llama-2-7B", ["q_proj", "v_proj"]), ("Llama-3.1-8B", ATT
 
 # %%
 ranks = [1, 2, 4, 8, 16, 64, 256]
-ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = course.ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 total_7b = 6_738_415_616  # Llama-2-7B's parameters (the model above, without adapters)
 if transformers is not None:
     total_7b = sum(p.numel() for p in llama_on_meta("Llama-2-7B").parameters())
 fig, ax = plt.subplots(figsize=(7, 3.8))
-for targets, label in ((["q_proj", "v_proj"], "q, v"), (ATTENTION, "q, k, v, o"), (ALL_LINEAR, "all linear layers")):
+for targets, label in ((["q_proj", "v_proj"], "q, v"), (course.ATTENTION, "q, k, v, o"), (ALL_LINEAR, "all linear layers")):
     shares = [100 * lora_parameters_by_formula("Llama-2-7B", targets, rank) / total_7b for rank in ranks]
     ax.plot(ranks, shares, "o-", label=label)
     ax.annotate(f"{shares[-1]:.1f}%", (ranks[-1], shares[-1]), xytext=(6, 0), textcoords="offset points", va="center")

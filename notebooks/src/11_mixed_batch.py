@@ -29,7 +29,6 @@ from benchmarks.common import Ratio, time_side_by_side
 course.setup()  # CPU threads from the cores free now
 base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
 job = course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=50)
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # %% [markdown]
 # ## 1. Two adapters and the base, in one batch
@@ -39,7 +38,7 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # that it changes the output (a fresh adapter, B = 0, would equal the base and prove nothing).
 
 # %%
-model, result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION))
+model, result = job.finetune("lora", lora.LoRAConfig(r=8, alpha=16, target_modules=course.ATTENTION))
 print(f"domain adapter: validation loss {result.val_loss:.3f} nats/token")
 lora.add_adapter(model, lora.LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), "other")
 torch.manual_seed(0)
@@ -96,7 +95,7 @@ serving = job.expanded_model.__class__(job.expanded_model.config)
 serving.load_state_dict(job.expanded_model.state_dict())
 adapters = ["a", "b", "c", "d"]
 for adapter in adapters:
-    lora.add_adapter(serving, lora.LoRAConfig(r=8, alpha=16, target_modules=ATTENTION), adapter)
+    lora.add_adapter(serving, lora.LoRAConfig(r=8, alpha=16, target_modules=course.ATTENTION), adapter)
 with torch.no_grad():  # random B, as benchmarks/mixed_batch.py: every adapter does something
     for name, parameter in serving.named_parameters():
         if "lora_B" in name:

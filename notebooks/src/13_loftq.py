@@ -124,8 +124,6 @@ with torch.no_grad():
 # Three seeds each (the seed picks the batches; plain QLoRA's also its A). LoftQ uses T = 5.
 
 # %%
-def spread(values) -> str:
-    return f"{sum(values) / len(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
 
 
 def run(setup, seed):
@@ -138,8 +136,8 @@ results = {"plain QLoRA": [run(qlora_setup(seed), seed) for seed in SEEDS],
 full_precision = [jobs[seed].finetune("lora", CONFIG, seed=seed)[1] for seed in SEEDS]
 results["LoRA on fp32 (no quantization)"] = full_precision
 for name, runs in results.items():
-    print(f"{name:<31} val loss {spread([r.val_loss for r in runs])}   "
-          f"base-fact recall {spread([r.base_accuracy_after for r in runs])}")
+    print(f"{name:<31} val loss {course.spread([r.val_loss for r in runs], digits=4)}   "
+          f"base-fact recall {course.spread([r.base_accuracy_after for r in runs], digits=4)}")
 paired = [loftq.val_loss - plain.val_loss for loftq, plain in zip(results["LoftQ T=5"], results["plain QLoRA"])]
 print("LoftQ - plain, per seed: " + ", ".join(f"{d:+.4f}" for d in paired))
 

@@ -119,8 +119,6 @@ for name, model in (("base (2 blocks)", job.expanded_model), ("replicated, B = 0
 # parameters), the same 100 steps, three seeds each.
 
 # %%
-def spread(values) -> str:
-    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 results = {}
@@ -129,9 +127,9 @@ for name, layer_map in (("2 blocks", None), ("4 blocks (0 1 0 1)", LAYER_MAP)):
                                                                  layer_replication=layer_map), seed=seed)[1]
                      for seed in SEEDS]
 for name, runs in results.items():
-    print(f"{name:<20} trainable {runs[0].trainable_params:>6,}   val loss {spread([r.val_loss for r in runs])}   "
-          f"base-fact recall {spread([r.base_accuracy_after for r in runs])}   "
-          f"{spread([r.wall_time_s for r in runs])} s")
+    print(f"{name:<20} trainable {runs[0].trainable_params:>6,}   val loss {course.spread([r.val_loss for r in runs])}   "
+          f"base-fact recall {course.spread([r.base_accuracy_after for r in runs])}   "
+          f"{course.spread([r.wall_time_s for r in runs])} s")
 
 fig, ax = plt.subplots(figsize=(7, 4))
 for index, (name, runs) in enumerate(results.items()):

@@ -136,8 +136,6 @@ print(f"for a 7B model in 8-bit tensors: {7e9 * 8 / 2**30:.1f} GiB -> {7e9 * (2 
 # and the optimizer's state. Paged 8-bit runs once: on a CPU it must equal unpaged 8-bit exactly.
 
 # %%
-def spread(values) -> str:
-    return f"{sum(values) / len(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
 
 
 def run(seed: int, optim: str):
@@ -149,8 +147,8 @@ def run(seed: int, optim: str):
 
 results = {optim: [run(seed, optim) for seed in SEEDS] for optim in ("adamw", "adamw8bit")}
 for optim, runs in results.items():
-    print(f"{optim:<10} val loss {spread([r.val_loss for r in runs])}   "
-          f"training bytes {runs[0].training_bytes:,}   {spread([r.wall_time_s for r in runs])} s")
+    print(f"{optim:<10} val loss {course.spread([r.val_loss for r in runs], digits=4)}   "
+          f"training bytes {runs[0].training_bytes:,}   {course.spread([r.wall_time_s for r in runs], digits=4)} s")
 print("8-bit - 32-bit val loss, per seed: "
       + ", ".join(f"{b.val_loss - a.val_loss:+.4f}" for a, b in zip(results["adamw"], results["adamw8bit"])))
 paged = run(0, "paged_adamw8bit")
