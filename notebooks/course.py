@@ -230,3 +230,26 @@ def new_domain_job(base_model: MiniGPT, base_tokenizer, steps: int = 150, eval_i
                      val_stream=TokenStream(domain.val, tokenizer, context_length),
                      base_probes=base_fact_probes(), domain_probes=new_domain_probes(),
                      train_config=train_config)
+
+
+SEEDS = (0, 1, 2)  # the seeds a result is repeated over before the course draws a conclusion from it
+
+
+def new_domain_jobs(base_model: MiniGPT, base_tokenizer, seeds=SEEDS, **options) -> dict:
+    """{seed: new_domain_job(..., seed=seed, **options)}: the same job, one per seed of the batch order."""
+    return {seed: new_domain_job(base_model, base_tokenizer, seed=seed, **options) for seed in seeds}
+
+
+def plot_seed_curves(results: dict, title: str, ax=None):
+    """Validation curves of several runs per variant ({name: [MethodResult, ...]}), one colour per variant."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for index, (name, runs) in enumerate(results.items()):
+        for seed_index, run in enumerate(runs):
+            steps, losses = zip(*run.val_curve)
+            ax.plot(steps, losses, color=plt.cm.tab10(index), marker="o", alpha=0.7,
+                    label=name if seed_index == 0 else None)
+    ax.set(xlabel="step", ylabel="validation loss (nats/token)", title=title)
+    return ax

@@ -29,9 +29,9 @@ from minigpt import probe_accuracy
 
 course.setup()  # CPU threads from the cores free now
 base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
-SEEDS = (0, 1, 2)
-jobs = {seed: course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=50, seed=seed)
-        for seed in SEEDS}  # notebook 02's job, one per seed of the batch order
+SEEDS = course.SEEDS
+# notebook 02's job, one per seed of the batch order
+jobs = course.new_domain_jobs(base_model, base_tokenizer, steps=100, eval_interval=50)
 job = jobs[0]
 
 

@@ -28,10 +28,9 @@ from lora.rank_allocator import budget_schedule
 
 course.setup()  # CPU threads from the cores free now
 base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
-SEEDS = (0, 1, 2)
+SEEDS = course.SEEDS
 STEPS = 100
-jobs = {seed: course.new_domain_job(base_model, base_tokenizer, steps=STEPS, eval_interval=50, seed=seed)
-        for seed in SEEDS}
+jobs = course.new_domain_jobs(base_model, base_tokenizer, steps=STEPS, eval_interval=50)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 CONFIG = AdaLoRAConfig(total_step=STEPS, target_modules=TARGETS, init_r=12, target_r=4, alpha=24.0, tinit=10,
                        tfinal=20)

@@ -32,9 +32,8 @@ from minigpt.vocab import new_rows_param_group, train_new_rows_only
 
 course.setup()  # CPU threads from the cores free now
 base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
-SEEDS = (0, 1, 2)
-jobs = {seed: course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=25, seed=seed)
-        for seed in SEEDS}
+SEEDS = course.SEEDS
+jobs = course.new_domain_jobs(base_model, base_tokenizer, steps=100, eval_interval=25)
 job = jobs[0]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 CONFIG = lora.LoRAConfig(r=8, alpha=16, target_modules=TARGETS)
@@ -141,13 +140,7 @@ for name, runs in results.items():
 paired = [loftq.val_loss - plain.val_loss for loftq, plain in zip(results["LoftQ T=5"], results["plain QLoRA"])]
 print("LoftQ - plain, per seed: " + ", ".join(f"{d:+.4f}" for d in paired))
 
-fig, ax = plt.subplots(figsize=(7, 4))
-for index, (name, runs) in enumerate(results.items()):
-    for seed_index, r in enumerate(runs):
-        steps, losses = zip(*r.val_curve)
-        ax.plot(steps, losses, color=plt.cm.tab10(index), marker="o", alpha=0.7,
-                label=name if seed_index == 0 else None)
-ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="three seeds per start")
+ax = course.plot_seed_curves(results, title="three seeds per start")
 ax.legend(fontsize=8, loc="upper right")
 plt.tight_layout()
 plt.show()

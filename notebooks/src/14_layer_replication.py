@@ -30,9 +30,8 @@ from minigpt.training import evaluate
 
 course.setup()  # CPU threads from the cores free now
 base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
-SEEDS = (0, 1, 2)
-jobs = {seed: course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=25, seed=seed)
-        for seed in SEEDS}
+SEEDS = course.SEEDS
+jobs = course.new_domain_jobs(base_model, base_tokenizer, steps=100, eval_interval=25)
 job = jobs[0]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 LAYER_MAP = [[0, 2], [0, 2]]  # blocks 0 1 0 1
@@ -131,14 +130,7 @@ for name, runs in results.items():
           f"base-fact recall {course.spread([r.base_accuracy_after for r in runs])}   "
           f"{course.spread([r.wall_time_s for r in runs])} s")
 
-fig, ax = plt.subplots(figsize=(7, 4))
-for index, (name, runs) in enumerate(results.items()):
-    for seed_index, r in enumerate(runs):
-        steps, losses = zip(*r.val_curve)
-        ax.plot(steps, losses, color=plt.cm.tab10(index), marker="o", alpha=0.7,
-                label=name if seed_index == 0 else None)
-ax.set(xlabel="step", ylabel="validation loss (nats/token)",
-       title="LoRA on the base vs on its replicated blocks (3 seeds)")
+ax = course.plot_seed_curves(results, title="LoRA on the base vs on its replicated blocks (3 seeds)")
 ax.legend()
 plt.tight_layout()
 plt.show()

@@ -38,9 +38,8 @@ from quant.nf4_code import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED
 
 course.setup()  # CPU threads from the cores free now
 base_model, base_tokenizer = course.load_base()  # notebook 01's base model (pretrained here if missing)
-SEEDS = (0, 1, 2)
-jobs = {seed: course.new_domain_job(base_model, base_tokenizer, steps=100, eval_interval=25, seed=seed)
-        for seed in SEEDS}
+SEEDS = course.SEEDS
+jobs = course.new_domain_jobs(base_model, base_tokenizer, steps=100, eval_interval=25)
 job = jobs[0]
 
 # %% [markdown]
@@ -155,13 +154,7 @@ paged = run(0, "paged_adamw8bit")
 print(f"paged_adamw8bit, seed 0: val loss {paged.val_loss:.6f} (unpaged {results['adamw8bit'][0].val_loss:.6f})")
 assert paged.val_loss == results["adamw8bit"][0].val_loss
 
-fig, ax = plt.subplots(figsize=(7, 4))
-for index, (optim, runs) in enumerate(results.items()):
-    for seed_index, r in enumerate(runs):
-        steps, losses = zip(*r.val_curve)
-        ax.plot(steps, losses, color=plt.cm.tab10(index), marker="o", alpha=0.7,
-                label=optim if seed_index == 0 else None)
-ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="full fine-tuning: float32 vs 8-bit AdamW (3 seeds)")
+ax = course.plot_seed_curves(results, title="full fine-tuning: float32 vs 8-bit AdamW (3 seeds)")
 ax.legend()
 plt.tight_layout()
 plt.show()
