@@ -13,35 +13,10 @@ import torch.nn as nn
 
 import lora
 from quant import Linear4bit, NF4_CODE, dequantize_model, quantize_model, quantize_nf4, unpack_nibbles
+from tests.tiny_models import TinyModel
 
 RANK, ALPHA = 4, 8
 SCALING = ALPHA / RANK
-
-
-class TinyAttention(nn.Module):
-    def __init__(self, dim=32):
-        super().__init__()
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.o_proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.o_proj(self.q_proj(x) + self.k_proj(x) * self.v_proj(x))
-
-
-class TinyModel(nn.Module):
-    def __init__(self, dim=32, vocab=20):
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList([TinyAttention(dim) for _ in range(2)])
-        self.lm_head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.tok_emb(idx)
-        for block in self.blocks:
-            x = x + block(x)
-        return self.lm_head(x)
 
 
 def qlora_model(seed=0, use_dora=False, compute_dtype=None, targets=("q_proj", "v_proj")):
