@@ -1,21 +1,13 @@
 """Every docstring example in finetuning/ runs and prints what it says (as the tokenizer tests do for tokenizer/)."""
 
-import doctest
-import importlib
-import pkgutil
-
 import pytest
 
 import finetuning
+from tests.docstring_examples import check_docstring_examples, package_modules
 
-MODULES = [f"{finetuning.__name__}.{info.name}" for info in pkgutil.iter_modules(finetuning.__path__)] + ["finetuning"]
-# the files whose docstrings must carry a worked example (STYLE.md)
 WITH_EXAMPLES = set()  # none required yet
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", package_modules(finetuning))
 def test_docstring_examples_run(name):
-    result = doctest.testmod(importlib.import_module(name))
-    assert result.failed == 0, name
-    if name in WITH_EXAMPLES:
-        assert result.attempted > 0, f"{name} has no docstring example"
+    check_docstring_examples(name, must_have_examples=name in WITH_EXAMPLES)

@@ -1,21 +1,14 @@
 """Every docstring example in minigpt/ runs and prints what it says (as the tokenizer tests do for tokenizer/)."""
 
-import doctest
-import importlib
-import pkgutil
-
 import pytest
 
 import minigpt
+from tests.docstring_examples import check_docstring_examples, package_modules
 
-MODULES = [f"{minigpt.__name__}.{info.name}" for info in pkgutil.iter_modules(minigpt.__path__)] + ["minigpt"]
 # the files whose docstrings must carry a worked example (STYLE.md)
 WITH_EXAMPLES = {"minigpt.checkpoint", "minigpt.config", "minigpt.corpus", "minigpt.model", "minigpt.training"}
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", package_modules(minigpt))
 def test_docstring_examples_run(name):
-    result = doctest.testmod(importlib.import_module(name))
-    assert result.failed == 0, name
-    if name in WITH_EXAMPLES:
-        assert result.attempted > 0, f"{name} has no docstring example"
+    check_docstring_examples(name, must_have_examples=name in WITH_EXAMPLES)

@@ -24,16 +24,8 @@ from quant import quantize_model
 from runtime import distributed
 from runtime.distributed import DistributedContext
 from runtime.sharding import buffers_to_frozen_parameters
-from test_distributed import LOSS_RTOL, ROOT, TINY_TRAIN, cli_flags, torchrun
-
-MARKER = ".minilora-output.json"  # the output marker records the writer's pid: the one file that may differ
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+from runtime.atomic import MARKER  # the output marker records the writer's pid: the one file that may differ
+from test_distributed import LOSS_RTOL, ROOT, TINY_TRAIN, cli_flags, one_rank_group, torchrun  # noqa: F401 (a fixture)
 
 
 def tiny_qlora_model() -> MiniGPT:
