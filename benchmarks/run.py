@@ -55,7 +55,7 @@ from benchmarks.common import check_device, machine_info
 from runtime.atomic import atomic_directory
 
 BENCHMARKS = ("training_step", "training_step_wide", "training_step_compile", "training_step_compile_small",
-              "merged_latency", "rank_sweep", "lora_layers", "nf4", "finetune_run", "threads", "adamw8bit",
+              "training_loop", "merged_latency", "rank_sweep", "lora_layers", "nf4", "finetune_run", "threads", "adamw8bit",
               "mixed_batch", "sharding", "adalora")
 
 # Extra runs of a benchmark with other settings: name -> (module, config changes, devices it runs on).
@@ -87,6 +87,11 @@ GOALS = (
      "LoRA step <= 1.0x full at 1k tokens (CUDA graph)"),
     ("training_step", "16384 tokens step time lora+graph/full", "max", 0.8, ("cuda",),
      "LoRA step <= 0.8x full at 16k (CUDA graph)"),
+    # the same goals through train_model itself (finetune.py --compile graph: minigpt/cuda_graph.py)
+    ("training_loop", "1024 tokens loop step time lora graph/full off", "max", 1.0, ("cuda",),
+     "LoRA step <= 1.0x full at 1k tokens (train_model, --compile graph)"),
+    ("training_loop", "16384 tokens loop step time lora graph/full off", "max", 0.8, ("cuda",),
+     "LoRA step <= 0.8x full at 16k (train_model, --compile graph)"),
     ("training_step", "step time lora/peft_lora", "max", 1.0, ("cuda",), "LoRA step no slower than PEFT's"),
     ("training_step", "step time qlora/bnb_qlora", "max", 1.0, ("cuda",), "QLoRA step <= bitsandbytes + PEFT"),
     ("training_step", "step time lora/full", "max", 0.7, ("cuda",), "LoRA step <= 0.7x full"),

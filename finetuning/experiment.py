@@ -36,7 +36,7 @@ from minigpt.checkpoint import check_model_dir, load_config, load_model, save_mo
 from minigpt.corpus import (TokenStream, base_corpus, base_fact_probes, fact_correction_set, new_domain_corpus,
                             new_domain_probes, read_text_file)
 from minigpt.predict import batched_probe_accuracy
-from minigpt.training import TrainConfig, pick_device, train_model
+from minigpt.training import TrainConfig, check_compile, pick_device, train_model
 from minigpt.vocab import expand_vocabulary, new_words_in
 from runtime.atomic import check_inputs_outside, check_output_dir, check_room
 from runtime.distributed import SINGLE_PROCESS, main_process_directory, process_group
@@ -87,7 +87,7 @@ class FinetuneConfig:
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     sharding: str = "ddp"  # under torchrun: "ddp" (a whole model per process) or "fsdp" (FSDP2 shards)
-    compile: bool = False  # torch.compile the training forward: fewer GPU launches, a slow first step
+    compile: str = "off"  # off | forward (torch.compile the forward) | graph (the whole step in a CUDA graph; CUDA only)
     plot: bool = True  # write comparison.png
     encoder_rank: int | None = None  # --task vision: LoRA rank on the image encoder; default rank // 2
     rank_sweep: bool = False  # --task vision: also train "both" at several (decoder, encoder) rank pairs
@@ -146,6 +146,13 @@ def check_config(config: FinetuneConfig) -> None:
         raise ValueError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}")
     if config.optim not in OPTIMIZERS:
         raise ValueError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {config.optim!r}")
+    check_compile(config.compile, "cuda")  # the value; the device and torchrun are checked once they are known
+    if config.compile == "graph" and config.optim != "adamw":
+        raise ValueError(f"--compile graph replays torch's AdamW in a CUDA graph; --optim {config.optim} keeps its "
+                         f"step count on the host: use --optim adamw with --compile graph, or --compile forward")
+    if config.compile == "graph" and config.task == "new-domain" and "adalora" in parse_methods(config.methods):
+        raise ValueError("--compile graph cannot train adalora (its rank allocation reads the gradients on the host "
+                         "between steps): leave adalora out of --methods, or use --compile forward")
     if config.sharding == "fsdp" and config.optim != "adamw":
         # untested together: the 8-bit states would have to be quantized per shard (DTensor), which no test covers
         raise ValueError(f"--optim {config.optim} with --sharding fsdp is not supported; use --optim adamw with "
@@ -355,6 +362,7 @@ def main(config: FinetuneConfig) -> dict:
     with process_group(pick_device(config.device), config.sharding) as distributed:  # one process: nothing to set up
         distributed.print(threads.describe())
         distributed.local_batch_size(config.batch_size)  # fail before any work if the ranks cannot share it
+        check_compile(config.compile, distributed.device, distributed.world_size)
         if config.task == "fact-correction":
             return fact_correction(config, distributed)
         return new_domain(config, distributed)

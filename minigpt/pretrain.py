@@ -27,7 +27,7 @@ from minigpt.config import GPTConfig
 from minigpt.corpus import TokenStream, base_corpus, base_fact_probes, read_text_file
 from minigpt.model import MiniGPT
 from minigpt.predict import probe_accuracy
-from minigpt.training import TrainConfig, pick_device, train_model
+from minigpt.training import TrainConfig, check_compile, pick_device, train_model
 from runtime.atomic import check_inputs_outside, check_output_dir, check_room
 from runtime.distributed import process_group
 from runtime.options import MAX_STEPS, MAX_THREADS, check_batch_tokens, check_number, check_seed
@@ -57,6 +57,7 @@ class PretrainConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     sharding: str = "ddp"  # under torchrun: "ddp" (a whole model per process) or "fsdp" (FSDP2 shards)
     threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
+    compile: str = "off"  # off | forward (torch.compile the forward) | graph (the whole step in a CUDA graph; CUDA only)
     plot: bool = True  # write the loss-curve PNG
     progress: bool = True  # show a progress bar
 
@@ -78,6 +79,7 @@ def check_config(config: PretrainConfig) -> None:
     """
     if config.tokenizer not in TOKENIZERS:
         raise ValueError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {config.tokenizer!r}")
+    check_compile(config.compile, "cuda")  # the value; the device is checked once it is known
     integers = {"--bpe-vocab-size": (config.bpe_vocab_size, FIRST_MERGE_ID, MAX_BPE_VOCAB,
                                          " (special tokens + 256 bytes + the merges)"),
                 "--steps": (config.steps, 1, MAX_STEPS, ""),
@@ -142,11 +144,13 @@ def main(config: PretrainConfig) -> dict:
 
 def pretrain(config: PretrainConfig, distributed, start: float) -> dict:
     device = distributed.device
+    check_compile(config.compile, device, distributed.world_size)
     # Every check that can fail comes before any work: the training options, the ranks' share of the
     # batch, the data file, and the output folder (never replace a folder that is not a checkpoint).
     train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                warmup_steps=config.warmup_steps, eval_interval=config.eval_interval,
-                               seed=config.seed, device=device, progress=config.progress, desc="pretrain")
+                               seed=config.seed, device=device, progress=config.progress, desc="pretrain",
+                               compile=config.compile)
     distributed.local_batch_size(config.batch_size)
     corpus = read_text_file(config.data) if config.data else base_corpus()
     check_inputs_outside(config.out, {"--data": config.data})

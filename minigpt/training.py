@@ -10,6 +10,11 @@ those. It is the loop people expect from nanoGPT and the Hugging Face Trainer:
         AdamW step, lr from warmup + cosine       weight decay on 2-D weights only
         every eval_interval steps: validation loss over the whole held-out stream (+ early stopping)
 
+On a GPU the loop is host bound at MiniGPT's sizes (hundreds of small kernels a step), so it has two
+faster modes, the same numbers: `TrainConfig(compile="forward")` runs the forward through torch.compile
+(fused element-wise kernels), and `compile="graph"` records the whole step (forward, backward, clipping,
+AdamW) once in a CUDA graph and replays it (minigpt/cuda_graph.py): one launch a step.
+
 Under torchrun (see runtime/distributed.py) the same loop runs in every process: `model` is wrapped in
 DistributedDataParallel, each rank keeps its slice of the global batch, and the logged losses are the
 averages over ranks, so the history reads like a single-process run with the same global batch.
@@ -22,8 +27,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from minigpt.cuda_graph import CUDAGraphStep, check_graphable_optimizer
 from runtime.distributed import SINGLE_PROCESS, DistributedContext, unwrap_model
 from runtime.options import MAX_SEED, MAX_STEPS
+
+
+COMPILE_MODES = ("off", "forward", "graph")  # TrainConfig.compile, finetune.py / train.py --compile
 
 
 class TrainingDiverged(ValueError):
@@ -52,7 +61,7 @@ class TrainConfig:
     device: str = "cpu"  # where the batches go; the model must already be there
     progress: bool = True  # show a tqdm progress bar
     desc: str = "train"  # the progress bar's label
-    compile: bool = False  # run the training forward through torch.compile (fewer GPU launches; slow first step)
+    compile: str = "off"  # "forward": torch.compile the forward; "graph": the whole step in a CUDA graph (CUDA only)
 
     def __post_init__(self):
         """Refuse values the loop cannot use, with the option's name (e.g. eval_interval=0 divides by 0)."""
@@ -83,6 +92,7 @@ class TrainConfig:
         if patience is not None and (not is_integer(patience) or patience < 1):
             raise ValueError(f"TrainConfig.early_stopping_patience must be an integer >= 1, or None to never stop "
                              f"early, got {patience!r}")
+        check_compile(self.compile, self.device, flag="TrainConfig.compile")
         if not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"TrainConfig.seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
 
@@ -226,6 +236,36 @@ def check_trained_model(model, trainable, x, y, last_record: dict, config: Train
         raise diverged(config, optimizer, step, "loss after the last update", loss)
 
 
+def check_compile(mode: str, device: str, world_size: int = 1, flag: str = "--compile") -> None:
+    """Refuse a compile mode this run cannot use, naming the option (`flag`) and what would work.
+
+    Example:
+        >>> check_compile("graph", "cuda")
+        >>> check_compile("graph", "cpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: --compile graph replays a CUDA graph and needs a CUDA GPU; this run is on cpu: use --compile forward or off
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{flag} must be one of {', '.join(COMPILE_MODES)} (off: eager; forward: torch.compile of the "
+                         f"forward; graph: the whole step in a CUDA graph, CUDA only), got {mode!r}")
+    if mode == "graph" and not device.startswith("cuda"):
+        raise ValueError(f"{flag} graph replays a CUDA graph and needs a CUDA GPU; this run is on {device}: "
+                         f"use {flag} forward or off")
+    if mode == "graph" and world_size > 1:
+        raise ValueError(f"{flag} graph runs in one process (a graph does not replay the gradient reduction "
+                         f"between ranks); under torchrun use {flag} forward or off")
+
+
+def check_graph_mode(optimizer, distributed: DistributedContext, after_step) -> None:
+    """Refuse compile="graph" where a replayed CUDA graph would not do what the eager loop does."""
+    check_graphable_optimizer(optimizer)
+    check_compile("graph", "cuda", distributed.world_size, flag="TrainConfig.compile")
+    if after_step is not None:
+        raise ValueError('compile="graph" cannot run an after_step callback (AdaLoRA\'s rank allocation reads the '
+                         'gradients on the host between steps); use compile="forward" or "off"')
+
+
 def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainConfig,
                 optimizer: torch.optim.Optimizer | None = None,
                 distributed: DistributedContext = SINGLE_PROCESS, extra_loss=None, after_step=None) -> TrainResult:
@@ -277,7 +317,21 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
     result = TrainResult()
     evals_without_improvement = 0
     model.train()
-    step_model = torch.compile(model) if config.compile else model  # the same weights, compiled forward
+    step_model = torch.compile(model) if config.compile == "forward" else model  # the same weights, compiled forward
+
+    def training_step(x, y):  # one optimizer step on the batch (x, y); returns the loss, a tensor
+        with autocast_context(config.device):
+            _, loss = step_model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + extra_loss() if extra_loss is not None else loss).backward()
+        if config.grad_clip:  # None or 0: no clipping
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        return loss
+
+    if config.compile == "graph":  # the same step, replayed from a CUDA graph: one launch (minigpt/cuda_graph.py)
+        check_graph_mode(optimizer, distributed, after_step)
+        training_step = CUDAGraphStep(training_step, optimizer)
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=config.desc, disable=not (config.progress and distributed.is_main),
                leave=False)
@@ -286,20 +340,14 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         # slice, so N ranks see exactly the windows one process with batch_size would see
         x, y = train_stream.get_batch(config.batch_size, generator, device=config.device)  # (B, T), (B, T)
         x, y = distributed.shard(x), distributed.shard(y)  # (B / world_size, T) each; all B in one process
-        with autocast_context(config.device):
-            _, loss = step_model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + extra_loss() if extra_loss is not None else loss).backward()
-        if config.grad_clip:  # None or 0: no clipping
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
+        loss = training_step(x, y)
         scheduler.step()
         if after_step is not None:
             after_step(step + 1)
         train_loss = distributed.mean(loss.item())  # the global batch's loss: the mean of the ranks' losses
         if not math.isfinite(train_loss):  # every rank sees the same mean, so every rank stops here
             raise diverged(config, optimizer, step + 1, "training loss", train_loss)
-        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss}
+        record = {"step": step + 1, "lr": float(scheduler.get_last_lr()[0]), "train_loss": train_loss}
         last_step = step + 1 == config.steps
         if val_stream is not None and ((step + 1) % config.eval_interval == 0 or last_step):
             # every rank holds the same weights and sweeps the whole (small) val stream; rank 0's number
@@ -321,6 +369,8 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
             result.stopped_early = True
             break
     bar.close()
+    if isinstance(training_step, CUDAGraphStep):
+        training_step.close()  # free the graph and the gradients in its memory
     model.eval()
     check_trained_model(model, trainable, x, y, result.history[-1], config, optimizer, distributed)
     result.wall_time_s = time.perf_counter() - start

@@ -151,3 +151,15 @@ def test_threads_benchmark_times_a_real_run_and_reads_its_header():
     config = threads_benchmark.BenchmarkConfig(**threads_benchmark.QUICK)
     wall, header = threads_benchmark.timed_run(config, threads=1)
     assert wall > 0 and header.startswith("threads: 1 (--threads")
+
+
+def test_training_loop_benchmark_times_train_model_per_step_without_the_start_up():
+    from benchmarks import training_loop
+    config = training_loop.default_config("cpu", quick=True)
+    results = training_loop.main(config)
+    timings = results["per_batch"]["64 tokens"]
+    assert set(timings) == {"full off", "lora off"}
+    assert all(len(timing["samples_ms"]) == config.repeats for timing in timings.values())
+    assert set(results["ratios"]) == {"64 tokens loop step time lora off/full off"}
+    with pytest.raises(ValueError, match="unknown method 'dora'; use full or lora"):
+        training_loop.build_model("dora", config)
