@@ -87,7 +87,7 @@ class FinetuneConfig:
     seed: int = 0  # same seed, same numbers (on CPU)
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     sharding: str = "ddp"  # under torchrun: "ddp" (a whole model per process) or "fsdp" (FSDP2 shards)
-    compile: str = "off"  # off | forward (torch.compile the forward) | graph (the whole step in a CUDA graph; CUDA only)
+    compile: str = "off"  # off | forward (torch.compile the forward) | graph (the whole step as a CUDA graph)
     plot: bool = True  # write comparison.png
     encoder_rank: int | None = None  # --task vision: LoRA rank on the image encoder; default rank // 2
     rank_sweep: bool = False  # --task vision: also train "both" at several (decoder, encoder) rank pairs

@@ -78,16 +78,15 @@ def dora_forward_fused(layer, adapter_name: str, x: torch.Tensor, result: torch.
     kernels as a LoRA forward (measured: docs/benchmarks.md). Equal to the plain path up to rounding,
     as the sums are ordered differently (tests/lora/test_lora_layer_paths.py states the tolerance).
     """
-    lora_A = layer.lora_A[adapter_name]  # [r, in]
     magnitude_scale, scaled_B, bias_fix = dora_factors(layer, adapter_name, x.dtype)  # [out], [out, r], [out]
+    lora_A = layer.lora_A[adapter_name]  # [r, in]
     lora_out = F.linear(F.linear(x, lora_A), scaled_B, bias_fix)  # diag(m/n s) B A x + (1 - m/n) b   (..., out)
     return torch.addcmul(lora_out, magnitude_scale, result)  # ... + (m/n) ⊙ result   (..., out), one pass
 
 
 def dora_forward(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """What LoRALinear.forward calls: the fused path where it applies, else the plain one."""
-    dropout = layer.lora_dropout[adapter_name]
-    if not _dropout_active(layer, dropout) and result.dtype == x.dtype:
+    if result.dtype == x.dtype and (not layer.training or not _dropout_active(layer, layer.lora_dropout[adapter_name])):
         return dora_forward_fused(layer, adapter_name, x, result)
     return dora_forward_plain(layer, adapter_name, x, result)
 
@@ -133,14 +132,17 @@ def dora_factors(layer, adapter_name: str, dtype: torch.dtype):
 
     Cached in eval when no gradient is wanted (then nothing would flow back through them).
     """
-    magnitude, lora_B = layer.lora_magnitude[adapter_name], layer.lora_B[adapter_name]
+    # subtle: an eval forward under no_grad is the hot path (docs/benchmarks.md: DoRA eval / LoRA eval): the
+    # cache is checked before anything else is looked up, so a hit costs one key and one dict lookup
     cacheable = not layer.training and not (torch.is_grad_enabled() and
-                                            (magnitude.requires_grad or lora_B.requires_grad))
+                                            (layer.lora_magnitude[adapter_name].requires_grad or
+                                             layer.lora_B[adapter_name].requires_grad))
     if cacheable:
         key = DoRACache.key(layer, adapter_name) + (dtype,)
         factors = layer.dora_cache.get("factors", adapter_name, key)
         if factors is not None:
             return factors
+    magnitude, lora_B = layer.lora_magnitude[adapter_name], layer.lora_B[adapter_name]  # m [out], B [out, r]
     magnitude_scale = magnitude / weight_norm(layer, adapter_name)  # m / n   [out]
     scaled_B = (magnitude_scale * layer.scaling[adapter_name])[:, None] * lora_B  # diag(m/n · s) B   [out, r]
     bias = layer.base_layer.bias
@@ -167,34 +169,37 @@ class DoRACache:
     """
 
     def __init__(self):
-        self.norms: Dict[str, tuple] = {}  # {adapter: (key, n [out])}
-        self.factors: Dict[str, tuple] = {}  # {adapter: (key, (m/n, diag(m/n · s) B, (1 - m/n) b))}
+        self.norms: Dict[str, tuple] = {}  # {adapter: (key, n [out], made in inference mode)}
+        self.factors: Dict[str, tuple] = {}  # {adapter: (key, (m/n, diag(m/n · s) B, (1 - m/n) b), made in ...)}
         self._tables = {"norm": self.norms, "factors": self.factors}
 
     @staticmethod
     def key(layer, adapter_name: str) -> Tuple:
         """Changes whenever anything n or the factors depend on changes (in place or replaced)."""
-        tensors = [layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.lora_magnitude[adapter_name]]
-        tensors += [t for t in layer.base_layer._parameters.values() if t is not None]
-        tensors += [t for t in layer.base_layer._buffers.values() if t is not None]
-        return (layer.scaling[adapter_name],) + tuple((t.data_ptr(), t._version) for t in tensors)
+        base = layer.base_layer
+        tensors = (layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.lora_magnitude[adapter_name],
+                   *base._parameters.values(), *base._buffers.values())
+        return (layer.scaling[adapter_name],) + tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
     def get(self, kind: str, adapter_name: str, key: Tuple):
         """The value cached for `kind` ("norm" or "factors"), or None if absent, stale or unusable here."""
         entry = self._tables[kind].get(adapter_name)
-        if entry is None or entry[0] != key or not _usable_here(entry[1]):
+        if entry is None or entry[0] != key:
             return None
-        return entry[1]
+        key, value, made_in_inference_mode = entry
+        if made_in_inference_mode and not torch.is_inference_mode_enabled():
+            return None  # an inference tensor, unusable by autograd outside inference mode
+        return value
 
     def put(self, kind: str, adapter_name: str, key: Tuple, value) -> None:
-        self._tables[kind][adapter_name] = (key, value)
+        self._tables[kind][adapter_name] = (key, value, _has_inference_tensor(value))
 
     def clear(self) -> None:
         self.norms.clear()
         self.factors.clear()
 
 
-def _usable_here(value) -> bool:
-    """Whether a cached tensor (or tuple of tensors) may be used now: inference tensors only in inference mode."""
+def _has_inference_tensor(value) -> bool:
+    """Whether a cached tensor (or tuple of tensors) is an inference tensor (made under torch.inference_mode())."""
     tensors = value if isinstance(value, tuple) else (value,)
-    return torch.is_inference_mode_enabled() or not any(t is not None and t.is_inference() for t in tensors)
+    return any(t is not None and t.is_inference() for t in tensors)

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from lora.base_layer import (_adapter_dtype, _device_of, base_weight, is_4bit_linear, is_linear_like,
                               linear_features, write_base_weight)
 from lora.bookkeeping import LoRALayerBase
-from lora.dora import _usable_here  # noqa: F401  (importable from lora.layer, as before the split)
 from lora.dora import DoRACache, dora_forward, initial_magnitude
 from lora.fused import fusable_adapter, fused_lora_forward
 from lora.inits import gaussian_init, kaiming_init, olora_init, pissa_init
@@ -89,12 +88,12 @@ class LoRALinear(LoRALayerBase):
             return fused_lora_forward(self, x, fused_name)
         result = self.base_layer(x)  # W x + b   (..., out)
         for adapter_name in self._adapters_to_run():
-            lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]  # [r, in], [out, r]
-            dropout, scaling = self.lora_dropout[adapter_name], self.scaling[adapter_name]
+            lora_A = self.lora_A[adapter_name]  # [r, in]
             x_lora = x.to(lora_A.dtype)  # subtle: the branch runs in the adapter's dtype (QLoRA: the compute dtype)
             if not self.use_dora[adapter_name]:
+                lora_B, dropout = self.lora_B[adapter_name], self.lora_dropout[adapter_name]  # [out, r]
                 lora_out = F.linear(F.linear(dropout(x_lora), lora_A), lora_B)  # B A dropout(x)   (..., out)
-                result = _add_scaled(result, lora_out, scaling)  # result + s · lora_out
+                result = _add_scaled(result, lora_out, self.scaling[adapter_name])  # result + s · lora_out
             else:
                 result = dora_forward(self, adapter_name, x_lora, result)  # (m/n)·(W x + s·B A x) + b, eq. 5
         return result
@@ -262,12 +261,12 @@ class LoRALinear(LoRALayerBase):
 
     @property
     def _norm_cache(self) -> dict:
-        """DoRA's cached norms {adapter: (key, n)} (`dora_cache.norms`; the name older code used)."""
+        """DoRA's cached norms {adapter: (key, n, inference?)} (`dora_cache.norms`; the name older code used)."""
         return self.dora_cache.norms
 
     @property
     def _factor_cache(self) -> dict:
-        """DoRA's cached factors {adapter: (key, factors)} (`dora_cache.factors`; the name older code used)."""
+        """DoRA's cached factors {adapter: (key, factors, inference?)} (`dora_cache.factors`; the older name)."""
         return self.dora_cache.factors
 
 

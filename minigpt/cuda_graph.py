@@ -45,11 +45,11 @@ def check_graphable_optimizer(optimizer: torch.optim.Optimizer) -> None:
         >>> check_graphable_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
         Traceback (most recent call last):
         ...
-        ValueError: compile="graph" needs torch.optim.AdamW or Adam (their capturable mode replays in a CUDA graph), got SGD; use compile="forward" or "off" with this optimizer
+        ValueError: compile="graph" needs torch.optim.AdamW or Adam, got SGD; use compile="forward" or "off"
     """
     if not isinstance(optimizer, GRAPHABLE_OPTIMIZERS):
-        raise ValueError(f'compile="graph" needs torch.optim.AdamW or Adam (their capturable mode replays in a CUDA '
-                         f'graph), got {type(optimizer).__name__}; use compile="forward" or "off" with this optimizer')
+        raise ValueError(f'compile="graph" needs torch.optim.AdamW or Adam, got {type(optimizer).__name__}; '
+                         f'use compile="forward" or "off"')  # only their capturable mode replays in a graph
 
 
 class CUDAGraphStep:

@@ -57,7 +57,7 @@ class PretrainConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     sharding: str = "ddp"  # under torchrun: "ddp" (a whole model per process) or "fsdp" (FSDP2 shards)
     threads: int = 0  # CPU threads; 0 picks them from the cores free at the start (runtime/threads.py)
-    compile: str = "off"  # off | forward (torch.compile the forward) | graph (the whole step in a CUDA graph; CUDA only)
+    compile: str = "off"  # off | forward (torch.compile the forward) | graph (the whole step as a CUDA graph)
     plot: bool = True  # write the loss-curve PNG
     progress: bool = True  # show a progress bar
 

@@ -244,14 +244,13 @@ def check_compile(mode: str, device: str, world_size: int = 1, flag: str = "--co
         >>> check_compile("graph", "cpu")
         Traceback (most recent call last):
         ...
-        ValueError: --compile graph replays a CUDA graph and needs a CUDA GPU; this run is on cpu: use --compile forward or off
+        ValueError: --compile graph needs a CUDA GPU; this run is on cpu: use --compile forward or off
     """
     if mode not in COMPILE_MODES:
-        raise ValueError(f"{flag} must be one of {', '.join(COMPILE_MODES)} (off: eager; forward: torch.compile of the "
-                         f"forward; graph: the whole step in a CUDA graph, CUDA only), got {mode!r}")
+        raise ValueError(f"{flag} must be one of {', '.join(COMPILE_MODES)} (off: eager; forward: torch.compile of "
+                         f"the forward; graph: the whole step in a CUDA graph, CUDA only), got {mode!r}")
     if mode == "graph" and not device.startswith("cuda"):
-        raise ValueError(f"{flag} graph replays a CUDA graph and needs a CUDA GPU; this run is on {device}: "
-                         f"use {flag} forward or off")
+        raise ValueError(f"{flag} graph needs a CUDA GPU; this run is on {device}: use {flag} forward or off")
     if mode == "graph" and world_size > 1:
         raise ValueError(f"{flag} graph runs in one process (a graph does not replay the gradient reduction "
                          f"between ranks); under torchrun use {flag} forward or off")
