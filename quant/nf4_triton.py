@@ -21,6 +21,10 @@ from its 8-bit code, so the float32 absmax never exists in memory:
     absmax = float32(DYNAMIC_MAP_SIGNED[absmax_q[block]] * absmax_scale[block // dq_block_size]) + absmax_offset
     then as above: float32(NF4_CODE[code] * absmax) ─► rounded once to dtype
 
+Every byte recomputes its block's scale, block_size / 2 times per block: three loads that hit the cache
+and two float operations, far cheaper than a second launch (about 45 µs of host time on the H200 of
+docs/benchmarks.md) and a round trip of the float32 scales through memory.
+
 Both are the formulas of `dequantize_absmax_reference` and `dequantize_nf4_reference`, in the same
 float32 arithmetic with the same roundings: the result is the same bits (tests/quant/test_nf4_triton_cuda.py
 on a GPU; tests/quant/test_nf4_triton_interpreter.py runs the kernels on CPU in Triton's interpreter).
