@@ -218,8 +218,9 @@ class Linear4bit(nn.Module):
         """What LinearNF4Function rebuilds W from, in forward and again in backward.
 
         The plain path undoes double quantization once, here, and both passes reuse those float32 block
-        scales (1/16 of the packed codes' size). The one-kernel Triton path takes the 8-bit block scales
-        as stored: it undoes them inside the same kernel, so repeating that in backward costs no launch.
+        scales (4 bytes a block: an eighth of the packed codes' size at block size 64). The one-kernel
+        Triton path takes the 8-bit block scales as stored: it undoes them inside the same kernel, so
+        doing that again in backward costs no extra launch.
         """
         if self.absmax is None and not nf4_triton.available(self.packed):
             return NF4Weight(packed=self.packed, shape=torch.Size((self.out_features, self.in_features)),
