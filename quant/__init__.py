@@ -13,6 +13,8 @@ reproduces that lookup, and then every byte is bitsandbytes' CPU output
     nf4.py         the plain quantize_nf4_reference / dequantize_nf4_reference first, then the same
                    numbers faster: quantize_nf4 / NF4Weight.dequantize, double quantization
     linear4bit.py  Linear4bit: a frozen NF4 weight dequantized on the fly in forward
+    nf4_triton.py  the same numbers faster on CUDA: that dequantize, double quantization included, as one
+                   Triton kernel
     model.py       quantize_model (swap Linear -> Linear4bit), dequantize_model (back), memory_report
     adamw8bit.py   AdamW8bit / PagedAdamW8bit: the optimizer's two moments in 8 bits (blockwise dynamic map)
 

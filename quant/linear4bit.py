@@ -17,6 +17,18 @@ that loading into a layer built with other settings says which one differs (see 
 The matmul goes through a small autograd Function, `LinearNF4Function`, so that backward dequantizes
 the weight again instead of keeping the dequantized [out, in] matrix alive between forward and
 backward: the whole point of QLoRA is that a full-precision copy of W never has to stay in memory.
+It is handed the weight as an NF4Weight (the buffers, nothing copied), and W is rebuilt in two steps:
+
+    absmax_q, absmax_scale, absmax_offset ──► absmax [num_blocks] float32   dequantize_absmax (double quant)
+    packed, absmax ─────────────────────────► W [out, in] in compute_dtype  dequantize_nf4
+
+That is the plain PyTorch path, the one to read, and what runs on CPU: the first step once per forward
+(its float32 result is kept for backward), the second in forward and again in backward. On a GPU these
+are small kernels, about five for the first step and four for the second, and a training step on a
+GPU is bound by the host's time to launch its kernels. So on CUDA with Triton, `_dequantize_for_matmul`
+does both steps in one Triton kernel (quant/nf4_triton.py), in forward and in backward: the same
+bits, 2 launches per layer and step instead of about 13. `nf4_triton.use_triton(False)` switches
+back to the plain path.
 """
 
 import json
@@ -40,11 +52,23 @@ _METADATA_FIELDS = ("in_features", "out_features", "bias", "block_size", "double
                     "weight_dtype")
 
 
-def _dequantize_for_matmul(packed, absmax, shape, block_size, dtype):
-    """dequantize_nf4, as one Triton kernel on CUDA (the same bits; quant/nf4_triton.py), else plain PyTorch."""
-    if nf4_triton.available(packed):
-        return nf4_triton.dequantize_nf4_triton(packed, absmax, shape, block_size, dtype)
-    return dequantize_nf4(packed, absmax, shape, block_size, dtype)
+def _dequantize_for_matmul(weight_nf4: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W [out, in] in `dtype`: `weight_nf4.dequantize(dtype)`, as one Triton kernel on CUDA (the same bits).
+
+    The plain path, what to read first, is `NF4Weight.dequantize` (quant/nf4.py): the float32 block scales
+    from their 8 bits (`dequantize_absmax`, while they are double-quantized), then the weight from its
+    4-bit codes (`dequantize_nf4`). With Triton on CUDA (quant/nf4_triton.py; `available` is False on
+    CPU and after `use_triton(False)`) one kernel does both steps, or the second alone when the block
+    scales are float32.
+    """
+    if not nf4_triton.available(weight_nf4.packed):
+        return weight_nf4.dequantize(dtype)
+    if weight_nf4.double_quant:
+        return nf4_triton.dequantize_nf4_double_quant_triton(
+            weight_nf4.packed, weight_nf4.absmax_q, weight_nf4.absmax_scale, weight_nf4.absmax_offset,
+            weight_nf4.shape, weight_nf4.block_size, weight_nf4.dq_block_size, dtype)
+    return nf4_triton.dequantize_nf4_triton(weight_nf4.packed, weight_nf4.absmax, weight_nf4.shape,
+                                            weight_nf4.block_size, dtype)
 
 
 class LinearNF4Function(torch.autograd.Function):
@@ -52,26 +76,33 @@ class LinearNF4Function(torch.autograd.Function):
 
     Forward:  y  = x · Wᵀ                (x: (…, in), W: [out, in], y: (…, out))
     Backward: dx = dy · W                (dy: (…, out) -> dx: (…, in)); no gradient for W.
+
+    `weight_nf4` is how to rebuild W: an NF4Weight holding the layer's buffers (nothing copied).
     """
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, shape, block_size, compute_dtype):
-        weight = _dequantize_for_matmul(packed, absmax, shape, block_size, compute_dtype)  # [out, in]
-        ctx.save_for_backward(packed, absmax)  # the 4-bit form only, ~8x smaller than W in fp32
-        ctx.shape, ctx.block_size, ctx.compute_dtype = shape, block_size, compute_dtype
+    def forward(ctx, x, weight_nf4: NF4Weight, compute_dtype):
+        weight = _dequantize_for_matmul(weight_nf4, compute_dtype)  # [out, in]
+        # The 4-bit form only, ~8x smaller than W in fp32. Its tensors (None for the kind of absmax not used)
+        # go through save_for_backward, which checks that nothing changed them in place before backward;
+        # the settings that say what they mean are kept next to them.
+        ctx.save_for_backward(*(getattr(weight_nf4, name) for name in _QUANT_BUFFERS))
+        ctx.settings = {"shape": weight_nf4.shape, "dtype": weight_nf4.dtype, "block_size": weight_nf4.block_size,
+                        "dq_block_size": weight_nf4.dq_block_size}
+        ctx.compute_dtype = compute_dtype
         return x @ weight.t()  # (…, in) @ [in, out] -> (…, out)
 
     @staticmethod
     def backward(ctx, grad_output):
-        packed, absmax = ctx.saved_tensors
         grad_input = None
         if ctx.needs_input_grad[0]:
-            weight = _dequantize_for_matmul(packed, absmax, ctx.shape, ctx.block_size, ctx.compute_dtype)  # [out, in]
+            weight_nf4 = NF4Weight(**dict(zip(_QUANT_BUFFERS, ctx.saved_tensors)), **ctx.settings)
+            weight = _dequantize_for_matmul(weight_nf4, ctx.compute_dtype)  # [out, in]
             # subtle: under autocast the forward matmul ran in bf16/fp16, so dy arrives in that dtype while W
             # is in compute_dtype; multiply in dy's dtype (as bitsandbytes' MatMul4Bit does), and autograd
             # casts dx back to x's dtype
             grad_input = grad_output @ weight.to(grad_output.dtype)  # (…, out) @ [out, in] -> (…, in)
-        return grad_input, None, None, None, None, None
+        return grad_input, None, None
 
 
 class Linear4bit(nn.Module):
@@ -183,12 +214,23 @@ class Linear4bit(nn.Module):
         shape = torch.Size((self.out_features, self.in_features))
         return dequantize_nf4(self.packed, self._absmax(), shape, self.block_size, dtype or self.weight_dtype)
 
+    def _weight_to_rebuild(self) -> NF4Weight:
+        """What LinearNF4Function rebuilds W from, in forward and again in backward.
+
+        The plain path undoes double quantization once, here, and both passes reuse those float32 block
+        scales (4 bytes a block: an eighth of the packed codes' size at block size 64). The one-kernel
+        Triton path takes the 8-bit block scales as stored: it undoes them inside the same kernel, so
+        doing that again in backward costs no extra launch.
+        """
+        if self.absmax is None and not nf4_triton.available(self.packed):
+            return NF4Weight(packed=self.packed, shape=torch.Size((self.out_features, self.in_features)),
+                             dtype=self.weight_dtype, block_size=self.block_size, absmax=self._absmax())
+        return self.quantized_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (…, in) -> (…, out), computed in `compute_dtype` (or x's dtype), returned in x's dtype."""
         compute_dtype = self.compute_dtype or x.dtype
-        shape = torch.Size((self.out_features, self.in_features))
-        y = LinearNF4Function.apply(x.to(compute_dtype), self.packed, self._absmax(), shape, self.block_size,
-                                    compute_dtype)  # (…, out)
+        y = LinearNF4Function.apply(x.to(compute_dtype), self._weight_to_rebuild(), compute_dtype)  # (…, out)
         if self.bias is not None:
             y = y + self.bias.to(compute_dtype)
         return y.to(x.dtype)

@@ -96,6 +96,21 @@ def test_backward_does_not_keep_a_dequantized_weight():
                for dtype, shape in saved)
 
 
+def test_the_plain_path_undoes_double_quantization_once_per_forward_and_backward(monkeypatch):
+    # forward rebuilds the float32 block scales and saves them; backward reuses them (quant/linear4bit.py)
+    import quant.linear4bit
+    import quant.nf4
+
+    layer = Linear4bit.from_linear(make_linear())  # double quantization on, the default
+    calls = []
+    for module in (quant.linear4bit, quant.nf4):
+        real = module.dequantize_absmax
+        monkeypatch.setattr(module, "dequantize_absmax", lambda *args, real=real: calls.append(1) or real(*args))
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(calls) == 1 and x.grad is not None
+
+
 def test_half_and_bf16_casts_leave_block_scales_untouched():
     layer = Linear4bit.from_linear(make_linear())
     before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
