@@ -53,7 +53,7 @@ class BenchmarkConfig:
 QUICK = dict(embed_dim=64, n_layers=1, n_heads=2, vocab_size=256, context_length=32, short_steps=2, long_steps=6,
              repeats=2, modes=("off",))
 CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_length=512, batch_sizes=(2, 32),
-            modes=("off", "graph"), short_steps=10, long_steps=60, repeats=5)
+            modes=("off", "graph"), short_steps=5, long_steps=30, repeats=5)
 
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
