@@ -17,9 +17,14 @@ function with fewer launches and no (..., out) temporary (docs/reference.md#lora
 
 Saved for backward: x and h (N × r) only, nothing of size (N, out); W, A, B are the parameters
 themselves. No dW: the base is frozen. The fused path covers the common training case (one active
-LoRA adapter, no dropout, an nn.Linear base in the adapter's dtype, no autocast, an input that needs
-a gradient); `fusable_adapter` says when (and names the adapter), and `LoRALinear.forward` falls
-back to the plain path otherwise.
+LoRA adapter, no dropout, an nn.Linear base in the adapter's dtype or any dtypes under autocast, an
+input that needs a gradient); `fusable_adapter` says when (and names the adapter), and
+`LoRALinear.forward` falls back to the plain path otherwise.
+
+Under autocast (what train_model runs on a GPU: float32 weights, bf16 matmuls) the plain path's
+every F.linear casts its operands to the autocast dtype; the fused path casts x, W, b, A and B to it
+once, outside the Function (so autograd casts dx, dA and dB back, as it does for the plain path),
+and runs the Function with autocast off on those operands.
 
 The switch: `lora.set_fused(False)` turns it off everywhere (e.g. to profile or debug the plain
 path); `lora.fused_enabled()` reads it. It is on by default and used on CUDA only: on CPU the
@@ -57,7 +62,7 @@ def fusable_adapter(layer, x: torch.Tensor) -> Optional[str]:
 
     That is: the switch is on (and x is on CUDA, or CPU is allowed), gradients are being recorded
     and x needs one (see below), one LoRA adapter runs (not DoRA, no dropout), the base is a frozen
-    nn.Linear, and x, W, A, B share one dtype with autocast off.
+    nn.Linear, and x, W, A, B share one dtype (or autocast is on: they are cast to its dtype).
 
     Where it pays: the Function's Python (apply, backward, a dozen tensor calls) costs host time
     that only the launches it saves pay back. With dx needed it saves the dx sum and the s · dy pass;
@@ -74,7 +79,7 @@ def fusable_adapter(layer, x: torch.Tensor) -> Optional[str]:
     device_type = x.device.type
     if device_type != "cuda" and not _FUSED["cpu"]:
         return None
-    if not x.requires_grad or not torch.is_grad_enabled() or torch.is_autocast_enabled(device_type):
+    if not x.requires_grad or not torch.is_grad_enabled():
         return None
     if layer.adapters_disabled or layer.merged_adapters or len(layer.active_adapters) != 1:
         return None  # the plain path handles (and explains) disabled, merged and several adapters
@@ -87,6 +92,8 @@ def fusable_adapter(layer, x: torch.Tensor) -> Optional[str]:
     weight, bias = base.weight, base.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
+    if torch.is_autocast_enabled(device_type):
+        return name  # every operand is cast to the autocast dtype (fused_lora_forward), as autocast would
     dtype = x.dtype
     if weight.dtype != dtype or layer.lora_A[name].dtype != dtype or layer.lora_B[name].dtype != dtype:
         return None
@@ -105,8 +112,18 @@ def fused_lora_forward(layer, x: torch.Tensor, name: Optional[str] = None) -> to
         if name is None:
             raise ValueError("fused_lora_forward: this layer and input need the plain path (see fusable_adapter)")
     base = layer.base_layer
-    return LoRALinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name], layer.lora_B[name],
-                                    float(layer.scaling[name]))
+    weight, bias, lora_A, lora_B = base.weight, base.bias, layer.lora_A[name], layer.lora_B[name]
+    scaling = float(layer.scaling[name])
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # what autocast does to each F.linear of the plain path, once: every operand in the autocast dtype
+        # (a no-op for tensors already in it); autograd records the casts and casts the gradients back
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
 
 
 def _mm_scaled(nothing: torch.Tensor, first: torch.Tensor, second: torch.Tensor, scale: float) -> torch.Tensor:

@@ -76,6 +76,21 @@ def test_bfloat16_within_rounding():
         assert relative_error(got, expected) <= 2 ** -7, name
 
 
+def test_under_autocast_float32_weights_fuse_in_bfloat16_as_the_plain_path_computes():
+    # train_model on a GPU: float32 weights, bf16 autocast; here CPU autocast, which casts F.linear the same way
+    layer = make_layer(in_features=64, out_features=48, rank=8)
+    x = torch.randn(32, 64)
+    exact = forward_backward(layer, x, use_fused=False)  # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.fusable_adapter(layer, x.requires_grad_(True)) is None  # the switch: CPU not enabled
+        plain = forward_backward(layer, x, use_fused=False)
+        fast = forward_backward(layer, x, use_fused=True)
+    for name, got, expected, reference in zip(("y", "dx", "dA", "dB"), fast, plain, exact):
+        assert got.dtype == expected.dtype, name  # y bf16 as autocast makes it; the gradients float32, as the inputs
+        assert relative_error(got, reference) <= relative_error(expected, reference) + 2 ** -8, name
+        assert relative_error(got, expected) <= 2 ** -7, name
+
+
 def test_dispatch_takes_the_fused_path_only_where_it_applies(fused_on_cpu, monkeypatch):
     calls = []
     original = fused.LoRALinearFunction.apply
@@ -87,9 +102,12 @@ def test_dispatch_takes_the_fused_path_only_where_it_applies(fused_on_cpu, monke
         make_layer()(x)  # inference: the plain path
     make_layer(dropout=0.1)(x)  # dropout: the plain path
     make_layer(use_dora=True)(x)  # DoRA: lora/dora.py
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        make_layer().to(torch.bfloat16)(x)  # float32 x, bf16 layer: under autocast every operand is cast, fused
+    assert calls == [1, 1]
     lora.set_fused(False)
     make_layer()(x)
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 def test_switch_defaults_to_on_and_cuda_only():

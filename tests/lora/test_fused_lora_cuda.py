@@ -40,3 +40,19 @@ def test_fused_equals_plain_on_cuda(dtype, tolerance):
     for name, got, expected in zip(("y", "dx", "dA", "dB"), fast, plain):
         error = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
         assert error <= tolerance, (name, error)
+
+
+def test_fused_under_autocast_equals_plain_on_cuda():
+    # what train_model runs on a GPU: float32 weights, bf16 autocast; the fused path casts once, as autocast does
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(512, 384), rank=16, alpha=32).cuda()
+    with torch.no_grad():
+        layer.lora_B["default"].normal_(std=0.02)
+    x = torch.randn(4, 64, 512, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert fused.can_fuse(layer, x)
+        fast, plain = run(layer, x, True), run(layer, x, False)
+    for name, got, expected in zip(("y", "dx", "dA", "dB"), fast, plain):
+        assert got.dtype == expected.dtype, name  # y bf16, the gradients float32 like x, A and B
+        error = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+        assert error <= 2 ** -7, (name, error)
