@@ -326,7 +326,9 @@ def train_model(model: torch.nn.Module, train_stream, val_stream, config: TrainC
         if config.grad_clip:  # None or 0: no clipping
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
-        return loss
+        # subtle: detached, so that no step's autograd graph outlives it (a CUDA graph's capture warns when the
+        # gradient-accumulation nodes of an earlier, side-stream warm-up step are still alive)
+        return loss.detach()
 
     if config.compile == "graph":  # the same step, replayed from a CUDA graph: one launch (minigpt/cuda_graph.py)
         check_graph_mode(optimizer, distributed, after_step)
