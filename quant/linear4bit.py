@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import quant.nf4_triton as nf4_triton
 from quant.nf4 import (DEFAULT_BLOCK_SIZE, DEFAULT_DQ_BLOCK_SIZE, NF4Weight, check_block_size, dequantize_absmax,
@@ -72,16 +73,19 @@ def _dequantize_for_matmul(weight_nf4: NF4Weight, dtype: torch.dtype) -> torch.T
 
 
 class LinearNF4Function(torch.autograd.Function):
-    """y = x @ dequantize(W)ᵀ with gradient to x only; W is rebuilt in backward rather than saved.
+    """y = x @ dequantize(W)ᵀ + b with gradient to x (and b, if it trains); W is rebuilt in backward, not saved.
 
-    Forward:  y  = x · Wᵀ                (x: (…, in), W: [out, in], y: (…, out))
-    Backward: dx = dy · W                (dy: (…, out) -> dx: (…, in)); no gradient for W.
+    Forward:  y  = x · Wᵀ + b            (x: (…, in), W: [out, in], b: [out] or None, y: (…, out))
+    Backward: dx = dy · W                (dy: (…, out) -> dx: (…, in)); no gradient for W;
+              db = Σ dy over the rows    (only if the bias requires grad; it is frozen by default)
 
-    `weight_nf4` is how to rebuild W: an NF4Weight holding the layer's buffers (nothing copied).
+    `weight_nf4` is how to rebuild W: an NF4Weight holding the layer's buffers (nothing copied). The
+    bias is added in the matmul's epilogue (`F.linear`, as bitsandbytes' MatMul4Bit does), not in a
+    separate pass over the (…, out) output.
     """
 
     @staticmethod
-    def forward(ctx, x, weight_nf4: NF4Weight, compute_dtype):
+    def forward(ctx, x, weight_nf4: NF4Weight, bias: Optional[torch.Tensor], compute_dtype):
         weight = _dequantize_for_matmul(weight_nf4, compute_dtype)  # [out, in]
         # The 4-bit form only, ~8x smaller than W in fp32. Its tensors (None for the kind of absmax not used)
         # go through save_for_backward, which checks that nothing changed them in place before backward;
@@ -90,7 +94,7 @@ class LinearNF4Function(torch.autograd.Function):
         ctx.settings = {"shape": weight_nf4.shape, "dtype": weight_nf4.dtype, "block_size": weight_nf4.block_size,
                         "dq_block_size": weight_nf4.dq_block_size}
         ctx.compute_dtype = compute_dtype
-        return x @ weight.t()  # (…, in) @ [in, out] -> (…, out)
+        return F.linear(x, weight, bias)  # b + x Wᵀ   (…, in) @ [in, out] -> (…, out), the bias in the epilogue
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -102,7 +106,10 @@ class LinearNF4Function(torch.autograd.Function):
             # is in compute_dtype; multiply in dy's dtype (as bitsandbytes' MatMul4Bit does), and autograd
             # casts dx back to x's dtype
             grad_input = grad_output @ weight.to(grad_output.dtype)  # (…, out) @ [out, in] -> (…, in)
-        return grad_input, None, None
+        grad_bias = None
+        if ctx.needs_input_grad[2]:  # a bias someone set to train: Σ dy over every row   [out]
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_input, None, grad_bias, None
 
 
 class Linear4bit(nn.Module):
@@ -230,9 +237,8 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (…, in) -> (…, out), computed in `compute_dtype` (or x's dtype), returned in x's dtype."""
         compute_dtype = self.compute_dtype or x.dtype
-        y = LinearNF4Function.apply(x.to(compute_dtype), self._weight_to_rebuild(), compute_dtype)  # (…, out)
-        if self.bias is not None:
-            y = y + self.bias.to(compute_dtype)
+        bias = None if self.bias is None else self.bias.to(compute_dtype)  # [out]
+        y = LinearNF4Function.apply(x.to(compute_dtype), self._weight_to_rebuild(), bias, compute_dtype)  # (…, out)
         return y.to(x.dtype)
 
     # ------------------------------------------------------------------------------------------------

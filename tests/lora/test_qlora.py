@@ -9,6 +9,7 @@ and reports what it adds.
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 
 import lora
@@ -113,8 +114,8 @@ def test_4bit_base_in_bf16_compute_dtype_with_lora():
     y = wrapper(x)
     assert y.dtype == torch.float32 and torch.all(torch.isfinite(y))
     base_out = base(x)  # the frozen 4-bit matmul ran in bfloat16
-    assert torch.equal(base_out, (x.bfloat16() @ base.dequantize_weight(torch.bfloat16).t()
-                                  + base.bias.bfloat16()).float())
+    assert torch.equal(base_out, F.linear(x.bfloat16(), base.dequantize_weight(torch.bfloat16),
+                                          base.bias.bfloat16()).float())  # the bias in the matmul's epilogue
     branch_dtype = lora_a.dtype  # the LoRA branch runs in the adapters' dtype
     branch = SCALING * ((x.to(branch_dtype) @ lora_a.detach().t()) @ lora_b.detach().t())
     assert torch.allclose(y, base_out + branch.float(), atol=1e-2 if branch_dtype == torch.bfloat16 else 1e-6)

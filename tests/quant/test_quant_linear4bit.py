@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from quant import Linear4bit, quantize_nf4
 
@@ -131,7 +132,8 @@ def test_compute_dtype_bf16():
     x = torch.randn(3, 64)
     y = layer(x)
     assert y.dtype == torch.float32  # returned in the input's dtype
-    expected = (x.bfloat16() @ layer.dequantize_weight(torch.bfloat16).t() + linear.bias.bfloat16()).float()
+    # the bias is added in the matmul's epilogue (F.linear), as bitsandbytes' MatMul4Bit adds it
+    expected = F.linear(x.bfloat16(), layer.dequantize_weight(torch.bfloat16), linear.bias.bfloat16()).float()
     assert torch.equal(y, expected)
 
 
@@ -276,3 +278,14 @@ def test_corrupt_or_newer_metadata_is_refused_clearly():
                          dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="format 2, newer than this code reads"):
         Linear4bit(64, 24).load_state_dict({**state, "_extra_state": newer})
+
+
+def test_a_bias_set_to_train_gets_its_gradient():
+    linear = make_linear()
+    layer = Linear4bit.from_linear(linear)
+    layer.bias.requires_grad_(True)  # frozen by default; bias="all"-style training turns it on
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    grad_y = torch.randn(2, 5, linear.out_features)
+    layer(x).backward(grad_y)
+    torch.testing.assert_close(layer.bias.grad, grad_y.sum((0, 1)))
+    torch.testing.assert_close(x.grad, grad_y @ layer.dequantize_weight())
