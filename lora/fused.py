@@ -8,19 +8,12 @@ backward), each a separate launch and a pass over an (..., out) tensor. This fil
 function with fewer launches and no (..., out) temporary (docs/reference.md#lora):
 
     forward   h  = x Aᵀ                         (N, r)      1 GEMM
-              y  = b + s · h Bᵀ                 (N, out)    1 thin GEMM (bias in its epilogue, alpha = s)
-              y += x Wᵀ                                      1 GEMM accumulating into y (beta = 1)
+              y  = b + x Wᵀ                                  1 GEMM (bias in its epilogue)
+              y += s · h Bᵀ                                  1 GEMM accumulating into y (beta = 1)
     backward  g  = s · dy B                     (N, r)      1 GEMM (alpha = s)
-              dx = g A                          (N, in)     1 thin GEMM
-              dx += dy W                                     1 GEMM accumulating into dx (beta = 1)
+              dx = dy W + g A                   (N, in)     2 GEMMs, the second accumulating into the first
               dA = gᵀ x                         [r, in]     1 GEMM
               dB = s · dyᵀ h                    [out, r]    1 GEMM (alpha = s)
-
-subtle: the order of the two output GEMMs matters at large N. The big GEMM (K = in or out) is compute
-bound, so reading the thin GEMM's result in its epilogue (beta = 1) is nearly free; the other way
-round, a GEMM with K = r accumulating into an (N, out) tensor is a pure memory pass that cuBLAS runs
-well below bandwidth (measured on an H200 at 16k tokens: 36 µs a call, twice a thin GEMM that only
-writes; docs/benchmarks.md).
 
 Saved for backward: x and h (N × r) only, nothing of size (N, out); W, A, B are the parameters
 themselves. No dW: the base is frozen. The fused path covers the common training case (one active
@@ -39,9 +32,8 @@ launches it saves cost nothing, so the plain path runs there unless `set_fused(T
 (which the tests use to compare the two).
 
 Numbers: in float32 equal to the plain path up to the order of float additions (~1e-6 relative);
-in bf16 within bf16 rounding: the plain path rounds W x + b and B A x to bf16 and then their sum,
-this one rounds b + s · h Bᵀ and then its sum with x Wᵀ, the same number of roundings in another
-order (tests/lora/test_fused_lora.py checks it is no further from float32 than the plain path).
+in bf16 within bf16 rounding, since y += s · h Bᵀ rounds once where the plain path rounds B A x to
+bf16 before adding it (tests/lora/test_fused_lora.py).
 """
 
 from typing import Optional
@@ -150,11 +142,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias: Optional[torch.Tensor], lora_A, lora_B, scaling: float):
         x_2d = x.reshape(-1, x.shape[-1])  # (N, in), a view for contiguous x
         h = F.linear(x_2d, lora_A)  # x Aᵀ   (N, in) @ [in, r] -> (N, r)
-        if bias is None:
-            y = _mm_scaled(h.new_empty(()), h, lora_B.t(), scaling)  # s · h Bᵀ   (N, r) @ [r, out] -> (N, out)
-        else:
-            y = torch.addmm(bias, h, lora_B.t(), alpha=scaling)  # b + s · h Bᵀ, the bias in the epilogue
-        y.addmm_(x_2d, weight.t())  # y += x Wᵀ   (N, in) @ [in, out], the big GEMM with beta = 1
+        y = F.linear(x_2d, weight, bias)  # b + x Wᵀ   (N, out), the bias in the GEMM's epilogue
+        y.addmm_(h, lora_B.t(), alpha=scaling)  # y += s · h Bᵀ, one GEMM with beta = 1
         ctx.save_for_backward(x_2d, h, weight, lora_A, lora_B)
         ctx.scaling, ctx.x_shape = scaling, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -173,8 +162,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x or need_A:
             g = _mm_scaled(nothing, dy, lora_B, scaling)  # s · dy B   (N, out) @ [out, r] -> (N, r)
             if need_x:
-                grad_x = g @ lora_A  # g A   (N, r) @ [r, in] -> (N, in)
-                grad_x.addmm_(dy, weight)  # += dy W   (N, out) @ [out, in], the big GEMM with beta = 1
+                grad_x = dy @ weight  # (N, out) @ [out, in] -> (N, in)
+                grad_x.addmm_(g, lora_A)  # += g A   (N, r) @ [r, in]
                 grad_x = grad_x.view(ctx.x_shape)
             if need_A:
                 grad_A = g.t() @ x_2d  # [r, N] @ (N, in) -> [r, in]
