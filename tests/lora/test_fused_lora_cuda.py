@@ -56,3 +56,20 @@ def test_fused_under_autocast_equals_plain_on_cuda():
         assert got.dtype == expected.dtype, name  # y bf16, the gradients float32 like x, A and B
         error = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
         assert error <= 2 ** -7, (name, error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_fresh_adapter_gives_the_base_bits_on_cuda(dtype):
+    # B = 0: the fused forward starts from the base layer's own F.linear, so the output and dx are the base's
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(256, 192), rank=8, alpha=16).cuda().to(dtype)
+    x = torch.randn(512, 256, device="cuda", dtype=dtype, requires_grad=True)
+    assert fused.can_fuse(layer, x)
+    y = layer(x)
+    base_x = x.detach().clone().requires_grad_(True)
+    base_y = layer.base_layer(base_x)
+    assert torch.equal(y, base_y)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    base_y.backward(grad_y)
+    assert torch.equal(x.grad, base_x.grad)
