@@ -53,6 +53,16 @@ CUDA_ROWS = 4096
 CUDA_REPEATS = 30  # a GPU round takes milliseconds: more rounds cost nothing and steady the medians
 
 
+def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
+    """The preset for a device, the same from `python -m benchmarks` and from this script: 4096 rows on CUDA."""
+    config = BenchmarkConfig(device=device)
+    if device == "cuda":
+        config = replace(config, rows=CUDA_ROWS, repeats=CUDA_REPEATS)
+    if quick:
+        config = replace(config, **QUICK)
+    return config
+
+
 def peft_layers(base: nn.Linear, config: BenchmarkConfig) -> Dict[str, nn.Module]:
     """PEFT's LoRA and DoRA layers on copies of `base` ({} if peft does not import)."""
     try:
@@ -192,11 +202,7 @@ def parse_args(argv=None) -> BenchmarkConfig:
     if unknown:
         parser.error(f"unknown option(s) {' '.join(unknown)}; valid options are: --device {{cpu,cuda}}, --quick, "
                      f"--repeats N")
-    config = BenchmarkConfig(device=args.device)
-    if args.device == "cuda":
-        config = replace(config, rows=CUDA_ROWS, repeats=CUDA_REPEATS)
-    if args.quick:
-        config = replace(config, **QUICK)
+    config = default_config(args.device, args.quick)
     if args.repeats is not None:
         if args.repeats < 1:
             parser.error(f"--repeats must be at least 1, got {args.repeats}")

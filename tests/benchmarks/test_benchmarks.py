@@ -163,3 +163,10 @@ def test_training_loop_benchmark_times_train_model_per_step_without_the_start_up
     assert set(results["ratios"]) == {"64 tokens loop step time lora off/full off"}
     with pytest.raises(ValueError, match="unknown method 'dora'; use full or lora"):
         training_loop.build_model("dora", config)
+
+
+def test_lora_layers_preset_is_the_same_from_the_runner_and_the_script():
+    from benchmarks import lora_layers
+    through_runner = run.benchmark_config(lora_layers, "cuda", False, {})
+    assert through_runner == lora_layers.parse_args(["--device", "cuda"])
+    assert through_runner.rows == lora_layers.CUDA_ROWS and through_runner.repeats == lora_layers.CUDA_REPEATS
