@@ -17,12 +17,12 @@ The allocator runs in its pruning phase throughout (tinit 0, a long total_step),
 """
 
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
 import lora
-from benchmarks.common import Ratio, check_device, parse_device_quick_repeats, time_side_by_side
+from benchmarks.common import Ratio, check_device, parse_device_quick_repeats, preset, time_side_by_side
 from lora.adalora import AdaLoRAConfig, apply_adalora, orthogonal_regularization
 from lora.rank_allocator import RankAllocator
 from minigpt import GPTConfig, MiniGPT
@@ -52,10 +52,7 @@ CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_len
 
 
 def default_config(device: str, quick: bool) -> BenchmarkConfig:
-    config = BenchmarkConfig(device=device)
-    if device == "cuda" and not quick:
-        config = replace(config, **CUDA)
-    return replace(config, **QUICK) if quick else config
+    return preset(BenchmarkConfig, device, quick, cuda=CUDA, quick_changes=QUICK)
 
 
 def _model(config: BenchmarkConfig) -> MiniGPT:

@@ -363,3 +363,26 @@ def parse_device_quick_repeats(argv, description: str, default_config, quick_hel
                      f"--repeats N")
     config = default_config(args.device, args.quick)
     return replace(config, repeats=args.repeats) if args.repeats is not None else config
+
+
+def preset(config_class, device: str, quick: bool, cuda: Optional[dict] = None, quick_changes: Optional[dict] = None):
+    """A benchmark's config for a device: `config_class(device=device)`, with `cuda`'s changes on CUDA (the
+    GPU sizes) and `quick_changes` with quick (a tiny smoke run, which wins over the GPU sizes).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Config:
+        ...     device: str = "cpu"
+        ...     rows: int = 512
+        >>> preset(Config, "cuda", False, cuda=dict(rows=4096))
+        Config(device='cuda', rows=4096)
+        >>> preset(Config, "cuda", True, cuda=dict(rows=4096), quick_changes=dict(rows=8))
+        Config(device='cuda', rows=8)
+    """
+    from dataclasses import replace
+
+    config = config_class(device=device)
+    if device == "cuda" and not quick and cuda:
+        config = replace(config, **cuda)
+    return replace(config, **quick_changes) if quick and quick_changes else config

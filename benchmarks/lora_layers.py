@@ -31,7 +31,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
-from benchmarks.common import Ratio, Timing, time_side_by_side
+from benchmarks.common import Ratio, Timing, preset, time_side_by_side
 import lora
 from lora import LoRALinear
 
@@ -55,12 +55,8 @@ CUDA_REPEATS = 30  # a GPU round takes milliseconds: more rounds cost nothing an
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
     """The preset for a device, the same from `python -m benchmarks` and from this script: 4096 rows on CUDA."""
-    config = BenchmarkConfig(device=device)
-    if device == "cuda":
-        config = replace(config, rows=CUDA_ROWS, repeats=CUDA_REPEATS)
-    if quick:
-        config = replace(config, **QUICK)
-    return config
+    return preset(BenchmarkConfig, device, quick, cuda=dict(rows=CUDA_ROWS, repeats=CUDA_REPEATS),
+                  quick_changes=QUICK)
 
 
 def peft_layers(base: nn.Linear, config: BenchmarkConfig) -> Dict[str, nn.Module]:

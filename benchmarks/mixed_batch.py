@@ -19,13 +19,13 @@ Run from the repository root:
 """
 
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Tuple
 
 import torch
 
 import lora
-from benchmarks.common import (Ratio, check_device, machine_info, parse_device_quick_repeats,
+from benchmarks.common import (Ratio, check_device, machine_info, parse_device_quick_repeats, preset,
                                release_memory, time_side_by_side)
 from minigpt import GPTConfig, MiniGPT
 
@@ -56,12 +56,7 @@ CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_len
 
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
-    config = BenchmarkConfig(device=device)
-    if device == "cuda" and not quick:
-        config = replace(config, **CUDA)
-    if quick:
-        config = replace(config, **QUICK)
-    return config
+    return preset(BenchmarkConfig, device, quick, cuda=CUDA, quick_changes=QUICK)
 
 
 def build_model(config: BenchmarkConfig) -> MiniGPT:

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Tuple
 
 from benchmarks import training_step
-from benchmarks.common import Ratio, Timing, check_device, machine_info, mib, release_memory, run_in_fresh_process, \
-    time_side_by_side
+from benchmarks.common import (Ratio, Timing, check_device, machine_info, mib, preset, release_memory,
+                               run_in_fresh_process, time_side_by_side)
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,7 @@ CUDA = dict(ranks=(1, 4, 16, 64, 256), batch_size=32, repeats=10, warmup=3)
 
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
-    config = BenchmarkConfig(device=device)
-    if device == "cuda" and not quick:
-        config = replace(config, **CUDA)
-    if quick:
-        config = replace(config, **QUICK)
-    return config
+    return preset(BenchmarkConfig, device, quick, cuda=CUDA, quick_changes=QUICK)
 
 
 def step_config(config: BenchmarkConfig, rank: int) -> training_step.BenchmarkConfig:

@@ -26,7 +26,7 @@ from typing import Tuple
 import torch
 
 import lora
-from benchmarks.common import Ratio, Timing, check_device, machine_info, release_memory, time_side_by_side
+from benchmarks.common import Ratio, Timing, check_device, machine_info, preset, release_memory, time_side_by_side
 from minigpt import GPTConfig, MiniGPT
 from minigpt.training import TrainConfig, train_model
 
@@ -57,12 +57,7 @@ CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_len
 
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
-    config = BenchmarkConfig(device=device)
-    if device == "cuda" and not quick:
-        config = replace(config, **CUDA)
-    if quick:
-        config = replace(config, **QUICK)
-    return config
+    return preset(BenchmarkConfig, device, quick, cuda=CUDA, quick_changes=QUICK)
 
 
 class RandomTokens:

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from benchmarks.common import (PeakMemory, Ratio, Timing, check_device, machine_info, mib, release_memory,
+from benchmarks.common import (PeakMemory, Ratio, Timing, check_device, machine_info, mib, preset, release_memory,
                                run_in_fresh_process, tensor_bytes, time_side_by_side)
 from minigpt import GPTConfig, MiniGPT
 from quant import Linear4bit, nf4_triton, quantize_model
@@ -89,12 +89,7 @@ CUDA = dict(embed_dim=1024, n_layers=8, n_heads=16, vocab_size=8192, context_len
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchmarkConfig:
     """The preset for a device: the scaled-up model on CUDA, a CPU-sized one on CPU, tiny with quick."""
-    config = BenchmarkConfig(device=device)
-    if device == "cuda" and not quick:
-        config = replace(config, **CUDA)
-    if quick:
-        config = replace(config, **QUICK)
-    return config
+    return preset(BenchmarkConfig, device, quick, cuda=CUDA, quick_changes=QUICK)
 
 
 # ----------------------------------------------------------------------------------------------------
